@@ -7,8 +7,8 @@
 //! - [`stream`]: length-delimited messages for the READY and STREAM
 //!   connections, which carry raw bytes after their handshake.
 
-pub mod ttrpc;
 pub mod stream;
+pub mod ttrpc;
 
 /// Messages and service glue generated from `proto/agent.proto`
 /// (package `husk.agent.v1`).

@@ -92,7 +92,9 @@ mod tests {
     #[tokio::test]
     async fn empty_message_is_one_zero_byte() {
         let mut wire = Vec::new();
-        write_msg(&mut wire, &StreamAccept::default()).await.unwrap();
+        write_msg(&mut wire, &StreamAccept::default())
+            .await
+            .unwrap();
         assert_eq!(wire, [0]);
         let mut r = &wire[..];
         let got: StreamAccept = read_msg(&mut r, 16).await.unwrap();
@@ -120,7 +122,9 @@ mod tests {
         let mut wire = vec![0xffu8; 9];
         wire.push(0x01);
         let mut r = &wire[..];
-        let err = read_msg::<_, ReadyNotice>(&mut r, 1 << 20).await.unwrap_err();
+        let err = read_msg::<_, ReadyNotice>(&mut r, 1 << 20)
+            .await
+            .unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::InvalidData);
     }
 
@@ -128,11 +132,15 @@ mod tests {
     async fn overlong_varint_is_invalid_data() {
         let wire = vec![0x80u8; 11];
         let mut r = &wire[..];
-        let err = read_msg::<_, ReadyNotice>(&mut r, 1 << 20).await.unwrap_err();
+        let err = read_msg::<_, ReadyNotice>(&mut r, 1 << 20)
+            .await
+            .unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::InvalidData);
         let wire = [0xffu8, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x02];
         let mut r = &wire[..];
-        let err = read_msg::<_, ReadyNotice>(&mut r, 1 << 20).await.unwrap_err();
+        let err = read_msg::<_, ReadyNotice>(&mut r, 1 << 20)
+            .await
+            .unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::InvalidData);
     }
 

@@ -10,7 +10,9 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, trace};
 
 use super::frame::{encode_frame, read_frame, FrameHeader, Payload};
-use super::{wire, Code, Error, Status, MESSAGE_LENGTH_MAX, MESSAGE_TYPE_REQUEST, MESSAGE_TYPE_RESPONSE};
+use super::{
+    wire, Code, Error, Status, MESSAGE_LENGTH_MAX, MESSAGE_TYPE_REQUEST, MESSAGE_TYPE_RESPONSE,
+};
 
 /// Frames queued for the writer task before callers wait.
 const WRITE_QUEUE: usize = 64;
@@ -95,7 +97,11 @@ impl Shared {
             calls.closed = true;
             std::mem::take(&mut calls.pending)
         };
-        debug!(reason, pending = pending.len(), "ttrpc client connection closed");
+        debug!(
+            reason,
+            pending = pending.len(),
+            "ttrpc client connection closed"
+        );
         for (_, reply) in pending {
             let _ = reply.send(Err(Error::Closed));
         }
@@ -181,7 +187,11 @@ impl Client {
         trace!(id, service, method, "ttrpc call");
 
         let exchange = async {
-            self.handle.tx.send(frame).await.map_err(|_| Error::Closed)?;
+            self.handle
+                .tx
+                .send(frame)
+                .await
+                .map_err(|_| Error::Closed)?;
             reply_rx.await.unwrap_or(Err(Error::Closed))
         };
         match timeout {
@@ -204,7 +214,9 @@ impl Client {
         Req: Message,
         Resp: Message + Default,
     {
-        let payload = self.call(service, method, req.encode_to_vec(), timeout).await?;
+        let payload = self
+            .call(service, method, req.encode_to_vec(), timeout)
+            .await?;
         Ok(Resp::decode(&payload[..])?)
     }
 
@@ -259,7 +271,10 @@ fn handle_frame(shared: &Shared, header: FrameHeader, payload: Payload) {
     }
     let Some(reply) = shared.take(header.stream_id) else {
         // Normal after a timeout; also what a confused peer gets.
-        debug!(stream = header.stream_id, "ttrpc client: response for no pending call");
+        debug!(
+            stream = header.stream_id,
+            "ttrpc client: response for no pending call"
+        );
         return;
     };
     let result = match payload {

@@ -96,7 +96,8 @@ pub(crate) async fn read_frame<R: AsyncRead + Unpin>(
     let header = FrameHeader::decode(&hdr);
     let len = header.length as usize;
     if len > MESSAGE_LENGTH_MAX {
-        let skipped = tokio::io::copy(&mut (&mut *r).take(len as u64), &mut tokio::io::sink()).await?;
+        let skipped =
+            tokio::io::copy(&mut (&mut *r).take(len as u64), &mut tokio::io::sink()).await?;
         if skipped < len as u64 {
             return Err(truncated(&header, skipped as usize));
         }
@@ -145,7 +146,10 @@ mod tests {
         wire.extend(encode_frame(3, MESSAGE_TYPE_REQUEST, 0, b""));
         let mut r = &wire[..];
         let (h, p) = read_frame(&mut r).await.unwrap().unwrap();
-        assert_eq!((h.stream_id, h.length, h.msg_type), (1, 5, MESSAGE_TYPE_REQUEST));
+        assert_eq!(
+            (h.stream_id, h.length, h.msg_type),
+            (1, 5, MESSAGE_TYPE_REQUEST)
+        );
         assert!(matches!(p, Payload::Data(b) if &b[..] == b"hello"));
         let (h, p) = read_frame(&mut r).await.unwrap().unwrap();
         assert_eq!((h.stream_id, h.length), (3, 0));

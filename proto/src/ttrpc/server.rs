@@ -147,9 +147,11 @@ impl Server {
         let payload = req.payload;
         match std::panic::catch_unwind(AssertUnwindSafe(|| service.call(&method, payload))) {
             Ok(fut) => fut,
-            Err(_) => Box::pin(async move {
-                Err(Status::internal(format!("the {method} handler panicked")))
-            }),
+            Err(_) => {
+                Box::pin(
+                    async move { Err(Status::internal(format!("the {method} handler panicked"))) },
+                )
+            }
         }
     }
 }
