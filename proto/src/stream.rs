@@ -130,7 +130,7 @@ mod tests {
 
     #[tokio::test]
     async fn overlong_varint_is_invalid_data() {
-        let wire = vec![0x80u8; 11];
+        let wire = [0x80u8; 11];
         let mut r = &wire[..];
         let err = read_msg::<_, ReadyNotice>(&mut r, 1 << 20)
             .await
