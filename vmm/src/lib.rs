@@ -1,1 +1,3 @@
 //! Placeholder until this crate lands.
+
+pub mod devices;

@@ -1,0 +1,3 @@
+//! Devices of husk-vmm.
+
+pub mod virtio;
