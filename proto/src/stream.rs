@@ -8,6 +8,10 @@ use std::io;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+/// A generous `max_len` for the protocol's handshake messages (`ReadyNotice`,
+/// `StreamHello`, `StreamAccept`), which are a few dozen bytes.
+pub const MAX_HANDSHAKE_LEN: usize = 64 << 10;
+
 /// Longest varint encoding of a u64.
 const MAX_VARINT_LEN: usize = 10;
 
