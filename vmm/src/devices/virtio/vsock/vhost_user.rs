@@ -14,6 +14,7 @@ use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier};
 
 use super::{config_space, MuxerConfig, MuxerError, VsockMuxer, NUM_QUEUES, RX_QUEUE, TX_QUEUE};
 
@@ -115,6 +116,18 @@ impl VhostUserBackend for VhostUserVsock {
         let start = (offset as usize).min(cfg.len());
         let end = start.saturating_add(size as usize).min(cfg.len());
         cfg[start..end].to_vec()
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        // Without an exit event the worker thread never ends and the daemon's drop joins it
+        // forever: the process would outlive its frontend.
+        match new_event_consumer_and_notifier(EventFlag::NONBLOCK) {
+            Ok(pair) => Some(pair),
+            Err(e) => {
+                warn!("cannot create the vhost-user exit event: {e}");
+                None
+            }
+        }
     }
 
     fn update_memory(&self, mem: Mem) -> io::Result<()> {
