@@ -1,3 +1,6 @@
 //! Virtio devices.
 
 pub mod vsock;
+pub mod device;
+pub mod rng;
+pub mod transport;
