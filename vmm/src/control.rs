@@ -1,0 +1,176 @@
+//! The control socket: newline-delimited JSON requests on a unix stream socket.
+//!
+//! Requests: `{"op":"status"}`, `{"op":"shutdown"}` (`pause`/`resume` answer an error until
+//! implemented). Each gets one JSON line back: `{"ok":true,...}` or `{"ok":false,"error":..}`.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::arch::x86_64::cpuid::Accel;
+use crate::builder::{StopHandle, VmState};
+use crate::devices::bus::lock;
+
+/// Longest request line accepted.
+const MAX_REQUEST: u64 = 4096;
+
+#[derive(Debug, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    Status,
+    Shutdown,
+    Pause,
+    Resume,
+}
+
+/// What `status` reports.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Status {
+    pub id: String,
+    pub pid: u32,
+    pub state: String,
+    pub accel: String,
+    pub vcpus: u8,
+    pub memory_mib: u64,
+    pub uptime_ms: u64,
+}
+
+/// Shared, updated by the VMM's main thread.
+pub struct StatusSource {
+    pub id: String,
+    pub accel: Accel,
+    pub vcpus: u8,
+    pub memory_mib: u64,
+    pub started: Instant,
+    pub state: Mutex<VmState>,
+}
+
+impl StatusSource {
+    fn snapshot(&self) -> Status {
+        Status {
+            id: self.id.clone(),
+            pid: std::process::id(),
+            state: format!("{:?}", *lock(&self.state)).to_lowercase(),
+            accel: match self.accel {
+                Accel::Hardware => "kvm (hardware virtualization)".into(),
+                Accel::Pvm => "kvm-pvm (instruction emulator)".into(),
+            },
+            vcpus: self.vcpus,
+            memory_mib: self.memory_mib,
+            uptime_ms: self.started.elapsed().as_millis() as u64,
+        }
+    }
+}
+
+pub struct ControlServer {
+    path: PathBuf,
+    done: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+fn handle_conn(stream: UnixStream, status: &StatusSource, stop: &StopHandle) {
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
+    let Ok(mut out) = stream.try_clone() else {
+        return;
+    };
+    let mut reader = BufReader::new(stream);
+    loop {
+        let mut line = String::new();
+        match (&mut reader).take(MAX_REQUEST).read_line(&mut line) {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        if !line.ends_with('\n') {
+            let _ = writeln!(out, r#"{{"ok":false,"error":"request too long"}}"#);
+            return;
+        }
+        let reply = match serde_json::from_str::<Request>(line.trim()) {
+            Ok(Request::Status) => serde_json::json!({"ok": true, "status": status.snapshot()}),
+            Ok(Request::Shutdown) => {
+                stop.request_stop();
+                serde_json::json!({"ok": true})
+            }
+            Ok(Request::Pause | Request::Resume) => {
+                serde_json::json!({"ok": false, "error": "pause/resume not implemented"})
+            }
+            Err(e) => serde_json::json!({"ok": false, "error": format!("bad request: {e}")}),
+        };
+        if writeln!(out, "{reply}").is_err() {
+            return;
+        }
+    }
+}
+
+impl ControlServer {
+    /// Binds `path` (mode 0600; a stale socket is replaced) and serves it on a thread.
+    pub fn start(
+        path: &Path,
+        status: Arc<StatusSource>,
+        stop: StopHandle,
+    ) -> std::io::Result<ControlServer> {
+        if UnixStream::connect(path).is_ok() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AddrInUse,
+                format!("{} is served by a live process", path.display()),
+            ));
+        }
+        let _ = std::fs::remove_file(path);
+        let listener = UnixListener::bind(path)?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+        let done = Arc::new(AtomicBool::new(false));
+        let d = done.clone();
+        let thread = std::thread::Builder::new()
+            .name("husk-control".into())
+            .spawn(move || {
+                for conn in listener.incoming() {
+                    if d.load(Ordering::SeqCst) {
+                        return;
+                    }
+                    match conn {
+                        Ok(c) => {
+                            let status = status.clone();
+                            let stop = stop.clone();
+                            let _ = std::thread::Builder::new()
+                                .name("husk-control-conn".into())
+                                .spawn(move || handle_conn(c, &status, &stop));
+                        }
+                        Err(e) => tracing::warn!("control socket accept: {e}"),
+                    }
+                }
+            })?;
+        Ok(ControlServer {
+            path: path.to_owned(),
+            done,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for ControlServer {
+    fn drop(&mut self) {
+        self.done.store(true, Ordering::SeqCst);
+        // Wake the accept loop.
+        let _ = UnixStream::connect(&self.path);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Client side, for huskd and tests: one request, one reply.
+pub fn request(path: &Path, op: &str) -> std::io::Result<serde_json::Value> {
+    let mut s = UnixStream::connect(path)?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    writeln!(s, "{}", serde_json::json!({ "op": op }))?;
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line)?;
+    serde_json::from_str(&line).map_err(std::io::Error::other)
+}

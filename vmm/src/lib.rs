@@ -7,3 +7,4 @@ pub mod config;
 pub mod control;
 pub mod event_loop;
 pub mod vstate;
+pub mod test_guest;

@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 
 pub const COM1: u16 = 0x3f8;
-pub const LOAD_ADDR: u64 = 0x20_0000;
+pub use husk_vmm::test_guest::LOAD_ADDR;
 /// Data blobs are placed this far after the code.
 const DATA_OFFSET: usize = 0x8000;
 
@@ -159,33 +159,7 @@ impl Asm {
     }
 }
 
-/// Wraps a flat image loaded at `LOAD_ADDR` in an ELF64 executable.
-pub fn elf(image: &[u8]) -> Vec<u8> {
-    let mut f = vec![0u8; 0x1000];
-    f[0..4].copy_from_slice(b"\x7fELF");
-    f[4] = 2; // 64-bit
-    f[5] = 1; // little endian
-    f[6] = 1; // version
-    f[16..18].copy_from_slice(&2u16.to_le_bytes()); // ET_EXEC
-    f[18..20].copy_from_slice(&62u16.to_le_bytes()); // x86-64
-    f[20..24].copy_from_slice(&1u32.to_le_bytes());
-    f[24..32].copy_from_slice(&LOAD_ADDR.to_le_bytes()); // entry
-    f[32..40].copy_from_slice(&64u64.to_le_bytes()); // phoff
-    f[52..54].copy_from_slice(&64u16.to_le_bytes()); // ehsize
-    f[54..56].copy_from_slice(&56u16.to_le_bytes()); // phentsize
-    f[56..58].copy_from_slice(&1u16.to_le_bytes()); // phnum
-    let ph = &mut f[64..120];
-    ph[0..4].copy_from_slice(&1u32.to_le_bytes()); // PT_LOAD
-    ph[4..8].copy_from_slice(&7u32.to_le_bytes()); // RWX
-    ph[8..16].copy_from_slice(&0x1000u64.to_le_bytes()); // offset
-    ph[16..24].copy_from_slice(&LOAD_ADDR.to_le_bytes()); // vaddr
-    ph[24..32].copy_from_slice(&LOAD_ADDR.to_le_bytes()); // paddr
-    ph[32..40].copy_from_slice(&(image.len() as u64).to_le_bytes());
-    ph[40..48].copy_from_slice(&(image.len() as u64).to_le_bytes());
-    ph[48..56].copy_from_slice(&0x1000u64.to_le_bytes());
-    f.extend_from_slice(image);
-    f
-}
+pub use husk_vmm::test_guest::elf;
 
 /// A scratch directory removed on drop.
 pub struct TempDir(pub PathBuf);
