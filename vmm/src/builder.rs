@@ -239,6 +239,7 @@ impl Vmm {
             reset,
             stop: Arc::new(AtomicBool::new(false)),
             events: tx,
+            mem: vm.mem.clone(),
         };
         tracing::info!(id = %cfg.id, ?accel, hide_cpuid = hide, entry = format_args!("{:#x}", boot.entry), "VM built");
         Ok(Vmm {

@@ -5,6 +5,7 @@ mod common;
 use std::time::Duration;
 
 use common::{guest_config, Asm, TempDir};
+use husk_vmm::arch::x86_64::cpuid::Accel;
 use husk_vmm::builder::launch;
 use husk_vmm::vstate::vcpu::VcpuStop;
 
@@ -40,4 +41,50 @@ fn triple_fault_is_reported_as_crash_with_console_tail() {
         out.console_tail.last().map(String::as_str),
         Some("about to crash")
     );
+}
+
+#[test]
+fn cpuid_hides_what_the_emulator_cannot_run() {
+    let dir = TempDir::new("cpuid");
+    let mut asm = Asm::new();
+    let buf = 0x10_0000;
+    asm.cpuid(1, 0, buf)
+        .print_hex(buf + 8, 4)
+        .print("\n")
+        .cpuid(7, 0, buf)
+        .print_hex(buf + 4, 4)
+        .print("\n")
+        .reset();
+    let mut cfg = guest_config(&dir, &asm);
+    cfg.hide_emulator_unsupported_cpuid = Some(true);
+    let mut vmm = launch(&cfg).expect("launch");
+    let out = vmm.wait(Some(Duration::from_secs(60))).expect("timeout");
+    assert_eq!(out.reason, VcpuStop::Reset);
+    let log = std::fs::read_to_string(dir.path().join("serial.log")).unwrap();
+    let words: Vec<u32> = log
+        .lines()
+        .map(|l| u32::from_le_bytes(hex4(l)))
+        .collect();
+    let (ecx1, ebx7) = (words[0], words[1]);
+    eprintln!("guest cpuid 1.ecx={ecx1:#x} 7.ebx={ebx7:#x}");
+    assert_ne!(ecx1 & (1 << 31), 0, "hypervisor bit set");
+    if vmm.accel() == Accel::Hardware {
+        assert_eq!(ecx1 & (1 << 13), 0, "CX16 hidden");
+        assert_eq!(ecx1 & (1 << 26), 0, "XSAVE hidden");
+        assert_eq!(ebx7 & (1 << 8), 0, "BMI2 hidden: {ebx7:#x}");
+        assert_eq!(ebx7 & (1 << 3), 0, "BMI1 hidden");
+    } else {
+        // PVM does not intercept CPUID here: the guest sees the host's native leaf 7, which
+        // has BMI2 on every host this runs on. If this starts failing, PVM began honouring
+        // KVM_SET_CPUID2 and the branch above applies.
+        assert_ne!(ebx7 & (1 << 8), 0, "PVM guest CPUID is native: {ebx7:#x}");
+    }
+}
+
+fn hex4(s: &str) -> [u8; 4] {
+    let mut b = [0u8; 4];
+    for (i, x) in b.iter_mut().enumerate() {
+        *x = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).unwrap();
+    }
+    b
 }

@@ -87,6 +87,19 @@ pub struct VcpuContext {
     pub reset: Arc<AtomicBool>,
     pub stop: Arc<AtomicBool>,
     pub events: Sender<(u8, VcpuStop)>,
+    /// For crash diagnostics (the instruction bytes at a failing rip).
+    pub mem: vm_memory::GuestMemoryMmap,
+}
+
+/// Up to 16 bytes at `rip`, assuming the identity mapping the boot set-up installs (true for
+/// the boot code and decompressor, where emulation failures happen on PVM hosts).
+fn insn_bytes(mem: &vm_memory::GuestMemoryMmap, rip: u64) -> String {
+    use vm_memory::Bytes;
+    let mut b = [0u8; 16];
+    match mem.read_slice(&mut b, vm_memory::GuestAddress(rip)) {
+        Ok(()) => b.iter().map(|x| format!("{x:02x}")).collect::<Vec<_>>().join(" "),
+        Err(_) => "unavailable".into(),
+    }
 }
 
 fn run_loop(vcpu: &mut Vcpu, ctx: &VcpuContext) -> VcpuStop {
@@ -135,9 +148,10 @@ fn run_loop(vcpu: &mut Vcpu, ctx: &VcpuContext) -> VcpuStop {
                     ))
                 }
                 VcpuExit::InternalError => {
-                    let regs = vcpu.fd.get_regs().map(|r| r.rip).unwrap_or(0);
+                    let rip = vcpu.fd.get_regs().map(|r| r.rip).unwrap_or(0);
                     return VcpuStop::Crash(format!(
-                        "KVM internal error (emulation failure?) at rip {regs:#x}"
+                        "KVM internal error (emulation failure?) at rip {rip:#x}, bytes {}",
+                        insn_bytes(&ctx.mem, rip)
                     ));
                 }
                 VcpuExit::Intr | VcpuExit::IrqWindowOpen => {}

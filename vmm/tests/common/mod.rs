@@ -140,6 +140,16 @@ impl Asm {
         self
     }
 
+    /// CPUID(leaf, subleaf); stores eax, ebx, ecx, edx at addr..addr+16.
+    pub fn cpuid(&mut self, leaf: u32, subleaf: u32, addr: u64) -> &mut Self {
+        self.emit(&[0xb8]).emit(&leaf.to_le_bytes());
+        self.emit(&[0xb9]).emit(&subleaf.to_le_bytes());
+        self.emit(&[0x0f, 0xa2]);
+        self.mov_rdi(addr);
+        // mov [rdi], eax; mov [rdi+4], ebx; mov [rdi+8], ecx; mov [rdi+12], edx
+        self.emit(&[0x89, 0x07, 0x89, 0x5f, 0x04, 0x89, 0x4f, 0x08, 0x89, 0x57, 0x0c])
+    }
+
     /// Loads the IDT descriptor at addr and executes UD2: with an empty IDT this triple-faults.
     pub fn lidt_ud2(&mut self, addr: u64) -> &mut Self {
         self.mov_rdi(addr).emit(&[0x0f, 0x01, 0x1f, 0x0f, 0x0b])

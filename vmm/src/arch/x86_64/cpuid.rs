@@ -1,6 +1,11 @@
 //! CPUID for the guest: KVM's supported set, with topology filled in per vCPU and, on hosts
 //! where the guest runs through KVM's instruction emulator (PVM), the features the emulator
 //! cannot execute hidden so that the guest kernel does not pick code paths that use them.
+//!
+//! Measured on the PVM hosts husk is developed on: the guest's CPUID instruction is NOT
+//! intercepted (the host CPU has no CPUID faulting), so the guest sees the host's native CPUID
+//! and the table set here has no effect there. On such hosts use the kernel command line
+//! (`clearcpuid=`, `noxsave`) instead; on VT-x/SVM hosts this table is what the guest sees.
 
 use kvm_bindings::{CpuId, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::Kvm;
@@ -190,4 +195,31 @@ pub fn vcpu_cpuid(base: &CpuId, cpu_index: u8, cpu_count: u8) -> CpuId {
         }
     }
     cpuid
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn emulator_mode_hides_features_in_the_table() {
+        let kvm = Kvm::new().expect("/dev/kvm");
+        let c = base_cpuid(&kvm, true).unwrap();
+        for e in c.as_slice() {
+            if e.function == 1 {
+                assert_eq!(e.ecx & ((1 << 13) | (1 << 26) | (1 << 28)), 0);
+                assert_ne!(e.ecx & (1 << 31), 0);
+            }
+            if e.function == 7 && e.index == 0 {
+                assert_eq!(e.ebx & ((1 << 3) | (1 << 5) | (1 << 8)), 0);
+            }
+            if e.function == 0xd {
+                assert_eq!((e.eax, e.ebx, e.ecx, e.edx), (0, 0, 0, 0));
+            }
+        }
+        let v = vcpu_cpuid(&c, 1, 2);
+        let leaf1 = v.as_slice().iter().find(|e| e.function == 1).unwrap();
+        assert_eq!(leaf1.ebx >> 24, 1);
+        assert_eq!((leaf1.ebx >> 16) & 0xff, 2);
+    }
 }
