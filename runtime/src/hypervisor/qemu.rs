@@ -1,0 +1,475 @@
+//! The QEMU backend: a `microvm` machine booted by qboot, KVM where the host
+//! has hardware virtualization and TCG elsewhere, guest RAM in a shared
+//! memfd so vhost-user backends can map it, virtio-fs through virtiofsd and
+//! vsock through husk-vsock (vhost-user), serial console to a log file.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::process::ExitStatus;
+use std::time::{Duration, Instant};
+
+use tracing::Instrument;
+
+use super::probe::{host_tsc_rate, Accel, AccelProbe};
+use super::qmp::Qmp;
+use super::{Hypervisor, HypervisorError, Vm, VmConfig};
+use crate::config::{self, MissingComponent};
+use crate::process::{wait_for_socket, ManagedChild};
+
+/// How long husk-vsock may take to create its vhost-user socket.
+const HELPER_SOCKET_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The binaries and firmware the QEMU backend runs.
+#[derive(Debug, Clone)]
+pub struct QemuPaths {
+    pub qemu: PathBuf,
+    /// qboot: a minimal firmware that jumps straight to the kernel; SeaBIOS
+    /// costs seconds more under TCG.
+    pub bios: PathBuf,
+    pub husk_vsock: PathBuf,
+}
+
+impl QemuPaths {
+    /// Explicit paths where given, else the usual locations.
+    pub fn resolve(
+        qemu: Option<&Path>,
+        bios: Option<&Path>,
+        husk_vsock: Option<&Path>,
+    ) -> Result<Self, MissingComponent> {
+        let qemu = config::find_binary(
+            "QEMU (qemu-system-x86_64)",
+            "qemu-system-x86_64",
+            qemu,
+            &["/usr/bin".into(), "/usr/libexec".into()],
+            config::HINT_INSTALL_DEPS,
+        )?;
+        let bios = config::require_file(
+            "qboot firmware",
+            bios.unwrap_or(Path::new("/usr/share/qemu/qboot.rom")),
+            config::HINT_INSTALL_DEPS,
+        )?;
+        let husk_vsock = config::find_binary(
+            "husk-vsock",
+            "husk-vsock",
+            husk_vsock,
+            &config::husk_binary_dirs(),
+            config::HINT_MAKE_BUILD,
+        )?;
+        Ok(Self {
+            qemu,
+            bios,
+            husk_vsock,
+        })
+    }
+}
+
+/// The QEMU backend.
+#[derive(Debug)]
+pub struct Qemu {
+    paths: QemuPaths,
+    probe: AccelProbe,
+}
+
+impl Qemu {
+    pub fn new(paths: QemuPaths, probe: AccelProbe) -> Self {
+        Self { paths, probe }
+    }
+
+    pub fn accel(&self) -> Accel {
+        self.probe.accel
+    }
+
+    pub fn paths(&self) -> &QemuPaths {
+        &self.paths
+    }
+}
+
+/// Sockets the backend creates in the sandbox directory.
+#[derive(Debug, Clone)]
+pub struct QemuSockets {
+    pub vhost_vsock: PathBuf,
+    pub qmp: PathBuf,
+}
+
+impl QemuSockets {
+    pub fn in_dir(dir: &Path) -> Self {
+        Self {
+            vhost_vsock: dir.join("vhost-vsock.sock"),
+            qmp: dir.join("qmp.sock"),
+        }
+    }
+}
+
+/// The guest kernel command line.
+pub fn kernel_cmdline(accel: Accel, tsc_khz: Option<u64>, extra: &[String]) -> String {
+    // panic=-1 reboots at once on a panic and -no-reboot turns that into a
+    // QEMU exit, so a dead guest is noticed immediately.
+    let mut p = vec![
+        "console=ttyS0".to_string(),
+        "panic=-1".into(),
+        "quiet".into(),
+    ];
+    if accel == Accel::Tcg {
+        // Without it a TCG guest sometimes spins forever in calibrate_delay
+        // (ENVIRONMENT.md); under TCG the guest TSC is the host's.
+        if let Some(khz) = tsc_khz {
+            p.push(format!("tsc_early_khz={khz}"));
+        }
+    }
+    p.extend(extra.iter().cloned());
+    p.join(" ")
+}
+
+/// QEMU's argument list for `config` (pure, for testing).
+pub fn qemu_args(
+    config: &VmConfig,
+    accel: Accel,
+    bios: &Path,
+    sockets: &QemuSockets,
+    cmdline: &str,
+) -> Vec<OsString> {
+    let mut a: Vec<OsString> = Vec::new();
+    let mut push = |s: &str| a.push(s.into());
+    let mem = format!("{}M", config.memory_mib);
+    push("-name");
+    push(&format!("husk-{},debug-threads=on", config.id));
+    push("-machine");
+    push("microvm,x-option-roms=off,memory-backend=mem,rtc=on");
+    push("-accel");
+    push(accel.as_str());
+    push("-cpu");
+    push(match accel {
+        Accel::Kvm => "host",
+        Accel::Tcg => "max",
+    });
+    push("-smp");
+    push(&config.vcpus.to_string());
+    push("-m");
+    push(&mem);
+    push("-object");
+    push(&format!("memory-backend-memfd,id=mem,size={mem},share=on"));
+    push("-nodefaults");
+    push("-no-user-config");
+    push("-no-reboot");
+    push("-display");
+    push("none");
+    let path = |p: &Path| p.display().to_string();
+    if let Some(fs) = &config.virtio_fs {
+        push("-chardev");
+        push(&format!("socket,id=fs0,path={}", path(&fs.socket)));
+        push("-device");
+        push(&format!(
+            "vhost-user-fs-device,chardev=fs0,tag={},queue-size=1024",
+            fs.tag
+        ));
+    }
+    push("-chardev");
+    push(&format!(
+        "socket,id=vsock0,path={}",
+        path(&sockets.vhost_vsock)
+    ));
+    push("-device");
+    push("vhost-user-vsock-device,chardev=vsock0");
+    push("-serial");
+    push(&format!("file:{}", path(&config.console_log)));
+    push("-qmp");
+    push(&format!("unix:{},server=on,wait=off", path(&sockets.qmp)));
+    push("-bios");
+    a.push(bios.into());
+    a.push("-kernel".into());
+    a.push(config.kernel.clone().into());
+    a.push("-initrd".into());
+    a.push(config.initrd.clone().into());
+    a.push("-append".into());
+    a.push(cmdline.into());
+    a
+}
+
+/// QEMU option values are comma-separated: a comma in a path or tag would
+/// silently change their meaning.
+fn check_no_commas(config: &VmConfig, sockets: &QemuSockets) -> Result<(), HypervisorError> {
+    let mut items: Vec<(&str, String)> = vec![
+        ("console log", config.console_log.display().to_string()),
+        ("sandbox dir", sockets.qmp.display().to_string()),
+    ];
+    if let Some(fs) = &config.virtio_fs {
+        items.push(("virtio-fs socket", fs.socket.display().to_string()));
+        items.push(("virtio-fs tag", fs.tag.clone()));
+    }
+    for (what, v) in items {
+        if v.contains(',') {
+            return Err(HypervisorError::InvalidConfig(format!(
+                "{what} {v:?} contains a comma"
+            )));
+        }
+    }
+    Ok(())
+}
+
+#[async_trait::async_trait]
+impl Hypervisor for Qemu {
+    fn name(&self) -> &'static str {
+        "qemu"
+    }
+
+    fn description(&self) -> &str {
+        &self.probe.reason
+    }
+
+    async fn launch(&self, config: &VmConfig) -> Result<Box<dyn Vm>, HypervisorError> {
+        let span = tracing::info_span!("qemu_launch", sandbox = %config.id);
+        self.launch_inner(config).instrument(span).await
+    }
+}
+
+impl Qemu {
+    async fn launch_inner(&self, config: &VmConfig) -> Result<Box<dyn Vm>, HypervisorError> {
+        config.validate()?;
+        let sockets = QemuSockets::in_dir(&config.sandbox_dir);
+        check_no_commas(config, &sockets)?;
+        for p in [&sockets.vhost_vsock, &sockets.qmp] {
+            if p.as_os_str().len() > super::MAX_SOCKET_PATH {
+                return Err(HypervisorError::InvalidConfig(format!(
+                    "socket path {} is too long",
+                    p.display()
+                )));
+            }
+        }
+        let tsc = if self.probe.accel == Accel::Tcg {
+            host_tsc_rate().map(|r| r.khz)
+        } else {
+            None
+        };
+        let cmdline = kernel_cmdline(self.probe.accel, tsc, &config.kernel_params);
+
+        let mut vsock = ManagedChild::spawn(
+            "husk-vsock",
+            &self.paths.husk_vsock,
+            [
+                OsString::from("--socket"),
+                sockets.vhost_vsock.clone().into(),
+                "--uds".into(),
+                config.vsock.uds.clone().into(),
+                "--guest-cid".into(),
+                config.vsock.guest_cid.to_string().into(),
+            ],
+            &config.sandbox_dir.join("husk-vsock.log"),
+        )?;
+        // On any error below `vsock` (and `qemu`) are dropped, which kills them.
+        wait_for_socket(&mut vsock, &sockets.vhost_vsock, HELPER_SOCKET_TIMEOUT).await?;
+
+        let args = qemu_args(
+            config,
+            self.probe.accel,
+            &self.paths.bios,
+            &sockets,
+            &cmdline,
+        );
+        tracing::debug!(?args, "starting qemu");
+        let qemu = ManagedChild::spawn(
+            "qemu",
+            &self.paths.qemu,
+            &args,
+            &config.sandbox_dir.join("qemu.log"),
+        )?;
+        let launched_at = Instant::now();
+        tracing::info!(
+            qemu = qemu.pid(),
+            husk_vsock = vsock.pid(),
+            accel = self.probe.accel.as_str(),
+            "VM launched"
+        );
+        Ok(Box::new(QemuVm {
+            id: config.id.clone(),
+            qemu,
+            vsock,
+            qmp_path: sockets.qmp,
+            launched_at,
+        }))
+    }
+}
+
+/// A running QEMU and its husk-vsock.
+#[derive(Debug)]
+pub struct QemuVm {
+    id: String,
+    qemu: ManagedChild,
+    vsock: ManagedChild,
+    qmp_path: PathBuf,
+    launched_at: Instant,
+}
+
+impl QemuVm {
+    async fn quit_via_qmp(&self, timeout: Duration) -> Result<(), HypervisorError> {
+        let mut q = Qmp::connect(&self.qmp_path, timeout).await?;
+        q.execute("quit", timeout).await?;
+        Ok(())
+    }
+
+    /// husk-vsock exits when QEMU disconnects; give it a moment, then kill.
+    async fn stop_helpers(&mut self) -> Result<(), HypervisorError> {
+        self.vsock
+            .terminate(Duration::from_millis(500))
+            .await
+            .map_err(|e| HypervisorError::io("reap husk-vsock", e))?;
+        Ok(())
+    }
+}
+
+#[async_trait::async_trait]
+impl Vm for QemuVm {
+    fn pids(&self) -> Vec<(&'static str, u32)> {
+        vec![("qemu", self.qemu.pid()), ("husk-vsock", self.vsock.pid())]
+    }
+
+    fn launched_at(&self) -> Instant {
+        self.launched_at
+    }
+
+    fn try_exit(&mut self) -> Result<Option<ExitStatus>, HypervisorError> {
+        self.qemu
+            .try_wait()
+            .map_err(|e| HypervisorError::io("reap qemu", e))
+    }
+
+    async fn wait(&mut self) -> Result<ExitStatus, HypervisorError> {
+        self.qemu
+            .wait()
+            .await
+            .map_err(|e| HypervisorError::io("wait for qemu", e))
+    }
+
+    async fn shutdown(&mut self, timeout: Duration) -> Result<ExitStatus, HypervisorError> {
+        let span = tracing::info_span!("qemu_shutdown", sandbox = %self.id);
+        async {
+            let deadline = Instant::now() + timeout;
+            if self.qemu.exit_status().is_none() {
+                if let Err(e) = self.quit_via_qmp(timeout / 2).await {
+                    tracing::warn!(%e, "QMP quit failed, killing QEMU");
+                }
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            let status = match self.qemu.wait_timeout(left).await {
+                Ok(Some(s)) => s,
+                _ => {
+                    tracing::warn!("QEMU did not quit in time, killing");
+                    self.qemu
+                        .kill()
+                        .await
+                        .map_err(|e| HypervisorError::io("kill qemu", e))?
+                }
+            };
+            self.stop_helpers().await?;
+            Ok(status)
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn kill(&mut self) -> Result<ExitStatus, HypervisorError> {
+        let status = self
+            .qemu
+            .kill()
+            .await
+            .map_err(|e| HypervisorError::io("kill qemu", e))?;
+        self.vsock
+            .kill()
+            .await
+            .map_err(|e| HypervisorError::io("kill husk-vsock", e))?;
+        Ok(status)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hypervisor::{HybridVsockConfig, VirtioFsConfig};
+
+    fn cfg() -> VmConfig {
+        VmConfig {
+            id: "sb1".into(),
+            vcpus: 2,
+            memory_mib: 256,
+            kernel: "/g/vmlinuz".into(),
+            initrd: "/g/initrd.img".into(),
+            kernel_params: vec!["husk.debug=1".into()],
+            virtio_fs: Some(VirtioFsConfig {
+                socket: "/s/fs.sock".into(),
+                tag: "husk".into(),
+            }),
+            vsock: HybridVsockConfig {
+                uds: "/s/vsock".into(),
+                guest_cid: 3,
+            },
+            console_log: "/s/console.log".into(),
+            sandbox_dir: "/s".into(),
+        }
+    }
+
+    fn joined(a: &[OsString]) -> String {
+        a.iter()
+            .map(|s| s.to_string_lossy().into_owned())
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
+    #[test]
+    fn tcg_command_line() {
+        let c = cfg();
+        let cmdline = kernel_cmdline(Accel::Tcg, Some(2_596_124), &c.kernel_params);
+        assert_eq!(
+            cmdline,
+            "console=ttyS0 panic=-1 quiet tsc_early_khz=2596124 husk.debug=1"
+        );
+        let a = qemu_args(
+            &c,
+            Accel::Tcg,
+            Path::new("/q/qboot.rom"),
+            &QemuSockets::in_dir(&c.sandbox_dir),
+            &cmdline,
+        );
+        let s = joined(&a);
+        for want in [
+            "-machine microvm,x-option-roms=off,memory-backend=mem",
+            "-accel tcg -cpu max -smp 2 -m 256M",
+            "-object memory-backend-memfd,id=mem,size=256M,share=on",
+            "-nodefaults",
+            "-no-reboot",
+            "-chardev socket,id=fs0,path=/s/fs.sock -device vhost-user-fs-device,chardev=fs0,tag=husk",
+            "-chardev socket,id=vsock0,path=/s/vhost-vsock.sock -device vhost-user-vsock-device,chardev=vsock0",
+            "-serial file:/s/console.log",
+            "-qmp unix:/s/qmp.sock,server=on,wait=off",
+            "-bios /q/qboot.rom -kernel /g/vmlinuz -initrd /g/initrd.img",
+        ] {
+            assert!(s.contains(want), "missing {want:?} in {s}");
+        }
+        // The command line is a single argument.
+        assert_eq!(a.last().unwrap(), &OsString::from(cmdline));
+    }
+
+    #[test]
+    fn kvm_command_line() {
+        let c = cfg();
+        let cmdline = kernel_cmdline(Accel::Kvm, Some(1), &[]);
+        assert_eq!(cmdline, "console=ttyS0 panic=-1 quiet");
+        let s = joined(&qemu_args(
+            &c,
+            Accel::Kvm,
+            Path::new("/b"),
+            &QemuSockets::in_dir(Path::new("/s")),
+            &cmdline,
+        ));
+        assert!(s.contains("-accel kvm -cpu host"), "{s}");
+    }
+
+    #[test]
+    fn rejects_commas_and_long_paths() {
+        let mut c = cfg();
+        c.virtio_fs.as_mut().unwrap().tag = "a,b".into();
+        assert!(check_no_commas(&c, &QemuSockets::in_dir(Path::new("/s"))).is_err());
+        let mut c = cfg();
+        c.vsock.uds = PathBuf::from(format!("/{}", "x".repeat(120)));
+        assert!(c.validate().is_err());
+        assert!(cfg().validate().is_ok());
+    }
+}
