@@ -22,6 +22,8 @@ use crate::devices::pci::{self, PciBus};
 use crate::devices::serial::{ConsoleTail, SerialDevice};
 use crate::devices::virtio::device::VirtioDevice;
 use crate::devices::virtio::rng::Rng;
+use crate::devices::virtio::vsock::MuxerConfig;
+use crate::devices::virtio::vsock_device::Vsock;
 use crate::devices::virtio::transport::pci::{SharedVirtioPci, VirtioPciDevice, BAR_SIZE};
 use crate::event_loop::EventLoop;
 use crate::vstate::vcpu::{Vcpu, VcpuContext, VcpuHandle, VcpuStop};
@@ -53,6 +55,8 @@ pub enum BuildError {
     Io(#[from] std::io::Error),
     #[error("KVM {0}: {1}")]
     Kvm(&'static str, kvm_ioctls::Error),
+    #[error("virtio-vsock: {0}")]
+    Vsock(crate::devices::virtio::vsock::MuxerError),
     #[error("{0} is not implemented in husk-vmm yet")]
     Unsupported(&'static str),
     #[error("out of {0}")]
@@ -183,8 +187,9 @@ impl Vmm {
             rng_rejected = Some(rng.rejected_counter());
             devices.push(Box::new(rng));
         }
-        if cfg.devices.vsock.is_some() {
-            return Err(BuildError::Unsupported("virtio-vsock device"));
+        if let Some(v) = &cfg.devices.vsock {
+            let mc = MuxerConfig::new(v.guest_cid, v.uds_path.clone());
+            devices.push(Box::new(Vsock::new(mc).map_err(BuildError::Vsock)?));
         }
         if !cfg.devices.fs.is_empty() {
             return Err(BuildError::Unsupported("virtio-fs (vhost-user frontend)"));

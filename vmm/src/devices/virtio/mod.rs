@@ -4,3 +4,4 @@ pub mod vsock;
 pub mod device;
 pub mod rng;
 pub mod transport;
+pub mod vsock_device;
