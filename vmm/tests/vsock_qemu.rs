@@ -150,15 +150,19 @@ fn build_artefacts() -> Artefacts {
         which("qemu-system-x86_64").is_some(),
         "qemu-system-x86_64 is not installed: this test needs QEMU (Debian qemu-system-x86)"
     );
-    assert!(Path::new(QBOOT).is_file(), "{QBOOT} missing (Debian qemu-system-x86)");
+    assert!(
+        Path::new(QBOOT).is_file(),
+        "{QBOOT} missing (Debian qemu-system-x86)"
+    );
     assert!(which("xz").is_some(), "xz is not installed");
     let root = kernel_root();
     let kernel = fs::read_dir(root.join("boot"))
         .ok()
         .and_then(|d| {
-            d.filter_map(|e| e.ok())
-                .map(|e| e.path())
-                .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-")))
+            d.filter_map(|e| e.ok()).map(|e| e.path()).find(|p| {
+                p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-"))
+            })
         })
         .unwrap_or_else(|| {
             panic!(
@@ -178,7 +182,13 @@ fn build_artefacts() -> Artefacts {
     // The guest init, static so the initramfs needs nothing else.
     let guest_target = target_dir().join("vsock-test-guest");
     let st = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .args(["build", "--release", "--offline", "--target", "x86_64-unknown-linux-gnu"])
+        .args([
+            "build",
+            "--release",
+            "--offline",
+            "--target",
+            "x86_64-unknown-linux-gnu",
+        ])
         .arg("--manifest-path")
         .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/guest/Cargo.toml"))
         .env("CARGO_TARGET_DIR", &guest_target)
@@ -187,8 +197,9 @@ fn build_artefacts() -> Artefacts {
         .status()
         .expect("running cargo for the guest init");
     assert!(st.success(), "building the guest init failed");
-    let init = fs::read(guest_target.join("x86_64-unknown-linux-gnu/release/husk-vsock-test-guest"))
-        .expect("guest init binary");
+    let init =
+        fs::read(guest_target.join("x86_64-unknown-linux-gnu/release/husk-vsock-test-guest"))
+            .expect("guest init binary");
 
     let mut cpio = Cpio {
         out: Vec::new(),
@@ -208,7 +219,12 @@ fn build_artefacts() -> Artefacts {
             .expect("running xz");
         assert!(out.status.success(), "cannot decompress {}", src.display());
         let name = Path::new(m).file_name().unwrap().to_string_lossy();
-        cpio.entry(&format!("lib/modules/{name}.ko"), 0o100644, &out.stdout, (0, 0));
+        cpio.entry(
+            &format!("lib/modules/{name}.ko"),
+            0o100644,
+            &out.stdout,
+            (0, 0),
+        );
     }
     cpio.entry("TRAILER!!!", 0, &[], (0, 0));
     let initrd = target_dir().join("vsock-test-initrd.cpio");
@@ -285,7 +301,10 @@ impl Vm {
         };
         let t = Instant::now();
         while !vm.vhost_sock.exists() || !vm.uds.exists() {
-            assert!(t.elapsed() < Duration::from_secs(10), "husk-vsock did not create its sockets");
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "husk-vsock did not create its sockets"
+            );
             if let Some(st) = vm.backend.as_mut().unwrap().try_wait().unwrap() {
                 panic!("husk-vsock exited early ({st}): {}", vm.backend_log());
             }
@@ -293,7 +312,12 @@ impl Vm {
         }
         let console = fs::File::create(vm.dir.join("console.log")).unwrap();
         let qemu = Command::new("qemu-system-x86_64")
-            .args(["-accel", "tcg", "-M", "microvm,x-option-roms=off,memory-backend=mem"])
+            .args([
+                "-accel",
+                "tcg",
+                "-M",
+                "microvm,x-option-roms=off,memory-backend=mem",
+            ])
             .args(["-bios", QBOOT, "-cpu", "max", "-m", "256", "-smp", "1"])
             .args(["-object", "memory-backend-memfd,id=mem,size=256M,share=on"])
             .arg("-chardev")
@@ -304,7 +328,10 @@ impl Vm {
             .arg("-initrd")
             .arg(&a.initrd)
             .arg("-append")
-            .arg(format!("console=ttyS0 panic=-1 quiet tsc_early_khz={}", tsc_khz()))
+            .arg(format!(
+                "console=ttyS0 panic=-1 quiet tsc_early_khz={}",
+                tsc_khz()
+            ))
             .stdin(Stdio::null())
             .stdout(console)
             .stderr(Stdio::inherit())
@@ -358,7 +385,10 @@ impl Vm {
 
 impl Drop for Vm {
     fn drop(&mut self) {
-        for c in [self.qemu.take(), self.backend.take()].into_iter().flatten() {
+        for c in [self.qemu.take(), self.backend.take()]
+            .into_iter()
+            .flatten()
+        {
             let mut c = c;
             let _ = c.kill();
             let _ = c.wait();
@@ -447,7 +477,8 @@ fn echo_roundtrip(uds: &Path, bytes: u64, offset: usize) -> Result<Duration, Str
         while left > 0 {
             let at = pos % p.len();
             let n = left.min(128 * 1024).min(p.len() - at);
-            w.write_all(&p[at..at + n]).map_err(|e| format!("write: {e}"))?;
+            w.write_all(&p[at..at + n])
+                .map_err(|e| format!("write: {e}"))?;
             left -= n;
             pos += n;
         }
@@ -462,7 +493,10 @@ fn echo_roundtrip(uds: &Path, bytes: u64, offset: usize) -> Result<Duration, Str
             Ok(0) => break,
             Ok(n) => {
                 if !matches_pattern(&buf[..n], offset + got as usize) {
-                    return Err(format!("echoed data differs within bytes {got}..{}", got + n as u64));
+                    return Err(format!(
+                        "echoed data differs within bytes {got}..{}",
+                        got + n as u64
+                    ));
                 }
                 got += n as u64;
             }
@@ -486,7 +520,10 @@ fn vsock_qemu_data_paths() {
     pattern();
     let mut vm = Vm::boot();
     let mut ctl = vm.control(Duration::from_secs(120));
-    println!("guest-initiated control connection after {:?}", vm.started.elapsed());
+    println!(
+        "guest-initiated control connection after {:?}",
+        vm.started.elapsed()
+    );
 
     // Half-close, small: after our shutdown(Write) the guest still answers, then closes.
     {
@@ -503,7 +540,11 @@ fn vsock_qemu_data_paths() {
         let t = Instant::now();
         let r = host_connect(&vm.uds, 4444);
         assert!(r.is_err(), "CONNECT to a closed guest port succeeded");
-        assert!(t.elapsed() < Duration::from_secs(10), "refusal took {:?}", t.elapsed());
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "refusal took {:?}",
+            t.elapsed()
+        );
     }
 
     // Guest -> host, 64 MiB one way, over a guest-initiated connection.
@@ -535,7 +576,10 @@ fn vsock_qemu_data_paths() {
         assert_eq!(got, bytes, "guest->host byte count");
         let line = read_line(&ctl).unwrap();
         assert_eq!(line.trim(), "SENT 5000", "guest sender reported: {line}");
-        println!("guest->host 64 MiB one way: {:.1} MB/s ({d:?})", mbps(bytes, d));
+        println!(
+            "guest->host 64 MiB one way: {:.1} MB/s ({d:?})",
+            mbps(bytes, d)
+        );
     }
 
     // Host-initiated echo, 64 MiB each way at once.
@@ -553,11 +597,15 @@ fn vsock_qemu_data_paths() {
         let hs: Vec<_> = (0..4u64)
             .map(|i| {
                 let uds = vm.uds.clone();
-                std::thread::spawn(move || echo_roundtrip(&uds, 64 * MIB, (i as usize + 1) * 12_345_679))
+                std::thread::spawn(move || {
+                    echo_roundtrip(&uds, 64 * MIB, (i as usize + 1) * 12_345_679)
+                })
             })
             .collect();
         for h in hs {
-            h.join().unwrap().unwrap_or_else(|e| panic!("{e}{}", vm.diag()));
+            h.join()
+                .unwrap()
+                .unwrap_or_else(|e| panic!("{e}{}", vm.diag()));
         }
         let d = t.elapsed();
         println!(

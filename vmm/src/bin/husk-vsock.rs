@@ -31,7 +31,10 @@ fn parse_args() -> Result<Args> {
     let mut max_connections = None;
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
-        let mut val = || it.next().with_context(|| format!("{a} needs a value\n{USAGE}"));
+        let mut val = || {
+            it.next()
+                .with_context(|| format!("{a} needs a value\n{USAGE}"))
+        };
         match a.as_str() {
             "--socket" => socket = Some(PathBuf::from(val()?)),
             "--uds" => uds = Some(PathBuf::from(val()?)),

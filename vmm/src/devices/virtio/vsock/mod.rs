@@ -10,6 +10,9 @@ pub mod muxer;
 pub mod packet;
 pub mod vhost_user;
 
+#[cfg(test)]
+mod tests;
+
 pub use muxer::{MuxerConfig, MuxerError, VsockMuxer};
 
 /// Index of the RX virtqueue (device to driver).

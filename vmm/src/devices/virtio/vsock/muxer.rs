@@ -345,24 +345,22 @@ impl VsockMuxer {
     ) -> Result<bool, MuxerError> {
         let mut used = false;
         let mut data = std::mem::take(&mut self.tx_data);
-        let res = (|| {
-            loop {
-                queue.disable_notification(mem)?;
-                while let Some(chain) = queue.pop_descriptor_chain(mem) {
-                    let head = chain.head_index();
-                    match read_tx_packet(mem, chain, &mut data) {
-                        Ok(hdr) => {
-                            let len = hdr.len as usize;
-                            self.handle_guest_packet(&hdr, &data[..len]);
-                        }
-                        Err(e) => debug!("dropping TX chain {head}: {e}"),
+        let res = (|| loop {
+            queue.disable_notification(mem)?;
+            while let Some(chain) = queue.pop_descriptor_chain(mem) {
+                let head = chain.head_index();
+                match read_tx_packet(mem, chain, &mut data) {
+                    Ok(hdr) => {
+                        let len = hdr.len as usize;
+                        self.handle_guest_packet(&hdr, &data[..len]);
                     }
-                    queue.add_used(mem, head, 0)?;
-                    used = true;
+                    Err(e) => debug!("dropping TX chain {head}: {e}"),
                 }
-                if !queue.enable_notification(mem)? {
-                    return Ok(());
-                }
+                queue.add_used(mem, head, 0)?;
+                used = true;
+            }
+            if !queue.enable_notification(mem)? {
+                return Ok(());
             }
         })();
         self.tx_data = data;
@@ -463,9 +461,7 @@ impl VsockMuxer {
                     return;
                 }
             };
-            if self.n_pending >= MAX_PENDING_CLIENTS
-                || self.n_conns >= self.cfg.max_connections
-            {
+            if self.n_pending >= MAX_PENDING_CLIENTS || self.n_conns >= self.cfg.max_connections {
                 warn!("too many vsock connections; refusing a host client");
                 continue;
             }
@@ -660,7 +656,12 @@ impl VsockMuxer {
             let h = self.rst_for(c.key.host_port, c.key.guest_port);
             self.push_rst(h);
         }
-        debug!(host_port = c.key.host_port, guest_port = c.key.guest_port, rst, "vsock connection closed");
+        debug!(
+            host_port = c.key.host_port,
+            guest_port = c.key.guest_port,
+            rst,
+            "vsock connection closed"
+        );
     }
 
     fn reset_by_key(&mut self, key: ConnKey) {
@@ -710,7 +711,10 @@ impl VsockMuxer {
                 c.state = State::Established;
                 c.deadline = None;
                 c.out_ctrl = format!("OK {}\n", c.key.host_port).into_bytes();
-                debug!(guest_port = c.key.guest_port, "guest accepted host connection");
+                debug!(
+                    guest_port = c.key.guest_port,
+                    "guest accepted host connection"
+                );
                 self.flush_out(token);
             }
             op::RW if c.state == State::Established && c.peer_shut & shutdown::SEND == 0 => {
@@ -757,7 +761,10 @@ impl VsockMuxer {
 
     fn guest_connect(&mut self, hdr: &Header) {
         if self.n_conns >= self.cfg.max_connections {
-            warn!("too many vsock connections; refusing guest connect to port {}", hdr.dst_port);
+            warn!(
+                "too many vsock connections; refusing guest connect to port {}",
+                hdr.dst_port
+            );
             let h = self.rst_for(hdr.dst_port, hdr.src_port);
             return self.push_rst(h);
         }
@@ -782,7 +789,11 @@ impl VsockMuxer {
         c.peer_buf_alloc = hdr.buf_alloc;
         c.peer_fwd_cnt = Wrapping(hdr.fwd_cnt);
         c.want_response = true;
-        debug!(host_port = key.host_port, guest_port = key.guest_port, "guest connected out");
+        debug!(
+            host_port = key.host_port,
+            guest_port = key.guest_port,
+            "guest connected out"
+        );
         self.insert_conn(token, c);
     }
 
@@ -835,9 +846,7 @@ impl VsockMuxer {
         }
         while !failed && c.out_ctrl.is_empty() && !c.out_buf.is_empty() {
             let (a, b) = c.out_buf.as_slices();
-            let r = c
-                .stream
-                .write_vectored(&[IoSlice::new(a), IoSlice::new(b)]);
+            let r = c.stream.write_vectored(&[IoSlice::new(a), IoSlice::new(b)]);
             match r {
                 Ok(0) => failed = true,
                 Ok(n) => {
@@ -853,7 +862,10 @@ impl VsockMuxer {
             c.out_buf.shrink_to(0);
         }
         if failed {
-            debug!(guest_port = c.key.guest_port, "vsock host socket write failed");
+            debug!(
+                guest_port = c.key.guest_port,
+                "vsock host socket write failed"
+            );
             return self.kill(token, true);
         }
         if c.out_pending() {

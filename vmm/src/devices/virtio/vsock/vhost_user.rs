@@ -14,7 +14,9 @@ use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier};
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
 
 use super::{config_space, MuxerConfig, MuxerError, VsockMuxer, NUM_QUEUES, RX_QUEUE, TX_QUEUE};
 
@@ -143,6 +145,10 @@ impl VhostUserBackend for VhostUserVsock {
         _thread_id: usize,
     ) -> io::Result<()> {
         let mut inner = self.lock();
+        if device_event == MUXER_EVENT {
+            // Always drain host events: the fd is level-triggered in the daemon's epoll.
+            inner.muxer.process_host_events();
+        }
         let Some(mem) = inner.mem.clone() else {
             return Ok(());
         };
@@ -163,7 +169,6 @@ impl VhostUserBackend for VhostUserVsock {
                     Err(e) => return Err(io::Error::other(e)),
                 }
             }
-            e if e == usize::from(MUXER_EVENT) => inner.muxer.process_host_events(),
             _ => {}
         }
         // Every event can make RX packets pending (answers to TX, host data) or make room for
