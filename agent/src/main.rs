@@ -75,6 +75,7 @@ fn run(is_pid1: bool) -> Result<()> {
     if mode == Mode::Vm {
         pid1::setup_filesystems().context("setting up filesystems")?;
         pid1::console_stdio();
+        logging::set_target_from_stderr();
         pid1::load_modules();
         if let Err(e) = pid1::loopback_up() {
             error!("bringing lo up: {e:#}");
