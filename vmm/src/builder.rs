@@ -2,6 +2,7 @@
 //! This is also the Rust API huskd can drive instead of the binary (`launch`).
 
 use std::fs::OpenOptions;
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
@@ -21,6 +22,7 @@ use crate::devices::legacy::{I8042, I8042_LEN, I8042_PORT};
 use crate::devices::pci::{self, PciBus};
 use crate::devices::serial::{ConsoleTail, SerialDevice};
 use crate::devices::virtio::device::VirtioDevice;
+use crate::devices::virtio::fs::Fs;
 use crate::devices::virtio::rng::Rng;
 use crate::devices::virtio::vsock::MuxerConfig;
 use crate::devices::virtio::vsock_device::Vsock;
@@ -55,6 +57,8 @@ pub enum BuildError {
     Io(#[from] std::io::Error),
     #[error("KVM {0}: {1}")]
     Kvm(&'static str, kvm_ioctls::Error),
+    #[error("virtio-fs: {0}")]
+    Fs(#[from] crate::devices::virtio::fs::FsError),
     #[error("virtio-vsock: {0}")]
     Vsock(crate::devices::virtio::vsock::MuxerError),
     #[error("{0} is not implemented in husk-vmm yet")]
@@ -191,8 +195,8 @@ impl Vmm {
             let mc = MuxerConfig::new(v.guest_cid, v.uds_path.clone());
             devices.push(Box::new(Vsock::new(mc).map_err(BuildError::Vsock)?));
         }
-        if !cfg.devices.fs.is_empty() {
-            return Err(BuildError::Unsupported("virtio-fs (vhost-user frontend)"));
+        for f in &cfg.devices.fs {
+            devices.push(Box::new(Fs::new(&f.tag, &f.socket, vm.memfd.as_raw_fd())?));
         }
         if !cfg.devices.net.is_empty() {
             return Err(BuildError::Unsupported("virtio-net"));

@@ -5,3 +5,4 @@ pub mod device;
 pub mod rng;
 pub mod transport;
 pub mod vsock_device;
+pub mod fs;
