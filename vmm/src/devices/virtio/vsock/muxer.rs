@@ -313,6 +313,27 @@ impl VsockMuxer {
         !self.stray.is_empty() || !self.rx_queue.is_empty()
     }
 
+    /// Forgets every connection (closing the host sockets, telling the guest nothing): for a
+    /// device reset, after which the guest driver has no connection state either. The
+    /// listener stays.
+    pub fn reset(&mut self) {
+        for (_, slot) in self.slots.drain() {
+            let fd = match &slot {
+                Slot::Pending(p) => p.stream.as_raw_fd(),
+                Slot::Conn(c) => c.stream.as_raw_fd(),
+            };
+            let _ = self
+                .epoll
+                .ctl(ControlOperation::Delete, fd, EpollEvent::default());
+        }
+        self.by_key.clear();
+        self.rx_queue.clear();
+        self.stray.clear();
+        self.local_ports.clear();
+        self.n_conns = 0;
+        self.n_pending = 0;
+    }
+
     /// Handles everything ready on the host sockets without blocking. Call when
     /// [`AsRawFd::as_raw_fd`] is readable, then call [`Self::process_rx_queue`].
     pub fn process_host_events(&mut self) {

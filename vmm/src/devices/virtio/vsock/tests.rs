@@ -728,3 +728,19 @@ fn stale_listener_socket_is_replaced_and_live_one_refused() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn reset_forgets_connections() {
+    let mut r = rig();
+    let (mut c, hp) = r.host_connect(1024);
+    r.mux.reset();
+    assert_eq!(r.mux.connection_count(), 0);
+    let mut rest = Vec::new();
+    c.read_to_end(&mut rest).unwrap();
+    assert!(rest.is_empty());
+    r.offer_rx(2, 4096);
+    r.send(hdr(op::RW, 1024, hp), b"x", Layout::HeaderData);
+    assert_eq!(r.poll()[0].0.op, op::RST);
+    // The listener still works.
+    let (_c2, _) = r.host_connect(1024);
+}

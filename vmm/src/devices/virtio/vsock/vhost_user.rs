@@ -109,6 +109,10 @@ impl VhostUserBackend for VhostUserVsock {
         VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::MQ
     }
 
+    fn reset_device(&self) {
+        self.lock().muxer.reset();
+    }
+
     fn set_event_idx(&self, enabled: bool) {
         self.lock().event_idx = enabled;
     }
