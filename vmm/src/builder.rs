@@ -23,6 +23,7 @@ use crate::devices::pci::{self, PciBus};
 use crate::devices::serial::{ConsoleTail, SerialDevice};
 use crate::devices::virtio::device::VirtioDevice;
 use crate::devices::virtio::fs::Fs;
+use crate::devices::virtio::net::Net;
 use crate::devices::virtio::rng::Rng;
 use crate::devices::virtio::vsock::MuxerConfig;
 use crate::devices::virtio::vsock_device::Vsock;
@@ -57,6 +58,8 @@ pub enum BuildError {
     Io(#[from] std::io::Error),
     #[error("KVM {0}: {1}")]
     Kvm(&'static str, kvm_ioctls::Error),
+    #[error("virtio-net: {0}")]
+    Net(#[from] crate::devices::virtio::net::NetError),
     #[error("virtio-fs: {0}")]
     Fs(#[from] crate::devices::virtio::fs::FsError),
     #[error("virtio-vsock: {0}")]
@@ -198,8 +201,8 @@ impl Vmm {
         for f in &cfg.devices.fs {
             devices.push(Box::new(Fs::new(&f.tag, &f.socket, vm.memfd.as_raw_fd())?));
         }
-        if !cfg.devices.net.is_empty() {
-            return Err(BuildError::Unsupported("virtio-net"));
+        for n in &cfg.devices.net {
+            devices.push(Box::new(Net::new(&n.tap, n.mac.as_deref())?));
         }
         for dev in devices {
             let slot = pci_bus.next_slot().ok_or(BuildError::Exhausted("PCI slots"))?;

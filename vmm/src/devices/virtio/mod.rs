@@ -6,3 +6,4 @@ pub mod rng;
 pub mod transport;
 pub mod vsock_device;
 pub mod fs;
+pub mod net;
