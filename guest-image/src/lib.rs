@@ -539,10 +539,42 @@ fn install(image_dir: &Path, out_dir: &Path, manifest: &Manifest) -> Result<(), 
     sync_dir(out_dir)
 }
 
+/// Removes work directories left behind by builds that were killed (temp
+/// dirs are removed on every other exit path). Only old ones, so a build
+/// running concurrently in another process keeps its own.
+fn sweep_stale(dir: &Path, prefixes: &[&str]) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if !prefixes.iter().any(|p| name.starts_with(p)) {
+            continue;
+        }
+        let old = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age > STALE_AFTER);
+        if old {
+            tracing::info!(path = %entry.path().display(), "removing a stale build directory");
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
+/// A build takes seconds; anything this old was left by a killed build.
+const STALE_AFTER: std::time::Duration = std::time::Duration::from_secs(3600);
+
 /// Builds (or finds in the cache) the guest image for `opts` and installs it
 /// into `opts.out_dir`.
 pub fn build(opts: &BuildOptions) -> Result<BuiltImage, Error> {
     let started = Instant::now();
+    sweep_stale(&opts.cache_dir, &[".unpack-"]);
+    sweep_stale(&opts.cache_dir.join("images"), &[".build-"]);
+    sweep_stale(&opts.cache_dir.join("debs"), &[".download-"]);
     let agent = read_agent(&opts.agent)?;
     let agent_sha256 = sha256_bytes(&agent);
     let pkg = apt::resolve(&opts.kernel_package)?;
