@@ -25,9 +25,9 @@ use crate::devices::virtio::device::VirtioDevice;
 use crate::devices::virtio::fs::Fs;
 use crate::devices::virtio::net::Net;
 use crate::devices::virtio::rng::Rng;
+use crate::devices::virtio::transport::pci::{SharedVirtioPci, VirtioPciDevice, BAR_SIZE};
 use crate::devices::virtio::vsock::MuxerConfig;
 use crate::devices::virtio::vsock_device::Vsock;
-use crate::devices::virtio::transport::pci::{SharedVirtioPci, VirtioPciDevice, BAR_SIZE};
 use crate::event_loop::EventLoop;
 use crate::vstate::vcpu::{Vcpu, VcpuContext, VcpuHandle, VcpuStop};
 use crate::vstate::vm::{Vm, VmError};
@@ -145,12 +145,7 @@ impl Vmm {
         let regions = arch::memory_regions(cfg.memory_mib << 20);
         let vm = Vm::new(&regions, cfg.vcpus)?;
         regs::write_boot_tables(&vm.mem)?;
-        let boot = arch::load_kernel(
-            &vm.mem,
-            &cfg.kernel,
-            cfg.initrd.as_deref(),
-            &cfg.cmdline,
-        )?;
+        let boot = arch::load_kernel(&vm.mem, &cfg.kernel, cfg.initrd.as_deref(), &cfg.cmdline)?;
 
         let event_loop = EventLoop::new()?;
         let mut pio = Bus::new();
@@ -173,7 +168,11 @@ impl Vmm {
             .register_irqfd(&serial_irq, COM1_GSI)
             .map_err(|e| BuildError::Kvm("IRQFD", e))?;
         pio.insert(
-            Arc::new(Mutex::new(SerialDevice::new(serial_irq, log, console.clone()))),
+            Arc::new(Mutex::new(SerialDevice::new(
+                serial_irq,
+                log,
+                console.clone(),
+            ))),
             u64::from(COM1_PORT),
             8,
         )?;
@@ -205,7 +204,9 @@ impl Vmm {
             devices.push(Box::new(Net::new(&n.tap, n.mac.as_deref())?));
         }
         for dev in devices {
-            let slot = pci_bus.next_slot().ok_or(BuildError::Exhausted("PCI slots"))?;
+            let slot = pci_bus
+                .next_slot()
+                .ok_or(BuildError::Exhausted("PCI slots"))?;
             let gsi = gsis.next().ok_or(BuildError::Exhausted("IOAPIC pins"))?;
             let bar = PCI_MMIO_START + u64::from(slot) * BAR_SIZE;
             let dtype = dev.device_type();
@@ -287,7 +288,8 @@ impl Vmm {
         );
         self.started = Some(Instant::now());
         for vcpu in self.pending.drain(..) {
-            self.handles.push(VcpuHandle::spawn(vcpu, self.ctx.clone())?);
+            self.handles
+                .push(VcpuHandle::spawn(vcpu, self.ctx.clone())?);
         }
         self.state = VmState::Running;
         Ok(())

@@ -45,8 +45,11 @@ impl EventLoop {
         handler: Arc<Mutex<dyn EventHandler>>,
     ) -> io::Result<()> {
         lock(&self.handlers).insert(fd, handler);
-        self.epoll
-            .ctl(ControlOperation::Add, fd, EpollEvent::new(events, fd as u64))
+        self.epoll.ctl(
+            ControlOperation::Add,
+            fd,
+            EpollEvent::new(events, fd as u64),
+        )
     }
 
     pub fn modify(&self, fd: RawFd, events: EventSet) -> io::Result<()> {

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use husk_vmm::builder::{Vmm, VmState};
+use husk_vmm::builder::{VmState, Vmm};
 use husk_vmm::config::VmConfig;
 use husk_vmm::control::{ControlServer, StatusSource};
 use husk_vmm::devices::bus::lock;
@@ -21,8 +21,7 @@ fn usage() -> ! {
 fn main() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
         .init();

@@ -145,8 +145,14 @@ fn guest_kernel_banner_and_early_boot_reach_serial() {
         log.lines().count(),
         outcome.as_ref().map(|o| &o.reason)
     );
-    assert!(log.contains("Linux version 6."), "no banner; console:\n{log}");
-    assert!(log.contains("Command line: console=ttyS0"), "console:\n{log}");
+    assert!(
+        log.contains("Linux version 6."),
+        "no banner; console:\n{log}"
+    );
+    assert!(
+        log.contains("Command line: console=ttyS0"),
+        "console:\n{log}"
+    );
     assert!(
         log.contains("BIOS-e820: [mem 0x0000000000100000-0x000000000fffffff] usable"),
         "E820 map from the zero page; console:\n{log}"

@@ -19,7 +19,12 @@ fn guest_output_reaches_serial_log() {
     let out = vmm
         .wait(Some(Duration::from_secs(60)))
         .expect("guest did not finish within 60 s");
-    assert_eq!(out.reason, VcpuStop::Reset, "console: {:?}", out.console_tail);
+    assert_eq!(
+        out.reason,
+        VcpuStop::Reset,
+        "console: {:?}",
+        out.console_tail
+    );
     let log = std::fs::read_to_string(dir.path().join("serial.log")).unwrap();
     assert_eq!(log, "hello from the guest\n");
 }
@@ -61,10 +66,7 @@ fn cpuid_hides_what_the_emulator_cannot_run() {
     let out = vmm.wait(Some(Duration::from_secs(60))).expect("timeout");
     assert_eq!(out.reason, VcpuStop::Reset);
     let log = std::fs::read_to_string(dir.path().join("serial.log")).unwrap();
-    let words: Vec<u32> = log
-        .lines()
-        .map(|l| u32::from_le_bytes(hex4(l)))
-        .collect();
+    let words: Vec<u32> = log.lines().map(|l| u32::from_le_bytes(hex4(l))).collect();
     let (ecx1, ebx7) = (words[0], words[1]);
     eprintln!("guest cpuid 1.ecx={ecx1:#x} 7.ebx={ebx7:#x}");
     assert_ne!(ecx1 & (1 << 31), 0, "hypervisor bit set");

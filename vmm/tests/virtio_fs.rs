@@ -31,7 +31,11 @@ impl Drop for Virtiofsd {
 fn virtiofsd_path() -> std::path::PathBuf {
     let home = std::env::var("HOME").unwrap_or_else(|_| "/root".into());
     let p = std::path::Path::new(&home).join(".cargo/bin/virtiofsd");
-    assert!(p.exists(), "virtiofsd not found at {} (cargo install virtiofsd)", p.display());
+    assert!(
+        p.exists(),
+        "virtiofsd not found at {} (cargo install virtiofsd)",
+        p.display()
+    );
     p
 }
 
@@ -52,12 +56,17 @@ fn guest_completes_fuse_init_with_virtiofsd() {
     let mut fsd = Virtiofsd(child);
     let t0 = Instant::now();
     while !sock.exists() {
-        assert!(t0.elapsed() < Duration::from_secs(10), "virtiofsd socket never appeared");
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "virtiofsd socket never appeared"
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
 
     let mut asm = Asm::new();
-    asm.store8(BAR + 0x14, 0).store8(BAR + 0x14, 1).store8(BAR + 0x14, 3);
+    asm.store8(BAR + 0x14, 0)
+        .store8(BAR + 0x14, 1)
+        .store8(BAR + 0x14, 3);
     asm.print("tag ").print_hex(BAR + 0x2000, 4).print("\n");
     asm.store32(BAR + 8, 1)
         .store32(BAR + 0xc, 1)
@@ -119,7 +128,10 @@ fn guest_completes_fuse_init_with_virtiofsd() {
     assert_eq!(out.reason, VcpuStop::Reset, "log:\n{log}");
     let lines: Vec<&str> = log.lines().collect();
     assert_eq!(lines[0], "tag 6875736b", "config space carries the tag");
-    assert_eq!(lines[1], "st 0f", "DRIVER_OK, device activated; log:\n{log}");
+    assert_eq!(
+        lines[1], "st 0f",
+        "DRIVER_OK, device activated; log:\n{log}"
+    );
     let outh = lines[2].strip_prefix("out ").unwrap();
     // fuse_out_header: len (LE u32), error 0, unique 1.
     assert_eq!(&outh[8..16], "00000000", "FUSE_INIT error; log:\n{log}");
@@ -132,5 +144,8 @@ fn guest_completes_fuse_init_with_virtiofsd() {
     while fsd.0.try_wait().unwrap().is_none() && t0.elapsed() < Duration::from_secs(10) {
         std::thread::sleep(Duration::from_millis(20));
     }
-    assert!(fsd.0.try_wait().unwrap().is_some(), "virtiofsd still running");
+    assert!(
+        fsd.0.try_wait().unwrap().is_some(),
+        "virtiofsd still running"
+    );
 }

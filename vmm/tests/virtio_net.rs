@@ -40,7 +40,11 @@ impl PacketSocket {
         let proto = (libc::ETH_P_ALL as u16).to_be();
         // SAFETY: plain socket(2) call; the result is checked.
         let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(proto)) };
-        assert!(fd >= 0, "AF_PACKET socket: {}", std::io::Error::last_os_error());
+        assert!(
+            fd >= 0,
+            "AF_PACKET socket: {}",
+            std::io::Error::last_os_error()
+        );
         let name = std::ffi::CString::new(ifname).unwrap();
         // SAFETY: valid C string.
         let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
@@ -59,7 +63,10 @@ impl PacketSocket {
             )
         };
         assert_eq!(r, 0, "bind: {}", std::io::Error::last_os_error());
-        let tv = libc::timeval { tv_sec: 1, tv_usec: 0 };
+        let tv = libc::timeval {
+            tv_sec: 1,
+            tv_usec: 0,
+        };
         // SAFETY: valid timeval for SO_RCVTIMEO.
         unsafe {
             libc::setsockopt(
@@ -85,8 +92,20 @@ impl PacketSocket {
 
     fn send(&self, frame: &[u8]) {
         // SAFETY: frame is a valid readable buffer of its length.
-        let n = unsafe { libc::send(self.0, frame.as_ptr() as *const libc::c_void, frame.len(), 0) };
-        assert_eq!(n as usize, frame.len(), "send: {}", std::io::Error::last_os_error());
+        let n = unsafe {
+            libc::send(
+                self.0,
+                frame.as_ptr() as *const libc::c_void,
+                frame.len(),
+                0,
+            )
+        };
+        assert_eq!(
+            n as usize,
+            frame.len(),
+            "send: {}",
+            std::io::Error::last_os_error()
+        );
     }
 }
 
@@ -105,7 +124,9 @@ fn guest_frames_cross_the_tap_both_ways() {
     let payload_in = b"husk host to guest..............";
 
     let mut asm = Asm::new();
-    asm.store8(BAR + 0x14, 0).store8(BAR + 0x14, 1).store8(BAR + 0x14, 3);
+    asm.store8(BAR + 0x14, 0)
+        .store8(BAR + 0x14, 1)
+        .store8(BAR + 0x14, 3);
     asm.print("mac ").print_hex(BAR + 0x2000, 6).print("\n");
     asm.store32(BAR + 8, 0)
         .store32(BAR + 0xc, 1 << 5)
@@ -170,7 +191,10 @@ fn guest_frames_cross_the_tap_both_ways() {
 
     let t0 = Instant::now();
     let got = loop {
-        assert!(t0.elapsed() < Duration::from_secs(60), "no frame from the guest");
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "no frame from the guest"
+        );
         if let Some(f) = sock.recv() {
             if f.len() >= 14 && f[12..14] == ETHERTYPE.to_be_bytes() {
                 break f;
@@ -197,6 +221,14 @@ fn guest_frames_cross_the_tap_both_ways() {
     assert_eq!(lines[1], "sent");
     let hex: String = payload_in.iter().map(|b| format!("{b:02x}")).collect();
     let len = (12 + reply.len()) as u32;
-    let len_hex: String = len.to_le_bytes().iter().map(|b| format!("{b:02x}")).collect();
-    assert_eq!(lines[2], format!("rx len {len_hex} type 88b5 data {hex}"), "log:\n{log}");
+    let len_hex: String = len
+        .to_le_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    assert_eq!(
+        lines[2],
+        format!("rx len {len_hex} type 88b5 data {hex}"),
+        "log:\n{log}"
+    );
 }

@@ -56,7 +56,9 @@ fn guest_driver_uses_virtio_rng_and_malformed_chains_are_rejected() {
         .print_hex(SCRATCH, 4)
         .print("\n");
     // Device initialisation (virtio 1.x 3.1.1).
-    asm.store8(BAR + 0x14, 0).store8(BAR + 0x14, 1).store8(BAR + 0x14, 3);
+    asm.store8(BAR + 0x14, 0)
+        .store8(BAR + 0x14, 1)
+        .store8(BAR + 0x14, 3);
     asm.store32(BAR, 1)
         .load32(BAR + 4)
         .store_eax(SCRATCH)
@@ -112,7 +114,10 @@ fn guest_driver_uses_virtio_rng_and_malformed_chains_are_rejected() {
     let log = std::fs::read_to_string(dir.path().join("serial.log")).unwrap();
     assert_eq!(out.reason, VcpuStop::Reset, "log:\n{log}");
     let lines: Vec<&str> = log.lines().collect();
-    assert_eq!(lines[0], "id f41a4410", "vendor 1af4, device 1044 (modern rng)");
+    assert_eq!(
+        lines[0], "id f41a4410",
+        "vendor 1af4, device 1044 (modern rng)"
+    );
     assert_eq!(lines[1], "bar 044000c0", "64-bit BAR at 0xc0004000");
     assert_eq!(lines[2], "f1 01000000", "VIRTIO_F_VERSION_1 offered");
     assert_eq!(lines[3], "st 0b", "FEATURES_OK accepted");
@@ -124,7 +129,10 @@ fn guest_driver_uses_virtio_rng_and_malformed_chains_are_rejected() {
     assert_eq!(lines[7], "00000000", "straddling end of RAM refused");
     assert_eq!(lines[8], "00000000", "read-only buffer refused");
     assert_eq!(lines[9], "20000000", "device keeps serving");
-    assert_eq!(lines[10], "broken 4f", "DEVICE_NEEDS_RESET after a corrupt avail index");
+    assert_eq!(
+        lines[10], "broken 4f",
+        "DEVICE_NEEDS_RESET after a corrupt avail index"
+    );
     assert_eq!(lines[11], "done");
     assert_eq!(vmm.rng_rejected(), 3);
 }

@@ -93,7 +93,9 @@ fn guest_stream_to_host_listener_both_ways() {
     });
 
     let mut asm = Asm::new();
-    asm.store8(BAR + 0x14, 0).store8(BAR + 0x14, 1).store8(BAR + 0x14, 3);
+    asm.store8(BAR + 0x14, 0)
+        .store8(BAR + 0x14, 1)
+        .store8(BAR + 0x14, 3);
     asm.store32(BAR + 8, 1)
         .store32(BAR + 0xc, 1)
         .store8(BAR + 0x14, 0xb);
@@ -137,7 +139,10 @@ fn guest_stream_to_host_listener_both_ways() {
     assert_eq!(out.reason, VcpuStop::Reset, "log:\n{log}");
     let lines: Vec<&str> = log.lines().collect();
     assert_eq!(lines[0], "cid 0300000000000000", "log:\n{log}");
-    assert_eq!(lines[1], "op 0200 len 00000000 data ", "RESPONSE; log:\n{log}");
+    assert_eq!(
+        lines[1], "op 0200 len 00000000 data ",
+        "RESPONSE; log:\n{log}"
+    );
     assert_eq!(
         lines[2], "op 0500 len 04000000 data 706f6e67",
         "RW 'pong'; log:\n{log}"

@@ -42,7 +42,10 @@ fn main() -> Result<()> {
     let dir = std::env::temp_dir().join(format!("husk-vmm-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let kernel = dir.join("guest.elf");
-    std::fs::write(&kernel, husk_vmm::test_guest::elf(husk_vmm::test_guest::MARK_AND_SPIN))?;
+    std::fs::write(
+        &kernel,
+        husk_vmm::test_guest::elf(husk_vmm::test_guest::MARK_AND_SPIN),
+    )?;
     let cfg = VmConfig {
         id: "bench".into(),
         kernel,
@@ -93,7 +96,11 @@ fn main() -> Result<()> {
         .spawn()
         .with_context(|| format!("spawning {}", exe.display()))?;
     let t0 = Instant::now();
-    while std::fs::metadata(dir.join("serial.log")).map(|m| m.len()).unwrap_or(0) == 0 {
+    while std::fs::metadata(dir.join("serial.log"))
+        .map(|m| m.len())
+        .unwrap_or(0)
+        == 0
+    {
         if t0.elapsed() > Duration::from_secs(10) {
             let _ = child.kill();
             bail!("husk-vmm guest produced no output");
@@ -110,8 +117,14 @@ fn main() -> Result<()> {
     let _ = child.wait();
     let _ = std::fs::remove_dir_all(&dir);
 
-    println!("husk-vmm benchmark ({iterations} start-ups, 1 vCPU, 128 MiB, {})",
-        if cfg!(debug_assertions) { "debug build" } else { "release build" });
+    println!(
+        "husk-vmm benchmark ({iterations} start-ups, 1 vCPU, 128 MiB, {})",
+        if cfg!(debug_assertions) {
+            "debug build"
+        } else {
+            "release build"
+        }
+    );
     println!(
         "  start-up to first guest instruction: median {:.2} ms wall, {:.2} CPU-ms (min {:.2} / max {:.2} ms wall)",
         median(wall.clone()),

@@ -97,7 +97,11 @@ fn insn_bytes(mem: &vm_memory::GuestMemoryMmap, rip: u64) -> String {
     use vm_memory::Bytes;
     let mut b = [0u8; 16];
     match mem.read_slice(&mut b, vm_memory::GuestAddress(rip)) {
-        Ok(()) => b.iter().map(|x| format!("{x:02x}")).collect::<Vec<_>>().join(" "),
+        Ok(()) => b
+            .iter()
+            .map(|x| format!("{x:02x}"))
+            .collect::<Vec<_>>()
+            .join(" "),
         Err(_) => "unavailable".into(),
     }
 }

@@ -56,7 +56,9 @@ impl Vm {
         if usize::from(vcpus) > max || vcpus == 0 {
             return Err(VmError::TooManyVcpus { wanted: vcpus, max });
         }
-        let fd = kvm.create_vm().map_err(|e| VmError::Ioctl("CREATE_VM", e))?;
+        let fd = kvm
+            .create_vm()
+            .map_err(|e| VmError::Ioctl("CREATE_VM", e))?;
         let total: u64 = regions.iter().map(|r| r.1 as u64).sum();
         let file = Arc::new(memfd(total)?);
         let mut offset = 0u64;
@@ -68,7 +70,8 @@ impl Vm {
             mmaps.push(r);
             offset += *size as u64;
         }
-        let mem = GuestMemoryMmap::from_regions(mmaps).map_err(|e| VmError::Memory(e.to_string()))?;
+        let mem =
+            GuestMemoryMmap::from_regions(mmaps).map_err(|e| VmError::Memory(e.to_string()))?;
         for (slot, r) in mem.iter().enumerate() {
             let host = r
                 .get_host_address(vm_memory::MemoryRegionAddress(0))

@@ -58,15 +58,20 @@ impl Asm {
     }
 
     pub fn store16(&mut self, addr: u64, v: u16) -> &mut Self {
-        self.mov_rdi(addr).emit(&[0x66, 0xc7, 0x07]).emit(&v.to_le_bytes())
+        self.mov_rdi(addr)
+            .emit(&[0x66, 0xc7, 0x07])
+            .emit(&v.to_le_bytes())
     }
 
     pub fn store32(&mut self, addr: u64, v: u32) -> &mut Self {
-        self.mov_rdi(addr).emit(&[0xc7, 0x07]).emit(&v.to_le_bytes())
+        self.mov_rdi(addr)
+            .emit(&[0xc7, 0x07])
+            .emit(&v.to_le_bytes())
     }
 
     pub fn store64(&mut self, addr: u64, v: u64) -> &mut Self {
-        self.store32(addr, v as u32).store32(addr + 4, (v >> 32) as u32)
+        self.store32(addr, v as u32)
+            .store32(addr + 4, (v >> 32) as u32)
     }
 
     /// eax = zero-extended byte/word/dword at addr.
@@ -103,7 +108,10 @@ impl Asm {
     }
 
     pub fn out32(&mut self, port: u16, v: u32) -> &mut Self {
-        self.mov_dx(port).emit(&[0xb8]).emit(&v.to_le_bytes()).emit(&[0xef])
+        self.mov_dx(port)
+            .emit(&[0xb8])
+            .emit(&v.to_le_bytes())
+            .emit(&[0xef])
     }
 
     /// eax = in32(port)
@@ -147,7 +155,9 @@ impl Asm {
         self.emit(&[0x0f, 0xa2]);
         self.mov_rdi(addr);
         // mov [rdi], eax; mov [rdi+4], ebx; mov [rdi+8], ecx; mov [rdi+12], edx
-        self.emit(&[0x89, 0x07, 0x89, 0x5f, 0x04, 0x89, 0x4f, 0x08, 0x89, 0x57, 0x0c])
+        self.emit(&[
+            0x89, 0x07, 0x89, 0x5f, 0x04, 0x89, 0x4f, 0x08, 0x89, 0x57, 0x0c,
+        ])
     }
 
     /// Loads the IDT descriptor at addr and executes UD2: with an empty IDT this triple-faults.

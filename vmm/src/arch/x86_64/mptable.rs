@@ -68,7 +68,14 @@ pub fn build(cpu_count: u8, pci_irqs: &[PciIrq], base: u64) -> Vec<u8> {
     // an edge; virtio's ISR read-to-clear makes lost level semantics harmless.
     for p in pci_irqs {
         if u32::from(p.pin) < IOAPIC_PINS {
-            entries.extend_from_slice(&io_interrupt(0, 0x5, PCI_BUS, p.device << 2, ioapic_id, p.pin));
+            entries.extend_from_slice(&io_interrupt(
+                0,
+                0x5,
+                PCI_BUS,
+                p.device << 2,
+                ioapic_id,
+                p.pin,
+            ));
             count += 1;
         }
     }

@@ -47,7 +47,9 @@ pub fn write_boot_tables(mem: &GuestMemoryMmap) -> Result<(), RegsError> {
 
 /// Special registers for long mode with the boot GDT and page tables.
 pub fn setup_sregs(vcpu: &VcpuFd) -> Result<(), RegsError> {
-    let mut sregs: kvm_sregs = vcpu.get_sregs().map_err(|e| RegsError::Kvm("GET_SREGS", e))?;
+    let mut sregs: kvm_sregs = vcpu
+        .get_sregs()
+        .map_err(|e| RegsError::Kvm("GET_SREGS", e))?;
     let code = segment_from_gdt(BOOT_GDT[1], 1);
     let data = segment_from_gdt(BOOT_GDT[2], 2);
     let tss = segment_from_gdt(BOOT_GDT[3], 3);
@@ -66,7 +68,8 @@ pub fn setup_sregs(vcpu: &VcpuFd) -> Result<(), RegsError> {
     sregs.cr4 |= X86_CR4_PAE;
     sregs.cr0 |= X86_CR0_PE | X86_CR0_ET | X86_CR0_PG;
     sregs.efer |= EFER_LME | EFER_LMA;
-    vcpu.set_sregs(&sregs).map_err(|e| RegsError::Kvm("SET_SREGS", e))
+    vcpu.set_sregs(&sregs)
+        .map_err(|e| RegsError::Kvm("SET_SREGS", e))
 }
 
 /// General registers: entry point, boot stack, `%rsi` = zero page (boot protocol).
@@ -79,7 +82,8 @@ pub fn setup_regs(vcpu: &VcpuFd, entry: u64) -> Result<(), RegsError> {
         rsi: ZERO_PAGE_START,
         ..Default::default()
     };
-    vcpu.set_regs(&regs).map_err(|e| RegsError::Kvm("SET_REGS", e))
+    vcpu.set_regs(&regs)
+        .map_err(|e| RegsError::Kvm("SET_REGS", e))
 }
 
 /// x87 control word and MXCSR at their power-on values.
@@ -126,7 +130,11 @@ pub fn setup_msrs(kvm: &Kvm, vcpu: &VcpuFd) -> Result<(), RegsError> {
         .set_msrs(&msrs)
         .map_err(|e| RegsError::Kvm("SET_MSRS", e))?;
     if set != entries.len() {
-        tracing::warn!(set, wanted = entries.len(), "KVM accepted only some boot MSRs");
+        tracing::warn!(
+            set,
+            wanted = entries.len(),
+            "KVM accepted only some boot MSRs"
+        );
     }
     Ok(())
 }

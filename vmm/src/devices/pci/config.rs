@@ -105,7 +105,12 @@ impl ConfigSpace {
     }
 
     pub fn read(&self, reg: usize, offset: usize, data: &mut [u8]) {
-        let v = self.regs.get(reg).copied().unwrap_or(0xffff_ffff).to_le_bytes();
+        let v = self
+            .regs
+            .get(reg)
+            .copied()
+            .unwrap_or(0xffff_ffff)
+            .to_le_bytes();
         for (i, b) in data.iter_mut().enumerate() {
             *b = v.get(offset + i).copied().unwrap_or(0xff);
         }

@@ -68,7 +68,10 @@ impl PciBus {
 
     /// The next free slot.
     pub fn next_slot(&self) -> Option<u8> {
-        self.devices.iter().position(|d| d.is_none()).map(|s| s as u8)
+        self.devices
+            .iter()
+            .position(|d| d.is_none())
+            .map(|s| s as u8)
     }
 
     pub fn add(&mut self, slot: u8, dev: Arc<Mutex<dyn PciDevice>>) {

@@ -91,7 +91,10 @@ impl Fs {
         })
     }
 
-    fn setup(&mut self, ctx: &ActivateContext) -> Result<Vec<(RawFd, CallForwarder)>, vhost::Error> {
+    fn setup(
+        &mut self,
+        ctx: &ActivateContext,
+    ) -> Result<Vec<(RawFd, CallForwarder)>, vhost::Error> {
         let mut acked = ctx.features & PASSTHROUGH;
         if self.protocol {
             acked |= VHOST_USER_F_PROTOCOL_FEATURES;

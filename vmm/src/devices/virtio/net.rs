@@ -259,7 +259,11 @@ impl Worker {
 
     fn pause_tap(&mut self, pause: bool) {
         if self.tap_paused != pause {
-            let ev = if pause { EventSet::empty() } else { EventSet::IN };
+            let ev = if pause {
+                EventSet::empty()
+            } else {
+                EventSet::IN
+            };
             if let Err(e) = self.event_loop.modify(self.tap.as_raw_fd(), ev) {
                 tracing::warn!("tap epoll: {e}");
             }

@@ -45,7 +45,10 @@ struct Worker {
 }
 
 impl Worker {
-    fn fill(&mut self, descs: &[virtio_queue::desc::split::Descriptor]) -> Result<u32, RequestError> {
+    fn fill(
+        &mut self,
+        descs: &[virtio_queue::desc::split::Descriptor],
+    ) -> Result<u32, RequestError> {
         if descs.is_empty() {
             return Err(RequestError::Empty);
         }
@@ -83,7 +86,9 @@ impl Worker {
         }
         let mem = self.mem.clone();
         let chains: Vec<_> = match self.queue.iter(&mem) {
-            Ok(it) => it.map(|c| (c.head_index(), c.collect::<Vec<_>>())).collect(),
+            Ok(it) => it
+                .map(|c| (c.head_index(), c.collect::<Vec<_>>()))
+                .collect(),
             Err(e) => {
                 self.broken = true;
                 self.interrupt.fail_device(&format!("rng queue: {e:?}"));
@@ -114,7 +119,8 @@ impl Worker {
             Ok(false) => {}
             Err(e) => {
                 self.broken = true;
-                self.interrupt.fail_device(&format!("rng notification: {e:?}"));
+                self.interrupt
+                    .fail_device(&format!("rng notification: {e:?}"));
             }
         }
     }

@@ -12,7 +12,9 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::devices::bus::{lock, BusDevice};
 use crate::devices::pci::{ConfigSpace, PciDevice};
-use crate::devices::virtio::device::{ActivateContext, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1};
+use crate::devices::virtio::device::{
+    ActivateContext, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1,
+};
 use crate::event_loop::EventLoop;
 
 pub const BAR_SIZE: u64 = 0x4000;
@@ -112,7 +114,11 @@ impl VirtioPciDevice {
         gsi: u32,
     ) -> Result<Self, TransportError> {
         let device_type = device.device_type();
-        let class = if device_type == 1 { (0x02, 0x00) } else { (0xff, 0x00) };
+        let class = if device_type == 1 {
+            (0x02, 0x00)
+        } else {
+            (0xff, 0x00)
+        };
         let mut config = ConfigSpace::new(
             0x1af4,
             0x1040 + device_type as u16,
@@ -125,12 +131,23 @@ impl VirtioPciDevice {
         );
         config.add_bar64(0, bar, BAR_SIZE);
         config.set_interrupt(gsi as u8);
-        config.add_capability(PCI_CAP_VENDOR, &cap(CAP_COMMON, COMMON_OFFSET, COMMON_LEN, None)[..]);
-        config.add_capability(PCI_CAP_VENDOR, &cap(CAP_ISR, ISR_OFFSET, ISR_LEN, None)[..]);
-        config.add_capability(PCI_CAP_VENDOR, &cap(CAP_DEVICE, DEVICE_OFFSET, DEVICE_LEN, None)[..]);
         config.add_capability(
             PCI_CAP_VENDOR,
-            &cap(CAP_NOTIFY, NOTIFY_OFFSET, NOTIFY_LEN, Some(NOTIFY_MULTIPLIER))[..],
+            &cap(CAP_COMMON, COMMON_OFFSET, COMMON_LEN, None)[..],
+        );
+        config.add_capability(PCI_CAP_VENDOR, &cap(CAP_ISR, ISR_OFFSET, ISR_LEN, None)[..]);
+        config.add_capability(
+            PCI_CAP_VENDOR,
+            &cap(CAP_DEVICE, DEVICE_OFFSET, DEVICE_LEN, None)[..],
+        );
+        config.add_capability(
+            PCI_CAP_VENDOR,
+            &cap(
+                CAP_NOTIFY,
+                NOTIFY_OFFSET,
+                NOTIFY_LEN,
+                Some(NOTIFY_MULTIPLIER),
+            )[..],
         );
 
         let irqfd = EventFd::new(EFD_NONBLOCK).map_err(TransportError::EventFd)?;
@@ -277,7 +294,16 @@ impl VirtioPciDevice {
             0x14 => u64::from(self.status()),
             0x15 => u64::from(self.config_generation),
             0x16 => u64::from(self.queue_select),
-            0x18 => q.map(|q| if q.size == 0 { qmax.unwrap_or(0) } else { q.size }).unwrap_or(0).into(),
+            0x18 => q
+                .map(|q| {
+                    if q.size == 0 {
+                        qmax.unwrap_or(0)
+                    } else {
+                        q.size
+                    }
+                })
+                .unwrap_or(0)
+                .into(),
             0x1a => u64::from(NO_VECTOR),
             0x1c => q.map(|q| u64::from(q.enabled)).unwrap_or(0),
             0x1e => u64::from(self.queue_select),
