@@ -90,3 +90,44 @@ fn hex4(s: &str) -> [u8; 4] {
     }
     b
 }
+
+#[test]
+fn two_vcpus_boot_and_stop_cleanly() {
+    let dir = TempDir::new("smp");
+    let mut asm = Asm::new();
+    asm.print("bsp up\n").reset();
+    let mut cfg = guest_config(&dir, &asm);
+    cfg.vcpus = 2;
+    let mut vmm = launch(&cfg).expect("launch");
+    // The AP sits in the in-kernel LAPIC waiting for INIT/SIPI; stopping must still join it.
+    let out = vmm
+        .wait(Some(Duration::from_secs(60)))
+        .expect("guest did not finish within 60 s");
+    assert_eq!(out.reason, VcpuStop::Reset);
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("serial.log")).unwrap(),
+        "bsp up\n"
+    );
+}
+
+#[test]
+fn stop_handle_stops_a_spinning_guest() {
+    let dir = TempDir::new("stop");
+    let kernel = dir.path().join("spin.elf");
+    std::fs::write(
+        &kernel,
+        husk_vmm::test_guest::elf(husk_vmm::test_guest::MARK_AND_SPIN),
+    )
+    .unwrap();
+    let mut cfg = guest_config(&dir, &Asm::new());
+    cfg.kernel = kernel;
+    let mut vmm = launch(&cfg).expect("launch");
+    assert!(
+        vmm.wait(Some(Duration::from_millis(300))).is_none(),
+        "guest spins"
+    );
+    vmm.stop_handle().request_stop();
+    let out = vmm.wait(Some(Duration::from_secs(10))).expect("stopped");
+    assert_eq!(out.reason, VcpuStop::Stopped);
+    assert_eq!(out.console_tail, vec!["X".to_string()]);
+}
