@@ -863,11 +863,14 @@ impl Inner {
                 media_type: d.media_type.clone(),
             })
             .collect();
-        futures_util::stream::iter(layers.iter().map(|l| {
-            let (client, oref, image, host) = (&client, &oref, &image, &ep.host);
-            async move { self.ensure_layer(client, oref, l, image, host).await }
-        }))
-        .buffer_unordered(self.concurrency)
+        // Collected first: a lazy `map` closure held across the await makes the future !Send
+        // (higher-ranked lifetime inference).
+        let jobs: Vec<_> = layers
+            .iter()
+            .map(|l| self.ensure_layer(&client, &oref, l, &image, &ep.host))
+            .collect();
+        futures_util::stream::iter(jobs)
+            .buffer_unordered(self.concurrency)
         .try_collect::<Vec<()>>()
         .await?;
 

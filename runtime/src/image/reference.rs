@@ -36,6 +36,23 @@ impl ImageRef {
         if inner.registry().is_empty() || inner.repository().is_empty() {
             return Err(invalid("missing registry or repository".into()));
         }
+        // The distribution grammar (which containerd enforces): lowercase path components of
+        // alphanumerics joined by single separators.
+        let component_ok = |c: &str| {
+            let b = c.as_bytes();
+            !b.is_empty()
+                && b[0].is_ascii_alphanumeric()
+                && b[b.len() - 1].is_ascii_alphanumeric()
+                && b.iter().all(|&x| {
+                    x.is_ascii_lowercase() || x.is_ascii_digit() || matches!(x, b'.' | b'_' | b'-')
+                })
+        };
+        if !inner.repository().split('/').all(component_ok) {
+            return Err(invalid(format!(
+                "repository {:?} must be lowercase alphanumerics and separators",
+                inner.repository()
+            )));
+        }
         Ok(ImageRef { inner })
     }
 
@@ -123,7 +140,18 @@ mod tests {
 
     #[test]
     fn rejects_bad_references_naming_them() {
-        for bad in ["", "Busybox", "busybox:", "a b", "busybox@sha256:abc", ":tag", "x/../y"] {
+        for bad in [
+            "",
+            "Busybox",
+            "UPPER/case",
+            "busybox:",
+            "a b",
+            "busybox@sha256:abc",
+            ":tag",
+            "x/../y",
+            "x//y",
+            "-x",
+        ] {
             let err = ImageRef::parse(bad).unwrap_err();
             assert!(
                 matches!(&err, Error::InvalidReference { reference, .. } if reference == bad),
