@@ -8,6 +8,10 @@ pub const HINT_INSTALL_DEPS: &str = "run scripts/install-deps (as root)";
 /// Hint for parts `make build` produces.
 pub const HINT_MAKE_BUILD: &str = "run `make build` (builds husk-vsock and the guest image)";
 
+/// Hint for the guest kernel and initrd.
+pub const HINT_GUEST_IMAGE: &str =
+    "run `make guest-image` (husk-guest-image build --agent <static husk-agent>)";
+
 /// A required binary or file does not exist.
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("{component} not found (looked at: {looked}); {hint}")]
@@ -115,7 +119,7 @@ pub const DEFAULT_GUEST_DIR: &str = "/var/lib/husk/guest";
 impl GuestImage {
     /// `dir`/vmlinuz and `dir`/initrd.img, both required.
     pub fn from_dir(dir: &Path) -> Result<Self, MissingComponent> {
-        const HINT: &str = "run `make guest-image` (husk-guest-image build)";
+        const HINT: &str = HINT_GUEST_IMAGE;
         Ok(Self {
             kernel: require_file("guest kernel", &dir.join("vmlinuz"), HINT)?,
             initrd: require_file("guest initrd", &dir.join("initrd.img"), HINT)?,

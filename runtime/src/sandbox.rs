@@ -25,7 +25,9 @@ use tokio::net::UnixStream;
 use tracing::Instrument;
 
 use crate::agent::{AgentConn, AgentError, ReadyListener};
-use crate::config::{GuestImage, MissingComponent};
+use crate::config::{
+    require_file, GuestImage, MissingComponent, HINT_GUEST_IMAGE, HINT_INSTALL_DEPS,
+};
 use crate::hypervisor::{
     HybridVsockConfig, Hypervisor, HypervisorError, VirtioFsConfig, Vm, VmConfig,
 };
@@ -118,10 +120,11 @@ pub enum SandboxError {
     Virtiofsd { id: String, source: VirtiofsdError },
     #[error("sandbox {id}: {source}")]
     Agent { id: String, source: AgentError },
-    #[error("sandbox {id}: the VM exited during boot ({status}); console tail:\n{console}")]
+    #[error("sandbox {id}: the VM exited during boot ({status}); VMM log:\n{vmm_log}\nconsole tail:\n{console}")]
     BootExited {
         id: String,
         status: String,
+        vmm_log: String,
         console: String,
     },
     #[error("sandbox {id}: agent not ready within {timeout:?}; console tail:\n{console}")]
@@ -312,6 +315,10 @@ impl Sandbox {
 
     async fn start_inner(config: SandboxConfig) -> Result<Sandbox, SandboxError> {
         let t0 = Instant::now();
+        // Name a missing part before anything is created.
+        require_file("guest kernel", &config.guest.kernel, HINT_GUEST_IMAGE)?;
+        require_file("guest initrd", &config.guest.initrd, HINT_GUEST_IMAGE)?;
+        require_file("virtiofsd", &config.virtiofsd, HINT_INSTALL_DEPS)?;
         let id = config.id.clone();
         let dir = config.state_dir.join(&id);
         let share_dir = dir.join("share");
@@ -427,8 +434,8 @@ impl Sandbox {
             },
             st = vm.wait() => {
                 let status = match st { Ok(s) => s.to_string(), Err(e) => e.to_string() };
-                // Let QEMU's last console bytes reach the file.
-                return Err(SandboxError::BootExited { id, status, console: console_tail(&console, CONSOLE_TAIL_LINES) });
+                let vmm_log = vm.log_file().map(|p| console_tail(&p, 10)).unwrap_or_default();
+                return Err(SandboxError::BootExited { id, status, vmm_log, console: console_tail(&console, CONSOLE_TAIL_LINES) });
             }
         };
         drop(ready);
@@ -935,7 +942,7 @@ pub fn console_tail(path: &Path, n: usize) -> String {
     use std::io::{Read, Seek, SeekFrom};
     const MAX_READ: u64 = 16 * 1024;
     let Ok(mut f) = std::fs::File::open(path) else {
-        return format!("(no console log at {})", path.display());
+        return format!("(no file at {})", path.display());
     };
     let len = f.metadata().map(|m| m.len()).unwrap_or(0);
     let _ = f.seek(SeekFrom::Start(len.saturating_sub(MAX_READ)));
@@ -953,9 +960,21 @@ pub fn console_tail(path: &Path, n: usize) -> String {
         .filter(|l| !l.trim().is_empty())
         .collect();
     if lines.is_empty() {
-        return "(console log is empty)".into();
+        return "(empty)".into();
     }
-    lines[lines.len().saturating_sub(n)..].join("\n")
+    let start = lines.len().saturating_sub(n);
+    let mut out = Vec::new();
+    // A panic's backtrace pushes its reason out of the tail; keep the reason.
+    if let Some(p) = lines[..start]
+        .iter()
+        .rev()
+        .find(|l| l.contains("Kernel panic"))
+    {
+        out.push(p.clone());
+        out.push("...".to_string());
+    }
+    out.extend_from_slice(&lines[start..]);
+    out.join("\n")
 }
 
 #[cfg(test)]
@@ -986,7 +1005,20 @@ mod tests {
         assert_eq!(lines.len(), 20);
         assert_eq!(lines[0], "line 80[0m");
         assert_eq!(lines[19], "line 99[0m");
-        assert!(console_tail(&d.path().join("none"), 5).contains("no console log"));
+        assert!(console_tail(&d.path().join("none"), 5).contains("no file at"));
+        let mut s =
+            String::from("boot\n[ 1.0] Kernel panic - not syncing: Attempted to kill init!\n");
+        for i in 0..30 {
+            s.push_str(&format!("[ 1.0]  frame {i}\n"));
+        }
+        std::fs::write(&p, s).unwrap();
+        let t = console_tail(&p, 20);
+        assert!(
+            t.starts_with(
+                "[ 1.0] Kernel panic - not syncing: Attempted to kill init!\n...\n[ 1.0]  frame 10"
+            ),
+            "{t}"
+        );
     }
 
     /// A bind-mounted directory under a sandbox dir survives removal of the

@@ -1,1 +1,247 @@
-//! Placeholder until this crate lands.
+//! Shared harness of husk's end-to-end tests and benchmarks: where the
+//! binaries and the guest image are (environment variables with defaults;
+//! anything missing is an error, never a skip), busybox root filesystems,
+//! OCI specs, and checks that a stopped sandbox left nothing behind.
+//!
+//! Environment:
+//! - `HUSK_GUEST_DIR` (default /var/lib/husk/guest): vmlinuz + initrd.img
+//! - `HUSK_VSOCK_BIN`, `HUSK_QEMU_BIN`, `HUSK_VIRTIOFSD_BIN`: explicit binaries
+//!   (else PATH, `HUSK_BIN_DIR` and the usual locations)
+//! - `HUSK_TEST_STATE_DIR` (default /run/husk/test-sandboxes)
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use husk_runtime::config::{GuestImage, DEFAULT_GUEST_DIR};
+use husk_runtime::hypervisor::{self, HypervisorChoice, QemuPaths};
+use husk_runtime::{Hypervisor, Sandbox, SandboxConfig};
+
+pub mod cpio;
+
+fn env_path(name: &str) -> Option<PathBuf> {
+    std::env::var_os(name)
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+}
+
+/// Everything a test needs to start sandboxes.
+#[derive(Debug, Clone)]
+pub struct TestEnv {
+    pub hypervisor: Arc<dyn Hypervisor>,
+    pub qemu: QemuPaths,
+    pub guest: GuestImage,
+    pub virtiofsd: PathBuf,
+    pub state_dir: PathBuf,
+}
+
+impl TestEnv {
+    /// Resolves every part; the error names what is missing and how to get it.
+    pub fn from_env() -> Result<Self> {
+        init_tracing();
+        if !nix::unistd::Uid::effective().is_root() {
+            bail!("the end-to-end tests need root (mounts, QEMU, virtiofsd)");
+        }
+        let guest_dir = env_path("HUSK_GUEST_DIR").unwrap_or_else(|| DEFAULT_GUEST_DIR.into());
+        let guest = GuestImage::from_dir(&guest_dir)?;
+        let qemu = QemuPaths::resolve(
+            env_path("HUSK_QEMU_BIN").as_deref(),
+            None,
+            env_path("HUSK_VSOCK_BIN").as_deref(),
+        )?;
+        let virtiofsd =
+            husk_runtime::virtiofsd::find_virtiofsd(env_path("HUSK_VIRTIOFSD_BIN").as_deref())?;
+        let q = qemu.clone();
+        let hypervisor: Arc<dyn Hypervisor> =
+            hypervisor::select(HypervisorChoice::Qemu, || Ok(q))?.into();
+        let state_dir =
+            env_path("HUSK_TEST_STATE_DIR").unwrap_or_else(|| "/run/husk/test-sandboxes".into());
+        Ok(Self {
+            hypervisor,
+            qemu,
+            guest,
+            virtiofsd,
+            state_dir,
+        })
+    }
+
+    /// A sandbox config with the test defaults.
+    pub fn sandbox_config(&self, id: &str) -> SandboxConfig {
+        let mut c = SandboxConfig::new(
+            id,
+            self.hypervisor.clone(),
+            self.guest.clone(),
+            self.virtiofsd.clone(),
+        );
+        c.state_dir = self.state_dir.clone();
+        c
+    }
+}
+
+/// A short unique id: sandbox paths must fit in a unix socket address.
+pub fn unique_id(prefix: &str) -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+pub fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
+/// A busybox root filesystem: bin/busybox (Debian's busybox-static) and one
+/// symlink per applet, plus the directories an OCI runtime mounts onto.
+pub fn busybox_rootfs(dir: &Path) -> Result<()> {
+    let busybox = ["/bin/busybox", "/usr/bin/busybox"]
+        .into_iter()
+        .map(Path::new)
+        .find(|p| p.exists())
+        .context("busybox not found: apt-get install busybox-static (scripts/install-deps)")?;
+    let out = std::process::Command::new(busybox).arg("--list").output()?;
+    if !out.status.success() {
+        bail!("busybox --list failed");
+    }
+    // A dynamically linked busybox would not run in the guest's rootfs.
+    let ldd = std::process::Command::new("file").arg(busybox).output();
+    if let Ok(o) = ldd {
+        if String::from_utf8_lossy(&o.stdout).contains("dynamically linked") {
+            bail!(
+                "{} is dynamically linked: install busybox-static",
+                busybox.display()
+            );
+        }
+    }
+    for d in ["bin", "proc", "sys", "dev", "tmp", "etc", "root"] {
+        std::fs::create_dir_all(dir.join(d))?;
+    }
+    std::fs::copy(busybox, dir.join("bin/busybox"))?;
+    for applet in String::from_utf8_lossy(&out.stdout).lines() {
+        let applet = applet.trim();
+        if applet.is_empty() || applet == "busybox" || applet.contains('/') {
+            continue;
+        }
+        let link = dir.join("bin").join(applet);
+        if !link.exists() {
+            std::os::unix::fs::symlink("busybox", &link)?;
+        }
+    }
+    std::fs::write(dir.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n")?;
+    std::fs::write(dir.join("etc/group"), "root:x:0:\n")?;
+    Ok(())
+}
+
+/// A default OCI spec running `args` without a terminal.
+pub fn spec_for(args: &[&str]) -> Result<oci_spec::runtime::Spec> {
+    let mut spec = oci_spec::runtime::Spec::default();
+    let mut process = spec
+        .process()
+        .clone()
+        .context("default spec has a process")?;
+    process.set_args(Some(args.iter().map(|s| s.to_string()).collect()));
+    process.set_terminal(Some(false));
+    spec.set_process(Some(process));
+    let mut root = spec.root().clone().unwrap_or_default();
+    root.set_readonly(Some(false));
+    spec.set_root(Some(root));
+    Ok(spec)
+}
+
+/// An OCI process for exec.
+pub fn process_for(args: &[&str]) -> Result<oci_spec::runtime::Process> {
+    let mut p = oci_spec::runtime::Spec::default()
+        .process()
+        .clone()
+        .context("default process")?;
+    p.set_args(Some(args.iter().map(|s| s.to_string()).collect()));
+    p.set_terminal(Some(false));
+    Ok(p)
+}
+
+/// What a sandbox must not leave behind once stopped.
+#[derive(Debug, Clone)]
+pub struct LeakProbe {
+    pub dir: PathBuf,
+    pub pids: Vec<(&'static str, u32)>,
+}
+
+impl LeakProbe {
+    pub fn of(sb: &Sandbox) -> Self {
+        Self {
+            dir: sb.dir().to_path_buf(),
+            pids: sb.pids().to_vec(),
+        }
+    }
+
+    /// Fails naming every leftover: a process of the sandbox (by pid, or any
+    /// process whose command line mentions the sandbox directory), a mount
+    /// under it, or the directory itself (with its sockets).
+    pub fn assert_clean(&self) -> Result<()> {
+        let mut problems = Vec::new();
+        for (role, pid) in &self.pids {
+            if let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+                problems.push(format!("{role} pid {pid} still exists: {}", stat.trim()));
+            }
+        }
+        let needle = self.dir.to_string_lossy().into_owned();
+        for e in std::fs::read_dir("/proc")?.flatten() {
+            let name = e.file_name();
+            let Some(pid) = name.to_str().and_then(|s| s.parse::<u32>().ok()) else {
+                continue;
+            };
+            if pid == std::process::id() {
+                continue;
+            }
+            if let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) {
+                let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+                if cmd.contains(&needle) {
+                    problems.push(format!("process {pid} mentions the sandbox dir: {cmd}"));
+                }
+            }
+        }
+        let mounts = husk_runtime::mounts::mounts_under(&self.dir)?;
+        if !mounts.is_empty() {
+            problems.push(format!("mounts left: {mounts:?}"));
+        }
+        if self.dir.exists() {
+            let entries: Vec<_> = std::fs::read_dir(&self.dir)?
+                .flatten()
+                .map(|e| e.file_name())
+                .collect();
+            problems.push(format!("{} still exists: {entries:?}", self.dir.display()));
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            bail!("sandbox left things behind:\n  {}", problems.join("\n  "))
+        }
+    }
+}
+
+/// Deterministic pseudo-random bytes (xorshift), so no data set is needed.
+pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut v = Vec::with_capacity(len + 8);
+    while v.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        v.extend_from_slice(&x.to_le_bytes());
+    }
+    v.truncate(len);
+    v
+}
+
+pub fn sha256_hex(data: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(data))
+}

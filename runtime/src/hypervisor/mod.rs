@@ -114,6 +114,8 @@ pub trait Vm: Send + std::fmt::Debug {
     fn pids(&self) -> Vec<(&'static str, u32)>;
     /// When the VMM process was exec'd (after its helpers were ready).
     fn launched_at(&self) -> Instant;
+    /// The VMM's own log (its stderr), quoted when the VM fails.
+    fn log_file(&self) -> Option<PathBuf>;
     /// Reaps the VMM if it has exited; `None` while it runs.
     fn try_exit(&mut self) -> Result<Option<ExitStatus>, HypervisorError>;
     /// Waits until the VMM exits (the guest powered off or crashed).

@@ -266,12 +266,8 @@ impl Qemu {
             &cmdline,
         );
         tracing::debug!(?args, "starting qemu");
-        let qemu = ManagedChild::spawn(
-            "qemu",
-            &self.paths.qemu,
-            &args,
-            &config.sandbox_dir.join("qemu.log"),
-        )?;
+        let log = config.sandbox_dir.join("qemu.log");
+        let qemu = ManagedChild::spawn("qemu", &self.paths.qemu, &args, &log)?;
         let launched_at = Instant::now();
         tracing::info!(
             qemu = qemu.pid(),
@@ -284,6 +280,7 @@ impl Qemu {
             qemu,
             vsock,
             qmp_path: sockets.qmp,
+            log,
             launched_at,
         }))
     }
@@ -296,6 +293,7 @@ pub struct QemuVm {
     qemu: ManagedChild,
     vsock: ManagedChild,
     qmp_path: PathBuf,
+    log: PathBuf,
     launched_at: Instant,
 }
 
@@ -324,6 +322,10 @@ impl Vm for QemuVm {
 
     fn launched_at(&self) -> Instant {
         self.launched_at
+    }
+
+    fn log_file(&self) -> Option<PathBuf> {
+        Some(self.log.clone())
     }
 
     fn try_exit(&mut self) -> Result<Option<ExitStatus>, HypervisorError> {
