@@ -15,7 +15,10 @@ use crate::Error;
 pub enum Compression {
     /// Plain cpio: nothing to decompress in the guest.
     None,
-    /// gzip, level 9, no name, mtime 0.
+    /// gzip, level 9, no name, mtime 0. The bytes depend on flate2's
+    /// backend (miniz_oxide here); a workspace build that switches flate2 to
+    /// zlib through feature unification would produce different, equally
+    /// valid output under the same key.
     Gzip,
     /// zstd level 19, single-threaded, with the content size in the frame.
     Zstd,

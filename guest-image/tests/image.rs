@@ -82,6 +82,8 @@ struct Boot {
     unpack: f64,
     /// Guest time (s) of "Run /init".
     init_at: f64,
+    /// QEMU's resident set (KiB) when the guest reported "modules ok".
+    qemu_rss_kib: u64,
     output: Vec<String>,
 }
 
@@ -156,6 +158,8 @@ fn boot(kernel: &Path, initrd: &Path, boost: bool) -> Boot {
     let deadline = started + Duration::from_secs(90);
     let mut output = Vec::new();
     let mut to_ok = None;
+    let mut qemu_rss_kib = 0;
+    let pid = child.0.id();
     loop {
         let now = Instant::now();
         if now >= deadline {
@@ -169,6 +173,14 @@ fn boot(kernel: &Path, initrd: &Path, boost: bool) -> Boot {
                 let line = line.trim_end_matches('\r').to_string();
                 if line.starts_with("modules ok") {
                     to_ok = Some(at - started);
+                    qemu_rss_kib = std::fs::read_to_string(format!("/proc/{pid}/status"))
+                        .ok()
+                        .and_then(|s| {
+                            s.lines()
+                                .find_map(|l| l.strip_prefix("VmRSS:"))
+                                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+                        })
+                        .unwrap_or(0);
                 }
                 output.push(line);
             }
@@ -213,6 +225,7 @@ fn boot(kernel: &Path, initrd: &Path, boost: bool) -> Boot {
         unpack: klog_time(&output, "Freeing initrd memory")
             - klog_time(&output, "Trying to unpack rootfs"),
         init_at: klog_time(&output, "Run /init"),
+        qemu_rss_kib,
         output,
     }
 }
@@ -457,9 +470,9 @@ fn boot_time_by_compression() {
         images.push((how, build(&opts(&agent, &cache, &out, how)).unwrap()));
     }
     #[allow(clippy::type_complexity)]
-    let mut results: Vec<(Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>)> = images
+    let mut results: Vec<(Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>)> = images
         .iter()
-        .map(|_| (vec![], vec![], vec![], vec![], vec![]))
+        .map(|_| (vec![], vec![], vec![], vec![], vec![], vec![]))
         .collect();
     // Interleave compressions so host load drifts affect all of them alike.
     for _ in 0..runs {
@@ -467,6 +480,7 @@ fn boot_time_by_compression() {
             let b = boot(&img.kernel, &img.initrd, true);
             results[i].3.push(b.unpack);
             results[i].4.push(b.init_at);
+            results[i].5.push(b.qemu_rss_kib as f64 / 1024.0);
             results[i].0.push(b.to_ok.as_secs_f64());
             results[i].1.push(b.guest_uptime);
             results[i].2.push(b.qemu_cpu.as_secs_f64());
@@ -477,12 +491,13 @@ fn boot_time_by_compression() {
         std::fs::metadata(&agent).unwrap().len()
     );
     let min = |v: &[f64]| v.iter().copied().fold(f64::MAX, f64::min);
-    for ((how, img), (wall, up, cpu, unpack, init_at)) in images.iter().zip(results) {
+    for ((how, img), (wall, up, cpu, unpack, init_at, rss)) in images.iter().zip(results) {
         eprintln!(
             "{how:>5}: initrd {:>8} bytes | unpack median {:.3} s min {:.3} s | \
              Run /init median {:.2} s min {:.2} s | \
              launch->modules ok median {:.2} s min {:.2} s | \
-             qemu cpu median {:.2} s min {:.2} s | guest uptime median {:.2} s min {:.2} s",
+             qemu cpu median {:.2} s min {:.2} s | guest uptime median {:.2} s min {:.2} s | \
+             qemu rss median {:.1} MiB",
             img.manifest.initrd.size,
             median(unpack.clone()),
             min(&unpack),
@@ -494,6 +509,7 @@ fn boot_time_by_compression() {
             min(&cpu),
             median(up.clone()),
             min(&up),
+            median(rss),
         );
     }
 }
