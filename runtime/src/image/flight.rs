@@ -52,11 +52,7 @@ struct Cleanup<'a, V> {
 
 impl<V> Drop for Cleanup<'_, V> {
     fn drop(&mut self) {
-        let mut slots = self
-            .flights
-            .slots
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let mut slots = self.flights.slots.lock().unwrap_or_else(|p| p.into_inner());
         // Holders: the map and us. Clones are only taken under this lock, so the count is exact.
         if Arc::strong_count(&self.slot) == 2 {
             slots.remove(self.key);
@@ -97,7 +93,10 @@ mod tests {
     #[tokio::test]
     async fn failure_lets_the_next_waiter_retry() {
         let f = Flights::<u32>::new();
-        assert_eq!(f.run("k", || async { Err::<u32, _>("boom") }).await, Err("boom"));
+        assert_eq!(
+            f.run("k", || async { Err::<u32, _>("boom") }).await,
+            Err("boom")
+        );
         assert_eq!(f.run("k", || async { Ok::<_, &str>(1) }).await, Ok(1));
     }
 }

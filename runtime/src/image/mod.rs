@@ -396,10 +396,10 @@ impl ImageStore {
                 if http && !http_hosts.contains(&host) {
                     http_hosts.push(host.clone());
                 }
-                mirrors.entry(registry.clone()).or_default().push(Endpoint {
-                    host,
-                    mirror: true,
-                });
+                mirrors
+                    .entry(registry.clone())
+                    .or_default()
+                    .push(Endpoint { host, mirror: true });
             }
         }
 
@@ -471,6 +471,20 @@ impl ImageStore {
                 counters: Counters::default(),
             }),
         };
+        // Building an HTTP client loads the TLS roots (~100 ms); do it for anonymous pulls now
+        // rather than in the first PullImage.
+        store
+            .inner
+            .clients
+            .get(
+                &Endpoint {
+                    host: "localhost".into(),
+                    mirror: false,
+                },
+                "",
+                None,
+            )
+            .map(drop)?;
         let removed = store.inner.collect_garbage();
         store.inner.delete_paths(removed);
         info!(
@@ -757,7 +771,9 @@ impl Inner {
     }
 
     fn blob_path(&self, digest: &str) -> PathBuf {
-        self.dirs.blobs.join(digest_hex(digest).unwrap_or("invalid"))
+        self.dirs
+            .blobs
+            .join(digest_hex(digest).unwrap_or("invalid"))
     }
 
     fn pin(&self, keys: Vec<String>) -> Pins<'_> {
@@ -871,10 +887,14 @@ impl Inner {
             .collect();
         futures_util::stream::iter(jobs)
             .buffer_unordered(self.concurrency)
-        .try_collect::<Vec<()>>()
-        .await?;
+            .try_collect::<Vec<()>>()
+            .await?;
 
-        let repo_digest = format!("{}@{}", r.name(), list_digest.unwrap_or(manifest_digest.clone()));
+        let repo_digest = format!(
+            "{}@{}",
+            r.name(),
+            list_digest.unwrap_or(manifest_digest.clone())
+        );
         let size = manifest.config.size.max(0) as u64 + layers.iter().map(|l| l.size).sum::<u64>();
         let new = Image {
             id: ImageId(config_digest),
@@ -914,14 +934,11 @@ impl Inner {
                 }
             }
         }
-        let entry = st
-            .images
-            .entry(new.id.clone())
-            .or_insert_with(|| Image {
-                repo_tags: vec![],
-                repo_digests: vec![],
-                ..new.clone()
-            });
+        let entry = st.images.entry(new.id.clone()).or_insert_with(|| Image {
+            repo_tags: vec![],
+            repo_digests: vec![],
+            ..new.clone()
+        });
         for t in &new.repo_tags {
             if !entry.repo_tags.contains(t) {
                 entry.repo_tags.push(t.clone());
@@ -936,9 +953,8 @@ impl Inner {
         for id in changed {
             if let Some(img) = st.images.get(&id) {
                 let hex = digest_hex(&id.0).unwrap_or("invalid");
-                let data = serde_json::to_vec_pretty(img).map_err(|e| {
-                    Error::io("encoding image record", io::Error::other(e))
-                })?;
+                let data = serde_json::to_vec_pretty(img)
+                    .map_err(|e| Error::io("encoding image record", io::Error::other(e)))?;
                 let path = self.dirs.meta.join(format!("{hex}.json"));
                 write_atomic(&path, &self.dirs.tmp, &data)
                     .ctx(|| format!("writing {}", path.display()))?;
@@ -974,7 +990,8 @@ impl Inner {
                 let (img, host_s, digest) =
                     (image.to_string(), host.to_string(), layer.digest.clone());
                 let usage = tokio::task::spawn_blocking(move || {
-                    let res = unpack_into(&blob, &work, &final_dir, &expected, &img, &host_s, &digest);
+                    let res =
+                        unpack_into(&blob, &work, &final_dir, &expected, &img, &host_s, &digest);
                     if res.is_err() {
                         let _ = fs::remove_dir_all(&work);
                     }
@@ -982,7 +999,9 @@ impl Inner {
                 })
                 .await
                 .map_err(|e| Error::io("unpack task", io::Error::other(e)))??;
-                self.counters.layers_unpacked.fetch_add(1, Ordering::Relaxed);
+                self.counters
+                    .layers_unpacked
+                    .fetch_add(1, Ordering::Relaxed);
                 self.lock().layers.insert(layer.diff_id.clone(), usage);
                 Ok(())
             })
@@ -1063,7 +1082,9 @@ impl Inner {
         self.counters
             .bytes_fetched
             .fetch_add(total, Ordering::Relaxed);
-        out.flush().await.ctx(|| format!("writing {}", tmp.display()))?;
+        out.flush()
+            .await
+            .ctx(|| format!("writing {}", tmp.display()))?;
         let file = out.into_inner();
         file.sync_all()
             .await
@@ -1247,7 +1268,8 @@ fn unpack_into(
         bytes: unpacked.bytes,
         inodes: unpacked.inodes,
     };
-    let data = serde_json::to_vec(&usage).map_err(|e| Error::io("encoding usage", io::Error::other(e)))?;
+    let data =
+        serde_json::to_vec(&usage).map_err(|e| Error::io("encoding usage", io::Error::other(e)))?;
     fs::write(work.join("usage.json"), data).ctx(|| "writing layer usage".into())?;
     match fs::rename(work, final_dir) {
         Ok(()) => Ok(usage),
@@ -1257,6 +1279,9 @@ fn unpack_into(
             let _ = fs::remove_dir_all(work);
             Ok(usage)
         }
-        Err(e) => Err(Error::io(format!("storing layer {}", final_dir.display()), e)),
+        Err(e) => Err(Error::io(
+            format!("storing layer {}", final_dir.display()),
+            e,
+        )),
     }
 }

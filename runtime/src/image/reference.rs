@@ -134,7 +134,11 @@ mod tests {
             ),
         ];
         for (input, want) in cases {
-            assert_eq!(ImageRef::parse(input).unwrap().normalized(), want, "{input}");
+            assert_eq!(
+                ImageRef::parse(input).unwrap().normalized(),
+                want,
+                "{input}"
+            );
         }
     }
 

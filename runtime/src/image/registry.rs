@@ -50,10 +50,7 @@ impl RegistryAuth {
             return Ok(OciAuth::Basic(user, self.identity_token.clone()));
         }
         if !self.username.is_empty() {
-            return Ok(OciAuth::Basic(
-                self.username.clone(),
-                self.password.clone(),
-            ));
+            return Ok(OciAuth::Basic(self.username.clone(), self.password.clone()));
         }
         if !self.auth.is_empty() {
             let bad = |detail: &str| Error::Unauthenticated {

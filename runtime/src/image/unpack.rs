@@ -151,22 +151,23 @@ pub(crate) fn unpack_stream(reader: impl Read, dest: &Path) -> Result<Unpacked, 
 
             let xattrs = collect_xattrs(&mut entry)?;
             let kind = entry.header().entry_type();
-            let written_at = if kind.is_character_special()
-                || kind.is_block_special()
-                || kind.is_fifo()
-            {
-                make_node(&root, &rel, &entry)?
-            } else if kind.is_hard_link() {
-                make_hard_link(&root, &rel, &entry)?
-            } else {
-                if !entry.unpack_in(&root).map_err(|e| classify_tar_error(&raw_path, e))? {
-                    return Err(UnpackError::Unsafe(format!(
-                        "entry {} escapes the layer directory",
-                        raw_path.display()
-                    )));
-                }
-                root.join(&rel)
-            };
+            let written_at =
+                if kind.is_character_special() || kind.is_block_special() || kind.is_fifo() {
+                    make_node(&root, &rel, &entry)?
+                } else if kind.is_hard_link() {
+                    make_hard_link(&root, &rel, &entry)?
+                } else {
+                    if !entry
+                        .unpack_in(&root)
+                        .map_err(|e| classify_tar_error(&raw_path, e))?
+                    {
+                        return Err(UnpackError::Unsafe(format!(
+                            "entry {} escapes the layer directory",
+                            raw_path.display()
+                        )));
+                    }
+                    root.join(&rel)
+                };
             for (key, value) in xattrs {
                 xattr::set(&written_at, OsStr::from_bytes(&key), &value)?;
             }
@@ -228,9 +229,12 @@ fn ensure_dir_inside(root: &Path, rel: &Path) -> Result<PathBuf, UnpackError> {
     let mut existing = full.as_path();
     let mut missing = Vec::new();
     while existing.symlink_metadata().is_err() {
-        missing.push(existing.file_name().map(|n| n.to_owned()).ok_or_else(|| {
-            UnpackError::Unsafe(format!("bad directory {}", rel.display()))
-        })?);
+        missing.push(
+            existing
+                .file_name()
+                .map(|n| n.to_owned())
+                .ok_or_else(|| UnpackError::Unsafe(format!("bad directory {}", rel.display())))?,
+        );
         existing = existing
             .parent()
             .ok_or_else(|| UnpackError::Unsafe(format!("bad directory {}", rel.display())))?;
@@ -366,10 +370,11 @@ fn make_hard_link<R: Read>(
     Ok(target)
 }
 
+/// An extended attribute: name, value.
+type Xattr = (Vec<u8>, Vec<u8>);
+
 /// `SCHILY.xattr.*` PAX records of an entry, minus the ones that would steer overlayfs.
-fn collect_xattrs<R: Read>(
-    entry: &mut tar::Entry<'_, R>,
-) -> Result<Vec<(Vec<u8>, Vec<u8>)>, UnpackError> {
+fn collect_xattrs<R: Read>(entry: &mut tar::Entry<'_, R>) -> Result<Vec<Xattr>, UnpackError> {
     let mut out = Vec::new();
     if let Some(exts) = entry.pax_extensions()? {
         for ext in exts {
@@ -574,7 +579,9 @@ mod tests {
             xattr::get(&f, "user.note").unwrap().as_deref(),
             Some(&b"hello"[..])
         );
-        assert!(xattr::get(&f, "trusted.overlay.redirect").unwrap().is_none());
+        assert!(xattr::get(&f, "trusted.overlay.redirect")
+            .unwrap()
+            .is_none());
     }
 
     #[test]
