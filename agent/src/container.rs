@@ -38,6 +38,9 @@ pub struct Config {
     pub run_dir: PathBuf,
     /// Container cgroups are `/<cgroup_parent>/<id>`.
     pub cgroup_parent: PathBuf,
+    /// Enter container roots with MS_MOVE + chroot instead of pivot_root
+    /// (only when the agent could not leave the initial rootfs).
+    pub no_pivot: bool,
 }
 
 impl Config {
@@ -265,7 +268,7 @@ impl Containers {
                 // Nobody reads the process's stdin any more.
                 if let Some(p) = weak.upgrade() {
                     if let Some(s) = &p.stdio.stdin {
-                        if !p.stdio.tty.is_some() {
+                        if p.stdio.tty.is_none() {
                             s.close();
                         }
                     }
@@ -316,6 +319,7 @@ impl Containers {
         let (child, parent) = self.stdio(req)?;
         let youki_root = self.cfg.youki_root();
 
+        let no_pivot = self.cfg.no_pivot;
         let guard = self.reaper.fork_lock().await;
         let id2 = id.to_owned();
         let built = tokio::task::spawn_blocking(move || -> anyhow::Result<(Pid, Option<OwnedFd>)> {
@@ -323,6 +327,7 @@ impl Containers {
             let (builder, console) = split_stdio(builder, child);
             let container = builder
                 .as_init(&bundle)
+                .with_no_pivot(no_pivot)
                 .with_systemd(false)
                 .with_detach(true)
                 .build()

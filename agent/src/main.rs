@@ -72,7 +72,9 @@ fn run(is_pid1: bool) -> Result<()> {
             (Listen::Vsock, Mode::Vm, PathBuf::from("/run/husk"))
         }
     };
+    let mut no_pivot = false;
     if mode == Mode::Vm {
+        no_pivot = !pid1::leave_initial_rootfs();
         pid1::setup_filesystems().context("setting up filesystems")?;
         pid1::console_stdio();
         logging::set_target_from_stderr();
@@ -97,7 +99,7 @@ fn run(is_pid1: bool) -> Result<()> {
     rt.block_on(async move {
         let reaper = Reaper::new();
         reaper.start().context("starting the reaper")?;
-        let containers = Containers::new(Config { run_dir, cgroup_parent: args.cgroup_parent }, reaper)?;
+        let containers = Containers::new(Config { run_dir, cgroup_parent: args.cgroup_parent, no_pivot }, reaper)?;
         let svc = Arc::new(AgentService::new(mode, containers));
         server::serve(svc, listen).await
     })

@@ -28,6 +28,52 @@ fn mount_fs(source: &str, target: &str, fstype: &str, flags: MsFlags, data: Opti
     mount(Some(source), target, Some(fstype), flags, data).with_context(|| format!("mounting {fstype} at {target}"))
 }
 
+/// pivot_root(2) refuses to run when the caller's root is the initial
+/// rootfs (it has no parent mount), and libcontainer pivots into every
+/// container's root. So when the agent runs straight from the initramfs it
+/// bind-mounts / onto itself and moves into that mount (the same steps as
+/// switch_root, without copying anything). Returns whether containers may
+/// pivot_root; if this fails, they fall back to no-pivot (MS_MOVE + chroot).
+pub fn leave_initial_rootfs() -> bool {
+    let on_ram = match nix::sys::statfs::statfs("/") {
+        Ok(s) => {
+            let t = s.filesystem_type();
+            // ramfs's magic (linux/magic.h); neither nix nor libc names it.
+            const RAMFS_MAGIC: i64 = 0x8584_58f6;
+            t.0 as i64 == RAMFS_MAGIC || t == nix::sys::statfs::TMPFS_MAGIC
+        }
+        Err(e) => {
+            warn!("statfs /: {e}");
+            false
+        }
+    };
+    if !on_ram {
+        return true;
+    }
+    match switch_to_bind_root() {
+        Ok(()) => {
+            info!("moved off the initial rootfs into a bind mount of it");
+            true
+        }
+        Err(e) => {
+            error!("leaving the initial rootfs: {e:#}; containers will use no-pivot");
+            false
+        }
+    }
+}
+
+fn switch_to_bind_root() -> Result<()> {
+    let target = "/.husk-root";
+    std::fs::create_dir_all(target).context("creating /.husk-root")?;
+    mount(Some("/"), target, None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>)
+        .context("bind-mounting / onto /.husk-root")?;
+    nix::unistd::chdir(target).context("chdir /.husk-root")?;
+    mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>).context("moving the bind mount to /")?;
+    nix::unistd::chroot(".").context("chroot")?;
+    nix::unistd::chdir("/").context("chdir /")?;
+    Ok(())
+}
+
 /// Mounts what every Linux userland expects, plus cgroup2 with controllers
 /// delegated to child cgroups (container cgroups live below /husk).
 pub fn setup_filesystems() -> Result<()> {

@@ -224,3 +224,31 @@ async fn bad_requests_get_the_right_codes() {
         .await
         .unwrap();
 }
+
+#[tokio::test]
+async fn seccomp_profile_is_enforced() {
+    let agent = Agent::start().await;
+    let c = agent.sandbox().await;
+    let mut spec = agent.spec_value(&["sh", "-c", "mkdir /tmp/blocked 2>/dev/null; echo $?"]);
+    spec["linux"]["seccomp"] = serde_json::json!({
+        "defaultAction": "SCMP_ACT_ALLOW",
+        "architectures": ["SCMP_ARCH_X86_64"],
+        "syscalls": [{"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO"}]
+    });
+    c.create_container(
+        husk_proto::agent::CreateContainerRequest {
+            container_id: "sc".into(),
+            oci_spec_json: serde_json::to_vec(&spec).unwrap(),
+            stdio: None,
+        },
+        T,
+    )
+    .await
+    .unwrap();
+    let out = agent.stream("sc", "", StreamKind::Stdout).await.unwrap();
+    c.start_container(ContainerRef { container_id: "sc".into() }, T).await.unwrap();
+    // mkdir failed (exit status 1) because the filter returned EPERM.
+    assert_eq!(read_all(out).await, "1\n");
+    assert_eq!(c.wait_process(pref("sc", ""), T).await.unwrap().exit_code, 0);
+    c.remove_container(RemoveContainerRequest { container_id: "sc".into(), force: false }, T).await.unwrap();
+}

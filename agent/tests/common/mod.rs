@@ -86,7 +86,10 @@ impl Agent {
         let ready_listener = tokio::net::UnixListener::bind(dir.path().join("ready.sock")).unwrap();
         let cgroup_parent = format!("husk-test-{}-{}", std::process::id(), rand_suffix());
         let log = std::fs::File::create(dir.path().join("agent.log")).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_husk-agent"))
+        // HUSK_AGENT_BIN runs the tests against another build, e.g. the
+        // static release binary.
+        let bin = std::env::var_os("HUSK_AGENT_BIN").unwrap_or_else(|| env!("CARGO_BIN_EXE_husk-agent").into());
+        let child = Command::new(bin)
             .arg("--listen-unix")
             .arg(dir.path())
             .arg("--cgroup-parent")
@@ -124,6 +127,10 @@ impl Agent {
 
     /// An OCI spec running `args` in the busybox rootfs.
     pub fn spec(&self, args: &[&str]) -> Vec<u8> {
+        serde_json::to_vec(&self.spec_value(args)).unwrap()
+    }
+
+    pub fn spec_value(&self, args: &[&str]) -> serde_json::Value {
         let mut spec = Spec::default();
         spec.set_root(Some(RootBuilder::default().path(&self.rootfs).readonly(false).build().unwrap()));
         let process = ProcessBuilder::default()
@@ -134,7 +141,7 @@ impl Agent {
             .build()
             .unwrap();
         spec.set_process(Some(process));
-        serde_json::to_vec(&spec).unwrap()
+        serde_json::to_value(&spec).unwrap()
     }
 
     pub async fn create(&self, c: &AgentClient, id: &str, args: &[&str], stdin: bool, terminal: bool) {
