@@ -531,13 +531,19 @@ fn install(image_dir: &Path, out_dir: &Path, manifest: &Manifest) -> Result<(), 
     }
     for file in [KERNEL_FILE, INITRD_FILE, MANIFEST_FILE] {
         let src = image_dir.join(file);
-        let tmp = out_dir.join(format!(".{file}.tmp"));
-        std::fs::copy(&src, &tmp).map_err(|e| Error::io(&src, e))?;
-        std::fs::File::open(&tmp)
-            .and_then(|f| f.sync_all())
-            .map_err(|e| Error::io(&tmp, e))?;
+        // A unique temp name per installer, removed if anything fails.
+        let mut tmp = tempfile::Builder::new()
+            .prefix(&format!(".{file}."))
+            .tempfile_in(out_dir)
+            .map_err(|e| Error::io(out_dir, e))?;
+        let mut from = std::fs::File::open(&src).map_err(|e| Error::io(&src, e))?;
+        std::io::copy(&mut from, tmp.as_file_mut()).map_err(|e| Error::io(tmp.path(), e))?;
+        tmp.as_file()
+            .set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o644))
+            .and_then(|()| tmp.as_file().sync_all())
+            .map_err(|e| Error::io(tmp.path(), e))?;
         let dst = out_dir.join(file);
-        std::fs::rename(&tmp, &dst).map_err(|e| Error::io(&dst, e))?;
+        tmp.persist(&dst).map_err(|e| Error::io(&dst, e.error))?;
         if file == INITRD_FILE {
             // The manifest must not become visible before the data it names.
             sync_dir(out_dir)?;
@@ -546,8 +552,8 @@ fn install(image_dir: &Path, out_dir: &Path, manifest: &Manifest) -> Result<(), 
     sync_dir(out_dir)
 }
 
-/// Removes work directories left behind by builds that were killed (temp
-/// dirs are removed on every other exit path). Only old ones, so a build
+/// Removes work directories and temp files left behind by builds that were
+/// killed (they are removed on every other exit path). Only old ones, so a build
 /// running concurrently in another process keeps its own.
 fn sweep_stale(dir: &Path, prefixes: &[&str]) {
     let Ok(entries) = std::fs::read_dir(dir) else {
@@ -567,7 +573,12 @@ fn sweep_stale(dir: &Path, prefixes: &[&str]) {
             .is_some_and(|age| age > STALE_AFTER);
         if old {
             tracing::info!(path = %entry.path().display(), "removing a stale build directory");
-            let _ = std::fs::remove_dir_all(entry.path());
+            let path = entry.path();
+            let _ = if path.is_dir() {
+                std::fs::remove_dir_all(&path)
+            } else {
+                std::fs::remove_file(&path)
+            };
         }
     }
 }
@@ -582,6 +593,10 @@ pub fn build(opts: &BuildOptions) -> Result<BuiltImage, Error> {
     sweep_stale(&opts.cache_dir, &[".unpack-"]);
     sweep_stale(&opts.cache_dir.join("images"), &[".build-"]);
     sweep_stale(&opts.cache_dir.join("debs"), &[".download-"]);
+    sweep_stale(
+        &opts.out_dir,
+        &[".vmlinuz.", ".initrd.img.", ".manifest.json."],
+    );
     let agent = read_agent(&opts.agent)?;
     let agent_sha256 = sha256_bytes(&agent);
     let pkg = apt::resolve(&opts.kernel_package)?;
