@@ -36,7 +36,10 @@ impl Cgroups {
             Ok(s) if s.filesystem_type() == nix::sys::statfs::CGROUP2_SUPER_MAGIC => Mode::V2,
             _ => Mode::V1,
         };
-        Cgroups { mode, root: PathBuf::from(CGROUP_ROOT) }
+        Cgroups {
+            mode,
+            root: PathBuf::from(CGROUP_ROOT),
+        }
     }
 
     /// Directory of `cg` (absolute from the hierarchy root) for `controller`
@@ -87,7 +90,9 @@ impl Cgroups {
 pub fn keyed(text: &str, key: &str) -> Option<u64> {
     text.lines().find_map(|l| {
         let mut it = l.split_whitespace();
-        (it.next() == Some(key)).then(|| it.next()?.parse().ok()).flatten()
+        (it.next() == Some(key))
+            .then(|| it.next()?.parse().ok())
+            .flatten()
     })
 }
 
@@ -98,9 +103,12 @@ fn single(text: &str) -> u64 {
 pub fn stats_v2(cpu_stat: &str, memory_current: &str, memory_stat: &str, pids: &str) -> Stats {
     let usage = single(memory_current);
     Stats {
-        cpu_usage_ns: keyed(cpu_stat, "usage_usec").unwrap_or(0).saturating_mul(1000),
+        cpu_usage_ns: keyed(cpu_stat, "usage_usec")
+            .unwrap_or(0)
+            .saturating_mul(1000),
         memory_usage_bytes: usage,
-        memory_working_set_bytes: usage.saturating_sub(keyed(memory_stat, "inactive_file").unwrap_or(0)),
+        memory_working_set_bytes: usage
+            .saturating_sub(keyed(memory_stat, "inactive_file").unwrap_or(0)),
         memory_rss_bytes: keyed(memory_stat, "anon").unwrap_or(0),
         pids: single(pids),
     }
@@ -110,7 +118,8 @@ pub fn stats_v1(cpuacct_usage: &str, usage_in_bytes: &str, memory_stat: &str, pi
     let usage = single(usage_in_bytes);
     // total_* include descendants; a container's cgroup has none, but
     // prefer them when present the way cAdvisor does.
-    let inactive = keyed(memory_stat, "total_inactive_file").or_else(|| keyed(memory_stat, "inactive_file"));
+    let inactive =
+        keyed(memory_stat, "total_inactive_file").or_else(|| keyed(memory_stat, "inactive_file"));
     let rss = keyed(memory_stat, "total_rss").or_else(|| keyed(memory_stat, "rss"));
     Stats {
         cpu_usage_ns: single(cpuacct_usage),
@@ -174,9 +183,21 @@ mod tests {
 
     #[test]
     fn dirs() {
-        let v2 = Cgroups { mode: Mode::V2, root: PathBuf::from("/sys/fs/cgroup") };
-        assert_eq!(v2.dir("memory", Path::new("/husk/c1")), PathBuf::from("/sys/fs/cgroup/husk/c1"));
-        let v1 = Cgroups { mode: Mode::V1, root: PathBuf::from("/sys/fs/cgroup") };
-        assert_eq!(v1.dir("memory", Path::new("/husk/c1")), PathBuf::from("/sys/fs/cgroup/memory/husk/c1"));
+        let v2 = Cgroups {
+            mode: Mode::V2,
+            root: PathBuf::from("/sys/fs/cgroup"),
+        };
+        assert_eq!(
+            v2.dir("memory", Path::new("/husk/c1")),
+            PathBuf::from("/sys/fs/cgroup/husk/c1")
+        );
+        let v1 = Cgroups {
+            mode: Mode::V1,
+            root: PathBuf::from("/sys/fs/cgroup"),
+        };
+        assert_eq!(
+            v1.dir("memory", Path::new("/husk/c1")),
+            PathBuf::from("/sys/fs/cgroup/memory/husk/c1")
+        );
     }
 }

@@ -103,7 +103,10 @@ impl Container {
             return Ok(Arc::clone(&self.init));
         }
         lock(&self.execs).get(exec_id).cloned().ok_or_else(|| {
-            AgentError::NotFound(format!("exec {exec_id:?} not found in container {:?}", self.id))
+            AgentError::NotFound(format!(
+                "exec {exec_id:?} not found in container {:?}",
+                self.id
+            ))
         })
     }
 
@@ -169,31 +172,50 @@ pub struct StdioRequest {
 /// The process's side of its stdio, before libcontainer takes it.
 enum ChildStdio {
     Pipes(stdio::ChildPipes),
-    Console { path: PathBuf, listener: std::os::unix::net::UnixListener },
+    Console {
+        path: PathBuf,
+        listener: std::os::unix::net::UnixListener,
+    },
 }
 
 /// The agent's side, before the process exists.
 enum ParentStdio {
-    Pipes { stdin: Option<OwnedFd>, stdout: OwnedFd, stderr: OwnedFd },
-    Console { stdin: bool },
+    Pipes {
+        stdin: Option<OwnedFd>,
+        stdout: OwnedFd,
+        stderr: OwnedFd,
+    },
+    Console {
+        stdin: bool,
+    },
 }
 
 impl Containers {
     pub fn new(cfg: Config, reaper: Arc<Reaper>) -> anyhow::Result<Self> {
-        for dir in [cfg.run_dir.join("containers"), cfg.youki_root(), cfg.tty_dir()] {
+        for dir in [
+            cfg.run_dir.join("containers"),
+            cfg.youki_root(),
+            cfg.tty_dir(),
+        ] {
             std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         }
         let cgroups = Cgroups::detect();
         info!(mode = ?cgroups.mode, "cgroup hierarchy");
-        Ok(Containers { cfg, reaper, cgroups, map: Mutex::new(HashMap::new()), tty_seq: AtomicU64::new(0) })
+        Ok(Containers {
+            cfg,
+            reaper,
+            cgroups,
+            map: Mutex::new(HashMap::new()),
+            tty_seq: AtomicU64::new(0),
+        })
     }
 
     pub fn get(&self, id: &str) -> Result<Arc<Container>> {
         match lock(&self.map).get(id) {
             Some(Entry::Ready(c)) => Ok(Arc::clone(c)),
-            Some(Entry::Creating) => {
-                Err(AgentError::FailedPrecondition(format!("container {id:?} is still being created")))
-            }
+            Some(Entry::Creating) => Err(AgentError::FailedPrecondition(format!(
+                "container {id:?} is still being created"
+            ))),
             None => Err(AgentError::NotFound(format!("container {id:?} not found"))),
         }
     }
@@ -213,18 +235,33 @@ impl Containers {
             let n = self.tty_seq.fetch_add(1, Ordering::Relaxed);
             let path = self.cfg.tty_dir().join(format!("{n}.sock"));
             let _ = std::fs::remove_file(&path);
-            let listener = std::os::unix::net::UnixListener::bind(&path)
-                .map_err(|e| AgentError::internal(anyhow::anyhow!("binding {}: {e}", path.display())))?;
-            Ok((ChildStdio::Console { path, listener }, ParentStdio::Console { stdin: req.stdin }))
+            let listener = std::os::unix::net::UnixListener::bind(&path).map_err(|e| {
+                AgentError::internal(anyhow::anyhow!("binding {}: {e}", path.display()))
+            })?;
+            Ok((
+                ChildStdio::Console { path, listener },
+                ParentStdio::Console { stdin: req.stdin },
+            ))
         } else {
-            let (child, stdin, stdout, stderr) =
-                stdio::pipes(req.stdin).map_err(|e| AgentError::internal(anyhow::anyhow!("stdio pipes: {e}")))?;
-            Ok((ChildStdio::Pipes(child), ParentStdio::Pipes { stdin, stdout, stderr }))
+            let (child, stdin, stdout, stderr) = stdio::pipes(req.stdin)
+                .map_err(|e| AgentError::internal(anyhow::anyhow!("stdio pipes: {e}")))?;
+            Ok((
+                ChildStdio::Pipes(child),
+                ParentStdio::Pipes {
+                    stdin,
+                    stdout,
+                    stderr,
+                },
+            ))
         }
     }
 
     /// Runs on the blocking thread: the builder is not Send.
-    fn base_builder(youki_root: &Path, id: &str, child: &ChildStdio) -> anyhow::Result<ContainerBuilder> {
+    fn base_builder(
+        youki_root: &Path,
+        id: &str,
+        child: &ChildStdio,
+    ) -> anyhow::Result<ContainerBuilder> {
         let mut b = ContainerBuilder::new(id.to_owned(), SyscallType::default())
             .with_root_path(youki_root)?
             .with_executor(HuskExecutor);
@@ -246,13 +283,21 @@ impl Containers {
         cgroup: &Path,
     ) -> anyhow::Result<Arc<Process>> {
         let stdio = match parent {
-            ParentStdio::Pipes { stdin, stdout, stderr } => ProcessStdio::from_pipes(stdin, stdout, stderr)?,
+            ParentStdio::Pipes {
+                stdin,
+                stdout,
+                stderr,
+            } => ProcessStdio::from_pipes(stdin, stdout, stderr)?,
             ParentStdio::Console { stdin } => {
                 ProcessStdio::from_pty(master.context("no pty master received")?, stdin)?
             }
         };
         let (tx, rx) = watch::channel(None);
-        let process = Arc::new(Process { pid, stdio, exit: rx });
+        let process = Arc::new(Process {
+            pid,
+            stdio,
+            exit: rx,
+        });
         let oom_baseline = self.cgroups.oom_kills(cgroup).unwrap_or(0);
         let cgroups = self.cgroups.clone();
         let cgroup = cgroup.to_owned();
@@ -264,7 +309,11 @@ impl Containers {
                 let code = spec::exit_code(status).unwrap_or(-1);
                 let killed = matches!(status, WaitStatus::Signaled(_, Signal::SIGKILL, _));
                 let oom_killed = killed && cgroups.oom_kills(&cgroup).unwrap_or(0) > oom_baseline;
-                let _ = tx.send(Some(Exit { code, oom_killed, at: SystemTime::now() }));
+                let _ = tx.send(Some(Exit {
+                    code,
+                    oom_killed,
+                    at: SystemTime::now(),
+                }));
                 // Nobody reads the process's stdin any more.
                 if let Some(p) = weak.upgrade() {
                     if let Some(s) = &p.stdio.stdin {
@@ -284,7 +333,9 @@ impl Containers {
         {
             let mut map = lock(&self.map);
             if map.contains_key(id) {
-                return Err(AgentError::AlreadyExists(format!("container {id:?} already exists")));
+                return Err(AgentError::AlreadyExists(format!(
+                    "container {id:?} already exists"
+                )));
             }
             map.insert(id.to_owned(), Entry::Creating);
         }
@@ -314,7 +365,9 @@ impl Containers {
                 let json = serde_json::to_vec_pretty(&spec).map_err(std::io::Error::other)?;
                 std::fs::write(bundle.join("config.json"), json)
             })
-            .map_err(|e| AgentError::internal(anyhow::anyhow!("writing the bundle of {id}: {e}")))?;
+            .map_err(|e| {
+                AgentError::internal(anyhow::anyhow!("writing the bundle of {id}: {e}"))
+            })?;
         let cgroup = spec::cgroup_path(&self.cfg.cgroup_parent, id);
         let (child, parent) = self.stdio(req)?;
         let youki_root = self.cfg.youki_root();
@@ -322,25 +375,32 @@ impl Containers {
         let no_pivot = self.cfg.no_pivot;
         let guard = self.reaper.fork_lock().await;
         let id2 = id.to_owned();
-        let built = tokio::task::spawn_blocking(move || -> anyhow::Result<(Pid, Option<OwnedFd>)> {
-            let builder = Self::base_builder(&youki_root, &id2, &child)?;
-            let (builder, console) = split_stdio(builder, child);
-            let container = builder
-                .as_init(&bundle)
-                .with_no_pivot(no_pivot)
-                .with_systemd(false)
-                .with_detach(true)
-                .build()
-                .with_context(|| format!("libcontainer create of {id2}"))?;
-            let pid = container.pid().context("libcontainer returned no init pid")?;
-            let master = receive_console(console)?;
-            Ok((pid, master))
-        })
-        .await;
+        let built =
+            tokio::task::spawn_blocking(move || -> anyhow::Result<(Pid, Option<OwnedFd>)> {
+                let builder = Self::base_builder(&youki_root, &id2, &child)?;
+                let (builder, console) = split_stdio(builder, child);
+                let container = builder
+                    .as_init(&bundle)
+                    .with_no_pivot(no_pivot)
+                    .with_systemd(false)
+                    .with_detach(true)
+                    .build()
+                    .with_context(|| format!("libcontainer create of {id2}"))?;
+                let pid = container
+                    .pid()
+                    .context("libcontainer returned no init pid")?;
+                let master = receive_console(console)?;
+                Ok((pid, master))
+            })
+            .await;
         let result = match built {
-            Ok(Ok((pid, master))) => self.register(&guard, pid, parent, master, &cgroup).map_err(AgentError::internal),
+            Ok(Ok((pid, master))) => self
+                .register(&guard, pid, parent, master, &cgroup)
+                .map_err(AgentError::internal),
             Ok(Err(e)) => Err(AgentError::internal(e)),
-            Err(e) => Err(AgentError::Internal(format!("create task of {id} failed: {e}"))),
+            Err(e) => Err(AgentError::Internal(format!(
+                "create task of {id} failed: {e}"
+            ))),
         };
         drop(guard);
         self.reaper.kick();
@@ -388,10 +448,14 @@ impl Containers {
             return Err(AgentError::NotFound(format!("container {id:?} not found")));
         }
         if lc.started {
-            return Err(AgentError::FailedPrecondition(format!("container {id:?} is already started")));
+            return Err(AgentError::FailedPrecondition(format!(
+                "container {id:?} is already started"
+            )));
         }
         if c.init.exit().is_some() {
-            return Err(AgentError::FailedPrecondition(format!("container {id:?} has exited")));
+            return Err(AgentError::FailedPrecondition(format!(
+                "container {id:?} has exited"
+            )));
         }
         let root = self.cfg.youki_root().join(id);
         let guard = self.reaper.fork_lock().await;
@@ -404,14 +468,26 @@ impl Containers {
                 info!(container = id, "started");
                 Ok(())
             }
-            Ok(Err(e)) => Err(AgentError::internal(anyhow::Error::new(e).context(format!("starting {id}")))),
-            Err(e) => Err(AgentError::Internal(format!("start task of {id} failed: {e}"))),
+            Ok(Err(e)) => Err(AgentError::internal(
+                anyhow::Error::new(e).context(format!("starting {id}")),
+            )),
+            Err(e) => Err(AgentError::Internal(format!(
+                "start task of {id} failed: {e}"
+            ))),
         }
     }
 
-    pub async fn exec(&self, id: &str, exec_id: &str, process_json: &[u8], req: StdioRequest) -> Result<()> {
+    pub async fn exec(
+        &self,
+        id: &str,
+        exec_id: &str,
+        process_json: &[u8],
+        req: StdioRequest,
+    ) -> Result<()> {
         if exec_id.is_empty() {
-            return Err(AgentError::InvalidArgument("exec_id: empty (\"\" names the init process)".into()));
+            return Err(AgentError::InvalidArgument(
+                "exec_id: empty (\"\" names the init process)".into(),
+            ));
         }
         spec::validate_id("exec_id", exec_id)?;
         let process = spec::prepare_process(process_json, req.terminal)?;
@@ -421,14 +497,23 @@ impl Containers {
             return Err(AgentError::NotFound(format!("container {id:?} not found")));
         }
         if !lc.started || c.init.exit().is_some() {
-            return Err(AgentError::FailedPrecondition(format!("container {id:?} is not running")));
+            return Err(AgentError::FailedPrecondition(format!(
+                "container {id:?} is not running"
+            )));
         }
         if lock(&c.execs).contains_key(exec_id) {
-            return Err(AgentError::AlreadyExists(format!("exec {exec_id:?} already exists in container {id:?}")));
+            return Err(AgentError::AlreadyExists(format!(
+                "exec {exec_id:?} already exists in container {id:?}"
+            )));
         }
         let process_file = self.cfg.bundle(id).join(format!("exec-{exec_id}.json"));
-        std::fs::write(&process_file, serde_json::to_vec(&process).map_err(AgentError::internal)?)
-            .map_err(|e| AgentError::internal(anyhow::anyhow!("writing {}: {e}", process_file.display())))?;
+        std::fs::write(
+            &process_file,
+            serde_json::to_vec(&process).map_err(AgentError::internal)?,
+        )
+        .map_err(|e| {
+            AgentError::internal(anyhow::anyhow!("writing {}: {e}", process_file.display()))
+        })?;
         let (child, parent) = self.stdio(req)?;
         let youki_root = self.cfg.youki_root();
 
@@ -436,23 +521,28 @@ impl Containers {
         let pf = process_file.clone();
         let label = format!("{id}/{exec_id}");
         let id2 = id.to_owned();
-        let built = tokio::task::spawn_blocking(move || -> anyhow::Result<(Pid, Option<OwnedFd>)> {
-            let builder = Self::base_builder(&youki_root, &id2, &child)?;
-            let (builder, console) = split_stdio(builder, child);
-            let pid = builder
-                .as_tenant()
-                .with_detach(true)
-                .with_process(Some(&pf))
-                .build()
-                .with_context(|| format!("libcontainer exec of {label}"))?;
-            let master = receive_console(console)?;
-            Ok((pid, master))
-        })
-        .await;
+        let built =
+            tokio::task::spawn_blocking(move || -> anyhow::Result<(Pid, Option<OwnedFd>)> {
+                let builder = Self::base_builder(&youki_root, &id2, &child)?;
+                let (builder, console) = split_stdio(builder, child);
+                let pid = builder
+                    .as_tenant()
+                    .with_detach(true)
+                    .with_process(Some(&pf))
+                    .build()
+                    .with_context(|| format!("libcontainer exec of {label}"))?;
+                let master = receive_console(console)?;
+                Ok((pid, master))
+            })
+            .await;
         let result = match built {
-            Ok(Ok((pid, master))) => self.register(&guard, pid, parent, master, &c.cgroup).map_err(AgentError::internal),
+            Ok(Ok((pid, master))) => self
+                .register(&guard, pid, parent, master, &c.cgroup)
+                .map_err(AgentError::internal),
             Ok(Err(e)) => Err(AgentError::internal(e)),
-            Err(e) => Err(AgentError::Internal(format!("exec task of {id}/{exec_id} failed: {e}"))),
+            Err(e) => Err(AgentError::Internal(format!(
+                "exec task of {id}/{exec_id} failed: {e}"
+            ))),
         };
         drop(guard);
         self.reaper.kick();
@@ -472,7 +562,9 @@ impl Containers {
         // kernel from reusing) the pid between the check and the kill.
         let _guard = self.reaper.fork_lock().await;
         if p.exit().is_some() {
-            return Err(AgentError::FailedPrecondition(format!("process {id:?}/{exec_id:?} has exited")));
+            return Err(AgentError::FailedPrecondition(format!(
+                "process {id:?}/{exec_id:?} has exited"
+            )));
         }
         // SAFETY: kill(2) with a validated signal number has no memory-safety
         // requirements; nix::Signal cannot express real-time signals.
@@ -494,7 +586,11 @@ impl Containers {
     pub async fn update(&self, id: &str, resources_json: &[u8]) -> Result<()> {
         let resources = spec::parse_resources(resources_json)?;
         let c = self.get(id)?;
-        let config = CgroupConfig { cgroup_path: c.cgroup.clone(), systemd_cgroup: false, container_name: id.to_owned() };
+        let config = CgroupConfig {
+            cgroup_path: c.cgroup.clone(),
+            systemd_cgroup: false,
+            container_name: id.to_owned(),
+        };
         let r = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
             let manager = libcgroups::common::create_cgroup_manager(config)?;
             manager.apply(&ControllerOpt {
@@ -508,8 +604,12 @@ impl Containers {
         .await;
         match r {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(AgentError::InvalidArgument(format!("resources_json: applying to {id}: {e:#}"))),
-            Err(e) => Err(AgentError::Internal(format!("update task of {id} failed: {e}"))),
+            Ok(Err(e)) => Err(AgentError::InvalidArgument(format!(
+                "resources_json: applying to {id}: {e:#}"
+            ))),
+            Err(e) => Err(AgentError::Internal(format!(
+                "update task of {id} failed: {e}"
+            ))),
         }
     }
 
@@ -519,7 +619,11 @@ impl Containers {
         if lc.removed {
             return Err(AgentError::NotFound(format!("container {id:?} not found")));
         }
-        let alive: Vec<_> = c.all_processes().into_iter().filter(|p| p.exit().is_none()).collect();
+        let alive: Vec<_> = c
+            .all_processes()
+            .into_iter()
+            .filter(|p| p.exit().is_none())
+            .collect();
         if lc.started && c.init.exit().is_none() && !force {
             return Err(AgentError::FailedPrecondition(format!(
                 "container {id:?} is running; stop it or remove with force"
@@ -558,7 +662,10 @@ impl Containers {
         let bundle = self.cfg.bundle(id);
         if let Err(e) = std::fs::remove_dir_all(&bundle) {
             if e.kind() != std::io::ErrorKind::NotFound {
-                return Err(AgentError::Internal(format!("removing {}: {e}", bundle.display())));
+                return Err(AgentError::Internal(format!(
+                    "removing {}: {e}",
+                    bundle.display()
+                )));
             }
         }
         lc.removed = true;
@@ -594,7 +701,21 @@ impl Containers {
     fn remove_cgroup(&self, cgroup: &Path) {
         let controllers: &[&str] = match self.cgroups.mode {
             crate::cgroup::Mode::V2 => &[""],
-            crate::cgroup::Mode::V1 => &["cpu", "cpuacct", "cpuset", "memory", "devices", "freezer", "blkio", "pids", "hugetlb", "net_cls", "net_prio", "perf_event", "systemd"],
+            crate::cgroup::Mode::V1 => &[
+                "cpu",
+                "cpuacct",
+                "cpuset",
+                "memory",
+                "devices",
+                "freezer",
+                "blkio",
+                "pids",
+                "hugetlb",
+                "net_cls",
+                "net_prio",
+                "perf_event",
+                "systemd",
+            ],
         };
         for ctl in controllers {
             let dir = self.cgroups.dir(ctl, cgroup);
@@ -614,7 +735,13 @@ fn split_stdio(
     child: ChildStdio,
 ) -> (ContainerBuilder, Option<std::os::unix::net::UnixListener>) {
     match child {
-        ChildStdio::Pipes(p) => (builder.with_stdin(p.stdin).with_stdout(p.stdout).with_stderr(p.stderr), None),
+        ChildStdio::Pipes(p) => (
+            builder
+                .with_stdin(p.stdin)
+                .with_stdout(p.stdout)
+                .with_stderr(p.stderr),
+            None,
+        ),
         ChildStdio::Console { path, listener } => {
             let _ = path;
             (builder, Some(listener))
@@ -622,8 +749,12 @@ fn split_stdio(
     }
 }
 
-fn receive_console(listener: Option<std::os::unix::net::UnixListener>) -> anyhow::Result<Option<OwnedFd>> {
-    let Some(listener) = listener else { return Ok(None) };
+fn receive_console(
+    listener: Option<std::os::unix::net::UnixListener>,
+) -> anyhow::Result<Option<OwnedFd>> {
+    let Some(listener) = listener else {
+        return Ok(None);
+    };
     let master = stdio::recv_console(&listener).context("receiving the pty master");
     if let Ok(addr) = listener.local_addr() {
         if let Some(p) = addr.as_pathname() {
@@ -634,8 +765,10 @@ fn receive_console(listener: Option<std::os::unix::net::UnixListener>) -> anyhow
 }
 
 fn prune_exited(execs: &mut HashMap<String, Arc<Process>>) {
-    let mut exited: Vec<(SystemTime, String)> =
-        execs.iter().filter_map(|(k, p)| p.exit().map(|e| (e.at, k.clone()))).collect();
+    let mut exited: Vec<(SystemTime, String)> = execs
+        .iter()
+        .filter_map(|(k, p)| p.exit().map(|e| (e.at, k.clone())))
+        .collect();
     if exited.len() <= MAX_EXITED_EXECS {
         return;
     }

@@ -53,7 +53,8 @@ pub fn set_target_from_stderr() {
 
 pub fn init() {
     set_target_from_stderr();
-    let filter = EnvFilter::try_from_env("HUSK_AGENT_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter =
+        EnvFilter::try_from_env("HUSK_AGENT_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(|| RawStderr)

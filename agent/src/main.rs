@@ -18,14 +18,22 @@ struct Args {
 }
 
 fn parse_args() -> Result<Args> {
-    let mut args = Args { listen_unix: None, cgroup_parent: PathBuf::from("husk") };
+    let mut args = Args {
+        listen_unix: None,
+        cgroup_parent: PathBuf::from("husk"),
+    };
     let mut it = std::env::args_os().skip(1);
     while let Some(a) = it.next() {
         match a.to_str() {
-            Some("--listen-unix") => args.listen_unix = Some(it.next().context("--listen-unix needs DIR")?.into()),
+            Some("--listen-unix") => {
+                args.listen_unix = Some(it.next().context("--listen-unix needs DIR")?.into())
+            }
             Some("--cgroup-parent") => {
                 let p: PathBuf = it.next().context("--cgroup-parent needs NAME")?.into();
-                if p.is_absolute() || p.components().any(|c| !matches!(c, std::path::Component::Normal(_))) {
+                if p.is_absolute()
+                    || p.components()
+                        .any(|c| !matches!(c, std::path::Component::Normal(_)))
+                {
                     bail!("--cgroup-parent must be a relative path without ..");
                 }
                 args.cgroup_parent = p;
@@ -89,7 +97,11 @@ fn run(is_pid1: bool) -> Result<()> {
     // As PID 1 this changes nothing; on a host it makes the agent the parent
     // of orphaned container processes, like in the VM.
     nix::sys::prctl::set_child_subreaper(true).context("PR_SET_CHILD_SUBREAPER")?;
-    info!(version = husk_proto::AGENT_VERSION, ?mode, "husk-agent starting");
+    info!(
+        version = husk_proto::AGENT_VERSION,
+        ?mode,
+        "husk-agent starting"
+    );
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -99,7 +111,14 @@ fn run(is_pid1: bool) -> Result<()> {
     rt.block_on(async move {
         let reaper = Reaper::new();
         reaper.start().context("starting the reaper")?;
-        let containers = Containers::new(Config { run_dir, cgroup_parent: args.cgroup_parent, no_pivot }, reaper)?;
+        let containers = Containers::new(
+            Config {
+                run_dir,
+                cgroup_parent: args.cgroup_parent,
+                no_pivot,
+            },
+            reaper,
+        )?;
         let svc = Arc::new(AgentService::new(mode, containers));
         server::serve(svc, listen).await
     })

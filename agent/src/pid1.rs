@@ -16,16 +16,27 @@ pub fn is_pid1() -> bool {
 
 fn mounted_points() -> Vec<String> {
     std::fs::read_to_string("/proc/self/mounts")
-        .map(|s| s.lines().filter_map(|l| l.split_whitespace().nth(1).map(str::to_owned)).collect())
+        .map(|s| {
+            s.lines()
+                .filter_map(|l| l.split_whitespace().nth(1).map(str::to_owned))
+                .collect()
+        })
         .unwrap_or_default()
 }
 
-fn mount_fs(source: &str, target: &str, fstype: &str, flags: MsFlags, data: Option<&str>) -> Result<()> {
+fn mount_fs(
+    source: &str,
+    target: &str,
+    fstype: &str,
+    flags: MsFlags,
+    data: Option<&str>,
+) -> Result<()> {
     if mounted_points().iter().any(|m| m == target) {
         return Ok(());
     }
     std::fs::create_dir_all(target).with_context(|| format!("creating {target}"))?;
-    mount(Some(source), target, Some(fstype), flags, data).with_context(|| format!("mounting {fstype} at {target}"))
+    mount(Some(source), target, Some(fstype), flags, data)
+        .with_context(|| format!("mounting {fstype} at {target}"))
 }
 
 /// pivot_root(2) refuses to run when the caller's root is the initial
@@ -39,8 +50,8 @@ pub fn leave_initial_rootfs() -> bool {
         Ok(s) => {
             let t = s.filesystem_type();
             // ramfs's magic (linux/magic.h); neither nix nor libc names it.
-            const RAMFS_MAGIC: i64 = 0x8584_58f6;
-            t.0 as i64 == RAMFS_MAGIC || t == nix::sys::statfs::TMPFS_MAGIC
+            const RAMFS_MAGIC: nix::sys::statfs::FsType = nix::sys::statfs::FsType(0x8584_58f6);
+            t == RAMFS_MAGIC || t == nix::sys::statfs::TMPFS_MAGIC
         }
         Err(e) => {
             warn!("statfs /: {e}");
@@ -65,10 +76,17 @@ pub fn leave_initial_rootfs() -> bool {
 fn switch_to_bind_root() -> Result<()> {
     let target = "/.husk-root";
     std::fs::create_dir_all(target).context("creating /.husk-root")?;
-    mount(Some("/"), target, None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>)
-        .context("bind-mounting / onto /.husk-root")?;
+    mount(
+        Some("/"),
+        target,
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None::<&str>,
+    )
+    .context("bind-mounting / onto /.husk-root")?;
     nix::unistd::chdir(target).context("chdir /.husk-root")?;
-    mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>).context("moving the bind mount to /")?;
+    mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>)
+        .context("moving the bind mount to /")?;
     nix::unistd::chroot(".").context("chroot")?;
     nix::unistd::chdir("/").context("chdir /")?;
     Ok(())
@@ -80,10 +98,17 @@ pub fn setup_filesystems() -> Result<()> {
     let common = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
     if !Path::new("/proc/self").exists() {
         std::fs::create_dir_all("/proc").context("creating /proc")?;
-        mount(Some("proc"), "/proc", Some("proc"), common, None::<&str>).context("mounting /proc")?;
+        mount(Some("proc"), "/proc", Some("proc"), common, None::<&str>)
+            .context("mounting /proc")?;
     }
     mount_fs("sysfs", "/sys", "sysfs", common, None)?;
-    mount_fs("devtmpfs", "/dev", "devtmpfs", MsFlags::MS_NOSUID, Some("mode=0755"))?;
+    mount_fs(
+        "devtmpfs",
+        "/dev",
+        "devtmpfs",
+        MsFlags::MS_NOSUID,
+        Some("mode=0755"),
+    )?;
     mount_fs(
         "devpts",
         "/dev/pts",
@@ -96,17 +121,42 @@ pub fn setup_filesystems() -> Result<()> {
     if let Err(e) = std::os::unix::fs::symlink("pts/ptmx", "/dev/ptmx") {
         warn!("/dev/ptmx -> pts/ptmx: {e}");
     }
-    mount_fs("shm", "/dev/shm", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=1777"))?;
-    mount_fs("tmpfs", "/run", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=0755"))?;
-    mount_fs("tmpfs", "/tmp", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=1777"))?;
-    mount_fs("cgroup2", "/sys/fs/cgroup", "cgroup2", common, Some("nsdelegate"))?;
+    mount_fs(
+        "shm",
+        "/dev/shm",
+        "tmpfs",
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some("mode=1777"),
+    )?;
+    mount_fs(
+        "tmpfs",
+        "/run",
+        "tmpfs",
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some("mode=0755"),
+    )?;
+    mount_fs(
+        "tmpfs",
+        "/tmp",
+        "tmpfs",
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some("mode=1777"),
+    )?;
+    mount_fs(
+        "cgroup2",
+        "/sys/fs/cgroup",
+        "cgroup2",
+        common,
+        Some("nsdelegate"),
+    )?;
     enable_controllers(Path::new("/sys/fs/cgroup"))?;
     Ok(())
 }
 
 /// Enables every available controller husk uses in `dir`'s children.
 pub fn enable_controllers(dir: &Path) -> Result<()> {
-    let available = std::fs::read_to_string(dir.join("cgroup.controllers")).context("reading cgroup.controllers")?;
+    let available = std::fs::read_to_string(dir.join("cgroup.controllers"))
+        .context("reading cgroup.controllers")?;
     let available: Vec<&str> = available.split_whitespace().collect();
     for ctl in ["cpu", "cpuset", "io", "memory", "pids", "hugetlb"] {
         if !available.contains(&ctl) {
@@ -118,7 +168,9 @@ pub fn enable_controllers(dir: &Path) -> Result<()> {
     }
     info!(
         "cgroup controllers enabled: {}",
-        std::fs::read_to_string(dir.join("cgroup.subtree_control")).unwrap_or_default().trim()
+        std::fs::read_to_string(dir.join("cgroup.subtree_control"))
+            .unwrap_or_default()
+            .trim()
     );
     Ok(())
 }
@@ -126,7 +178,11 @@ pub fn enable_controllers(dir: &Path) -> Result<()> {
 /// Points stdin/stdout/stderr at /dev/console (the serial console the host
 /// captures).
 pub fn console_stdio() {
-    match std::fs::OpenOptions::new().read(true).write(true).open("/dev/console") {
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/console")
+    {
         Ok(f) => {
             for fd in 0..=2 {
                 // SAFETY: dup2 onto the standard fds; `f` stays open for the
@@ -152,7 +208,11 @@ pub fn load_modules() {
             return;
         }
     };
-    for path in list.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')) {
+    for path in list
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+    {
         match load_module(Path::new(path)) {
             Ok(()) => info!("loaded module {path}"),
             Err(e) => error!("loading module {path}: {e:#}"),

@@ -75,7 +75,10 @@ impl Reaper {
         let mut waiting = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
         if waiting.insert(pid.as_raw(), on_exit).is_some() {
             // A pid is only reused after it was reaped, which removed its entry.
-            error!(pid = pid.as_raw(), "pid registered twice; the first waiter is dropped");
+            error!(
+                pid = pid.as_raw(),
+                "pid registered twice; the first waiter is dropped"
+            );
         }
     }
 
@@ -86,7 +89,10 @@ impl Reaper {
 
     fn reap_all(&self) {
         loop {
-            match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG | WaitPidFlag::__WALL)) {
+            match waitpid(
+                Pid::from_raw(-1),
+                Some(WaitPidFlag::WNOHANG | WaitPidFlag::__WALL),
+            ) {
                 Ok(WaitStatus::StillAlive) => return,
                 Ok(status) => self.dispatch(status),
                 Err(Errno::EINTR) => continue,
@@ -104,7 +110,11 @@ impl Reaper {
         if !matches!(status, WaitStatus::Exited(..) | WaitStatus::Signaled(..)) {
             return;
         }
-        let cb = self.waiting.lock().unwrap_or_else(|p| p.into_inner()).remove(&pid.as_raw());
+        let cb = self
+            .waiting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&pid.as_raw());
         match cb {
             Some(cb) => cb(status),
             None => debug!(pid = pid.as_raw(), ?status, "reaped an orphan"),

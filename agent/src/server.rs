@@ -70,9 +70,16 @@ pub async fn serve(svc: Arc<AgentService>, listen: Listen) -> Result<()> {
             info!("serving on vsock ports {TTRPC_PORT} (ttrpc) and {STREAM_PORT} (streams)");
             tokio::spawn(async move {
                 for attempt in 1..=READY_ATTEMPTS {
-                    match tokio_vsock::VsockStream::connect(VsockAddr::new(VMADDR_CID_HOST, READY_PORT)).await {
+                    match tokio_vsock::VsockStream::connect(VsockAddr::new(
+                        VMADDR_CID_HOST,
+                        READY_PORT,
+                    ))
+                    .await
+                    {
                         Ok(mut c) => return send_ready(&mut c).await,
-                        Err(e) if attempt == READY_ATTEMPTS => warn!("ready notice: {e}; giving up"),
+                        Err(e) if attempt == READY_ATTEMPTS => {
+                            warn!("ready notice: {e}; giving up")
+                        }
                         Err(_) => tokio::time::sleep(READY_RETRY).await,
                     }
                 }
@@ -121,9 +128,15 @@ pub async fn serve(svc: Arc<AgentService>, listen: Listen) -> Result<()> {
 }
 
 async fn send_ready<W: AsyncWrite + Unpin>(w: &mut W) {
-    let notice = ReadyNotice { agent_version: husk_proto::AGENT_VERSION.to_owned(), boot_to_ready_ms: boottime_ms() };
+    let notice = ReadyNotice {
+        agent_version: husk_proto::AGENT_VERSION.to_owned(),
+        boot_to_ready_ms: boottime_ms(),
+    };
     match husk_proto::stream::write_msg(w, &notice).await {
-        Ok(()) => info!(boot_to_ready_ms = notice.boot_to_ready_ms, "ready notice sent"),
+        Ok(()) => info!(
+            boot_to_ready_ms = notice.boot_to_ready_ms,
+            "ready notice sent"
+        ),
         Err(e) => warn!("writing the ready notice: {e}"),
     }
 }

@@ -41,7 +41,10 @@ pub struct AgentService {
 }
 
 pub fn boottime_ms() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: clock_gettime writes one timespec to a live, writable value.
     if unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) } != 0 {
         return 0;
@@ -50,12 +53,17 @@ pub fn boottime_ms() -> u64 {
 }
 
 fn unix_nanos(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
 }
 
 fn stdio_req(s: Option<agent::StdioConfig>) -> StdioRequest {
     let s = s.unwrap_or_default();
-    StdioRequest { stdin: s.stdin, terminal: s.terminal }
+    StdioRequest {
+        stdin: s.stdin,
+        terminal: s.terminal,
+    }
 }
 
 fn process_ref(r: Option<ProcessRef>, field: &str) -> Result<ProcessRef> {
@@ -64,12 +72,18 @@ fn process_ref(r: Option<ProcessRef>, field: &str) -> Result<ProcessRef> {
 
 impl AgentService {
     pub fn new(mode: Mode, containers: Containers) -> Self {
-        AgentService { mode, containers, sandbox: Default::default() }
+        AgentService {
+            mode,
+            containers,
+            sandbox: Default::default(),
+        }
     }
 
     async fn require_sandbox(&self) -> Result<()> {
         if self.sandbox.lock().await.is_none() {
-            return Err(AgentError::FailedPrecondition("CreateSandbox has not been called".into()));
+            return Err(AgentError::FailedPrecondition(
+                "CreateSandbox has not been called".into(),
+            ));
         }
         Ok(())
     }
@@ -84,14 +98,18 @@ impl AgentService {
         }
         let mut sandbox = self.sandbox.lock().await;
         if let Some(s) = sandbox.as_ref() {
-            return Err(AgentError::AlreadyExists(format!("sandbox {:?} already exists", s.id)));
+            return Err(AgentError::AlreadyExists(format!(
+                "sandbox {:?} already exists",
+                s.id
+            )));
         }
         let mut share_mounted = false;
         match self.mode {
             Mode::Vm => {
                 let dir = Path::new(husk_proto::GUEST_SHARE_DIR);
-                std::fs::create_dir_all(dir)
-                    .map_err(|e| AgentError::Internal(format!("creating {}: {e}", dir.display())))?;
+                std::fs::create_dir_all(dir).map_err(|e| {
+                    AgentError::Internal(format!("creating {}: {e}", dir.display()))
+                })?;
                 nix::mount::mount(
                     Some(req.share_tag.as_str()),
                     dir,
@@ -112,10 +130,15 @@ impl AgentService {
                         .map_err(|e| AgentError::Internal(format!("sethostname: {e}")))?;
                 }
             }
-            Mode::Host => info!("not in a VM: the share is not mounted and the hostname is not set"),
+            Mode::Host => {
+                info!("not in a VM: the share is not mounted and the hostname is not set")
+            }
         }
         info!(sandbox = req.sandbox_id, "sandbox created");
-        *sandbox = Some(Sandbox { id: req.sandbox_id, share_mounted });
+        *sandbox = Some(Sandbox {
+            id: req.sandbox_id,
+            share_mounted,
+        });
         Ok(())
     }
 
@@ -131,7 +154,10 @@ impl AgentService {
             if s.share_mounted {
                 if let Err(e) = nix::mount::umount(husk_proto::GUEST_SHARE_DIR) {
                     warn!("unmounting the share: {e}; detaching it");
-                    if let Err(e) = nix::mount::umount2(husk_proto::GUEST_SHARE_DIR, nix::mount::MntFlags::MNT_DETACH) {
+                    if let Err(e) = nix::mount::umount2(
+                        husk_proto::GUEST_SHARE_DIR,
+                        nix::mount::MntFlags::MNT_DETACH,
+                    ) {
                         errors.push(format!("unmounting {}: {e}", husk_proto::GUEST_SHARE_DIR));
                     }
                 }
@@ -157,20 +183,27 @@ impl AgentService {
             info!("sandbox destroyed");
             Ok(())
         } else {
-            Err(AgentError::Internal(format!("destroying the sandbox: {}", errors.join("; "))))
+            Err(AgentError::Internal(format!(
+                "destroying the sandbox: {}",
+                errors.join("; ")
+            )))
         }
     }
 
     /// Handles one STREAM connection: handshake, then bytes.
     pub async fn handle_stream(&self, mut conn: BoxConn) {
-        let hello: std::io::Result<StreamHello> =
-            match tokio::time::timeout(Duration::from_secs(10), husk_proto::stream::read_msg(&mut conn, 4096)).await {
-                Ok(r) => r,
-                Err(_) => {
-                    warn!("stream connection sent no hello within 10 s");
-                    return;
-                }
-            };
+        let hello: std::io::Result<StreamHello> = match tokio::time::timeout(
+            Duration::from_secs(10),
+            husk_proto::stream::read_msg(&mut conn, 4096),
+        )
+        .await
+        {
+            Ok(r) => r,
+            Err(_) => {
+                warn!("stream connection sent no hello within 10 s");
+                return;
+            }
+        };
         let hello = match hello {
             Ok(h) => h,
             Err(e) => {
@@ -180,10 +213,23 @@ impl AgentService {
         };
         let slot = self.stream_slot(&hello);
         let (accept, target) = match slot {
-            Ok(t) => (StreamAccept { error: String::new() }, Some(t)),
-            Err(e) => (StreamAccept { error: e.to_string() }, None),
+            Ok(t) => (
+                StreamAccept {
+                    error: String::new(),
+                },
+                Some(t),
+            ),
+            Err(e) => (
+                StreamAccept {
+                    error: e.to_string(),
+                },
+                None,
+            ),
         };
-        if husk_proto::stream::write_msg(&mut conn, &accept).await.is_err() {
+        if husk_proto::stream::write_msg(&mut conn, &accept)
+            .await
+            .is_err()
+        {
             return;
         }
         match target {
@@ -205,7 +251,10 @@ impl AgentService {
         }
     }
 
-    fn stream_slot(&self, hello: &StreamHello) -> Result<(Arc<crate::container::Process>, StreamKind)> {
+    fn stream_slot(
+        &self,
+        hello: &StreamHello,
+    ) -> Result<(Arc<crate::container::Process>, StreamKind)> {
         let r = hello
             .process
             .as_ref()
@@ -213,7 +262,9 @@ impl AgentService {
         let kind = StreamKind::try_from(hello.kind)
             .ok()
             .filter(|k| *k != StreamKind::Unspecified)
-            .ok_or_else(|| AgentError::InvalidArgument(format!("kind: {} is not a stream kind", hello.kind)))?;
+            .ok_or_else(|| {
+                AgentError::InvalidArgument(format!("kind: {} is not a stream kind", hello.kind))
+            })?;
         let p = self.containers.process(&r.container_id, &r.exec_id)?;
         let present = match kind {
             StreamKind::Stdin => p.stdio.stdin.is_some(),
@@ -262,7 +313,9 @@ impl agent::Agent for AgentService {
 
     async fn create_container(&self, req: CreateContainerRequest) -> Result<Empty, Status> {
         self.require_sandbox().await?;
-        self.containers.create(&req.container_id, &req.oci_spec_json, stdio_req(req.stdio)).await?;
+        self.containers
+            .create(&req.container_id, &req.oci_spec_json, stdio_req(req.stdio))
+            .await?;
         Ok(Empty {})
     }
 
@@ -277,7 +330,9 @@ impl agent::Agent for AgentService {
     }
 
     async fn update_container(&self, req: UpdateContainerRequest) -> Result<Empty, Status> {
-        self.containers.update(&req.container_id, &req.resources_json).await?;
+        self.containers
+            .update(&req.container_id, &req.resources_json)
+            .await?;
         Ok(Empty {})
     }
 
@@ -295,32 +350,49 @@ impl agent::Agent for AgentService {
 
     async fn exec_process(&self, req: ExecProcessRequest) -> Result<Empty, Status> {
         self.containers
-            .exec(&req.container_id, &req.exec_id, &req.process_json, stdio_req(req.stdio))
+            .exec(
+                &req.container_id,
+                &req.exec_id,
+                &req.process_json,
+                stdio_req(req.stdio),
+            )
             .await?;
         Ok(Empty {})
     }
 
     async fn signal_process(&self, req: SignalProcessRequest) -> Result<Empty, Status> {
         let r = process_ref(req.process, "process")?;
-        self.containers.signal(&r.container_id, &r.exec_id, req.signal).await?;
+        self.containers
+            .signal(&r.container_id, &r.exec_id, req.signal)
+            .await?;
         Ok(Empty {})
     }
 
     async fn wait_process(&self, req: ProcessRef) -> Result<WaitProcessResponse, Status> {
         let p = self.containers.process(&req.container_id, &req.exec_id)?;
         let e = p.wait().await?;
-        Ok(WaitProcessResponse { exit_code: e.code, oom_killed: e.oom_killed, exited_at_unix_nanos: unix_nanos(e.at) })
+        Ok(WaitProcessResponse {
+            exit_code: e.code,
+            oom_killed: e.oom_killed,
+            exited_at_unix_nanos: unix_nanos(e.at),
+        })
     }
 
     async fn resize_terminal(&self, req: ResizeTerminalRequest) -> Result<Empty, Status> {
         let r = process_ref(req.process, "process")?;
-        let rows = u16::try_from(req.rows).map_err(|_| AgentError::InvalidArgument(format!("rows: {} > 65535", req.rows)))?;
-        let cols = u16::try_from(req.cols).map_err(|_| AgentError::InvalidArgument(format!("cols: {} > 65535", req.cols)))?;
+        let rows = u16::try_from(req.rows)
+            .map_err(|_| AgentError::InvalidArgument(format!("rows: {} > 65535", req.rows)))?;
+        let cols = u16::try_from(req.cols)
+            .map_err(|_| AgentError::InvalidArgument(format!("cols: {} > 65535", req.cols)))?;
         let p = self.containers.process(&r.container_id, &r.exec_id)?;
         let tty = p.stdio.tty.as_ref().ok_or_else(|| {
-            AgentError::FailedPrecondition(format!("process {:?}/{:?} has no terminal", r.container_id, r.exec_id))
+            AgentError::FailedPrecondition(format!(
+                "process {:?}/{:?} has no terminal",
+                r.container_id, r.exec_id
+            ))
         })?;
-        crate::stdio::resize(tty, rows, cols).map_err(|e| AgentError::Internal(format!("TIOCSWINSZ: {e}")))?;
+        crate::stdio::resize(tty, rows, cols)
+            .map_err(|e| AgentError::Internal(format!("TIOCSWINSZ: {e}")))?;
         Ok(Empty {})
     }
 }

@@ -35,13 +35,17 @@ pub fn validate_id(field: &str, id: &str) -> Result<(), AgentError> {
 pub fn validate_hostname(name: &str) -> Result<(), AgentError> {
     let ok = !name.is_empty()
         && name.len() <= 64
-        && name
-            .split('.')
-            .all(|l| !l.is_empty() && !l.starts_with('-') && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'));
+        && name.split('.').all(|l| {
+            !l.is_empty()
+                && !l.starts_with('-')
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        });
     if ok {
         Ok(())
     } else {
-        Err(AgentError::InvalidArgument(format!("hostname: {name:?} is not a valid host name")))
+        Err(AgentError::InvalidArgument(format!(
+            "hostname: {name:?} is not a valid host name"
+        )))
     }
 }
 
@@ -57,7 +61,9 @@ pub fn validate_share_tag(tag: &str) -> Result<(), AgentError> {
 
 fn parse_json<T: serde::de::DeserializeOwned>(field: &str, json: &[u8]) -> Result<T, AgentError> {
     if json.len() > MAX_JSON {
-        return Err(AgentError::InvalidArgument(format!("{field}: larger than {MAX_JSON} bytes")));
+        return Err(AgentError::InvalidArgument(format!(
+            "{field}: larger than {MAX_JSON} bytes"
+        )));
     }
     serde_json::from_slice(json).map_err(|e| AgentError::InvalidArgument(format!("{field}: {e}")))
 }
@@ -96,7 +102,9 @@ pub fn prepare_spec(
         .as_mut()
         .ok_or_else(|| AgentError::InvalidArgument("oci_spec_json.process: missing".into()))?;
     if process.args().as_ref().is_none_or(|a| a.is_empty()) {
-        return Err(AgentError::InvalidArgument("oci_spec_json.process.args: empty".into()));
+        return Err(AgentError::InvalidArgument(
+            "oci_spec_json.process.args: empty".into(),
+        ));
     }
     process.set_terminal(Some(terminal));
     let linux = spec
@@ -112,7 +120,9 @@ pub fn prepare_spec(
 pub fn prepare_process(json: &[u8], terminal: bool) -> Result<Process, AgentError> {
     let mut process: Process = parse_json("process_json", json)?;
     if process.args().as_ref().is_none_or(|a| a.is_empty()) {
-        return Err(AgentError::InvalidArgument("process_json.args: empty".into()));
+        return Err(AgentError::InvalidArgument(
+            "process_json.args: empty".into(),
+        ));
     }
     if !process.cwd().is_absolute() {
         return Err(AgentError::InvalidArgument(format!(
@@ -151,7 +161,9 @@ pub fn validate_signal(sig: i32) -> Result<i32, AgentError> {
     if (1..=64).contains(&sig) {
         Ok(sig)
     } else {
-        Err(AgentError::InvalidArgument(format!("signal: {sig} is not in 1..=64")))
+        Err(AgentError::InvalidArgument(format!(
+            "signal: {sig} is not in 1..=64"
+        )))
     }
 }
 
@@ -167,7 +179,19 @@ mod tests {
         for ok in ["a", "A0", "abc-def_1.2", "0", &"x".repeat(128)] {
             validate_id("id", ok).unwrap();
         }
-        for bad in ["", "-a", ".", "..", "_a", "a/b", "a b", "a\0", "ä", &"x".repeat(129), "../x"] {
+        for bad in [
+            "",
+            "-a",
+            ".",
+            "..",
+            "_a",
+            "a/b",
+            "a b",
+            "a\0",
+            "ä",
+            &"x".repeat(129),
+            "../x",
+        ] {
             let err = validate_id("container_id", bad).unwrap_err();
             match err {
                 AgentError::InvalidArgument(m) => assert!(m.starts_with("container_id:"), "{m}"),
@@ -193,8 +217,14 @@ mod tests {
         let pid = Pid::from_raw(10);
         assert_eq!(exit_code(WaitStatus::Exited(pid, 0)), Some(0));
         assert_eq!(exit_code(WaitStatus::Exited(pid, 3)), Some(3));
-        assert_eq!(exit_code(WaitStatus::Signaled(pid, Signal::SIGKILL, false)), Some(137));
-        assert_eq!(exit_code(WaitStatus::Signaled(pid, Signal::SIGTERM, true)), Some(143));
+        assert_eq!(
+            exit_code(WaitStatus::Signaled(pid, Signal::SIGKILL, false)),
+            Some(137)
+        );
+        assert_eq!(
+            exit_code(WaitStatus::Signaled(pid, Signal::SIGTERM, true)),
+            Some(143)
+        );
         assert_eq!(exit_code(WaitStatus::Stopped(pid, Signal::SIGSTOP)), None);
         assert_eq!(exit_code(WaitStatus::StillAlive), None);
     }
@@ -219,13 +249,15 @@ mod tests {
         let mut json = base_spec();
         json["linux"]["cgroupsPath"] = "/evil/../../x".into();
         json["process"]["terminal"] = true.into();
-        let spec = prepare_spec("c1", json.to_string().as_bytes(), false, Path::new("husk")).unwrap();
+        let spec =
+            prepare_spec("c1", json.to_string().as_bytes(), false, Path::new("husk")).unwrap();
         assert_eq!(
             spec.linux().as_ref().unwrap().cgroups_path().as_deref(),
             Some(Path::new("/husk/c1"))
         );
         assert_eq!(spec.process().as_ref().unwrap().terminal(), Some(false));
-        let spec = prepare_spec("c1", json.to_string().as_bytes(), true, Path::new("husk")).unwrap();
+        let spec =
+            prepare_spec("c1", json.to_string().as_bytes(), true, Path::new("husk")).unwrap();
         assert_eq!(spec.process().as_ref().unwrap().terminal(), Some(true));
     }
 
@@ -243,20 +275,28 @@ mod tests {
         assert!(invalid_field(prepare_spec("c", b"[]", false, p)).starts_with("oci_spec_json"));
         let mut json = base_spec();
         json["root"]["path"] = "rootfs".into();
-        assert!(invalid_field(prepare_spec("c", json.to_string().as_bytes(), false, p))
-            .starts_with("oci_spec_json.root.path"));
+        assert!(
+            invalid_field(prepare_spec("c", json.to_string().as_bytes(), false, p))
+                .starts_with("oci_spec_json.root.path")
+        );
         let mut json = base_spec();
         json["ociVersion"] = "0.9".into();
-        assert!(invalid_field(prepare_spec("c", json.to_string().as_bytes(), false, p))
-            .starts_with("oci_spec_json.ociVersion"));
+        assert!(
+            invalid_field(prepare_spec("c", json.to_string().as_bytes(), false, p))
+                .starts_with("oci_spec_json.ociVersion")
+        );
         let mut json = base_spec();
         json["process"]["args"] = serde_json::json!([]);
-        assert!(invalid_field(prepare_spec("c", json.to_string().as_bytes(), false, p))
-            .starts_with("oci_spec_json.process.args"));
+        assert!(
+            invalid_field(prepare_spec("c", json.to_string().as_bytes(), false, p))
+                .starts_with("oci_spec_json.process.args")
+        );
         let mut json = base_spec();
         json.as_object_mut().unwrap().remove("linux");
-        assert!(invalid_field(prepare_spec("c", json.to_string().as_bytes(), false, p))
-            .starts_with("oci_spec_json.linux"));
+        assert!(
+            invalid_field(prepare_spec("c", json.to_string().as_bytes(), false, p))
+                .starts_with("oci_spec_json.linux")
+        );
         let big = vec![b' '; MAX_JSON + 1];
         assert!(invalid_field(prepare_spec("c", &big, false, p)).contains("larger"));
     }

@@ -77,7 +77,12 @@ pub struct Slot {
 
 impl Slot {
     pub fn new(dir: Direction, fd: Fd, is_tty: bool) -> Self {
-        Slot { dir, fd: Arc::new(Mutex::new(Some(fd))), is_tty, task: Default::default() }
+        Slot {
+            dir,
+            fd: Arc::new(Mutex::new(Some(fd))),
+            is_tty,
+            task: Default::default(),
+        }
     }
 
     fn current(fd: &Mutex<Option<Fd>>) -> Option<Fd> {
@@ -164,7 +169,9 @@ async fn copy_in(slot: &Mutex<Option<Fd>>, conn: &mut BoxConn, is_tty: bool) {
             }
             return;
         }
-        let Some(fd) = Slot::current(slot) else { return };
+        let Some(fd) = Slot::current(slot) else {
+            return;
+        };
         if let Err(e) = write_all_fd(&fd, &buf[..n]).await {
             debug!("stdin write: {e}");
             // EPIPE: nobody reads stdin any more.
@@ -184,9 +191,15 @@ pub struct ProcessStdio {
 }
 
 impl ProcessStdio {
-    pub fn from_pipes(stdin: Option<OwnedFd>, stdout: OwnedFd, stderr: OwnedFd) -> io::Result<Self> {
+    pub fn from_pipes(
+        stdin: Option<OwnedFd>,
+        stdout: OwnedFd,
+        stderr: OwnedFd,
+    ) -> io::Result<Self> {
         Ok(ProcessStdio {
-            stdin: stdin.map(|fd| async_fd(fd).map(|fd| Slot::new(Direction::In, fd, false))).transpose()?,
+            stdin: stdin
+                .map(|fd| async_fd(fd).map(|fd| Slot::new(Direction::In, fd, false)))
+                .transpose()?,
             stdout: Slot::new(Direction::Out, async_fd(stdout)?, false),
             stderr: Some(Slot::new(Direction::Out, async_fd(stderr)?, false)),
             tty: None,
@@ -204,7 +217,14 @@ impl ProcessStdio {
     }
 
     pub async fn detach_all(&self) {
-        for slot in [self.stdin.as_ref(), Some(&self.stdout), self.stderr.as_ref()].into_iter().flatten() {
+        for slot in [
+            self.stdin.as_ref(),
+            Some(&self.stdout),
+            self.stderr.as_ref(),
+        ]
+        .into_iter()
+        .flatten()
+        {
             slot.detach().await;
         }
     }
@@ -229,12 +249,26 @@ pub fn pipes(want_stdin: bool) -> io::Result<(ChildPipes, Option<OwnedFd>, Owned
     };
     let (out_r, out_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
     let (err_r, err_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
-    Ok((ChildPipes { stdin: in_r, stdout: out_w, stderr: err_w }, in_w, out_r, err_r))
+    Ok((
+        ChildPipes {
+            stdin: in_r,
+            stdout: out_w,
+            stderr: err_w,
+        },
+        in_w,
+        out_r,
+        err_r,
+    ))
 }
 
 /// Sets a pty's window size.
 pub fn resize(master: &AsyncFd<OwnedFd>, rows: u16, cols: u16) -> io::Result<()> {
-    let ws = libc::winsize { ws_row: rows, ws_col: cols, ws_xpixel: 0, ws_ypixel: 0 };
+    let ws = libc::winsize {
+        ws_row: rows,
+        ws_col: cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
     // SAFETY: TIOCSWINSZ reads one winsize from the pointer, which points to
     // a live, initialised value; the fd is a pty master we own.
     let rc = unsafe { libc::ioctl(master.get_ref().as_raw_fd(), libc::TIOCSWINSZ, &ws) };
@@ -255,7 +289,12 @@ pub fn recv_console(listener: &std::os::unix::net::UnixListener) -> io::Result<O
     let mut buf = [0u8; 4096];
     let mut iov = [io::IoSliceMut::new(&mut buf)];
     let mut cmsg = nix::cmsg_space!([std::os::fd::RawFd; 4]);
-    let msg = recvmsg::<()>(conn.as_raw_fd(), &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC)?;
+    let msg = recvmsg::<()>(
+        conn.as_raw_fd(),
+        &mut iov,
+        Some(&mut cmsg),
+        MsgFlags::MSG_CMSG_CLOEXEC,
+    )?;
     let mut fds = Vec::new();
     for c in msg.cmsgs()? {
         if let ControlMessageOwned::ScmRights(r) = c {
@@ -269,7 +308,10 @@ pub fn recv_console(listener: &std::os::unix::net::UnixListener) -> io::Result<O
         .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) })
         .collect();
     if owned.is_empty() {
-        return Err(io::Error::new(io::ErrorKind::InvalidData, "console socket sent no fd"));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "console socket sent no fd",
+        ));
     }
     Ok(owned.swap_remove(0))
 }

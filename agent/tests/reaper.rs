@@ -24,6 +24,7 @@ async fn waitpid_under_the_fork_lock_never_loses_its_status() {
         std::thread::spawn(move || {
             while !stop.load(Ordering::Relaxed) {
                 // Dropping a Child does not wait for it: only the reaper can.
+                #[allow(clippy::zombie_processes)]
                 if Command::new("true").spawn().is_ok() {
                     spawned.fetch_add(1, Ordering::Relaxed);
                 }
@@ -36,10 +37,11 @@ async fn waitpid_under_the_fork_lock_never_loses_its_status() {
         let guard = reaper.fork_lock().await;
         // std's Command::status is fork + waitpid(pid): ECHILD here would
         // mean the reaper stole the status.
-        let status = tokio::task::spawn_blocking(|| Command::new("sh").args(["-c", "exit 7"]).status())
-            .await
-            .unwrap()
-            .unwrap_or_else(|e| panic!("iteration {i}: waitpid lost its child: {e}"));
+        let status =
+            tokio::task::spawn_blocking(|| Command::new("sh").args(["-c", "exit 7"]).status())
+                .await
+                .unwrap()
+                .unwrap_or_else(|e| panic!("iteration {i}: waitpid lost its child: {e}"));
         assert_eq!(status.code(), Some(7), "iteration {i}");
         drop(guard);
         reaper.kick();
@@ -49,12 +51,24 @@ async fn waitpid_under_the_fork_lock_never_loses_its_status() {
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     for code in [0, 1, 42] {
         let guard = reaper.fork_lock().await;
-        let child = Command::new("sh").args(["-c", &format!("exit {code}")]).spawn().unwrap();
+        // The reaper waits for it, not std.
+        #[allow(clippy::zombie_processes)]
+        let child = Command::new("sh")
+            .args(["-c", &format!("exit {code}")])
+            .spawn()
+            .unwrap();
         let pid = nix::unistd::Pid::from_raw(child.id() as i32);
         let tx = tx.clone();
-        reaper.register(&guard, pid, Box::new(move |st: WaitStatus| tx.send((pid, st)).unwrap()));
+        reaper.register(
+            &guard,
+            pid,
+            Box::new(move |st: WaitStatus| tx.send((pid, st)).unwrap()),
+        );
         drop(guard);
-        let (p, st) = tokio::time::timeout(Duration::from_secs(10), rx.recv()).await.unwrap().unwrap();
+        let (p, st) = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(p, pid);
         assert_eq!(st, WaitStatus::Exited(pid, code));
     }
@@ -66,7 +80,10 @@ async fn waitpid_under_the_fork_lock_never_loses_its_status() {
     reaper.kick();
     tokio::time::sleep(Duration::from_millis(300)).await;
     let zombies = zombie_children();
-    assert!(spawned.load(Ordering::Relaxed) > 50, "the noise thread hardly ran");
+    assert!(
+        spawned.load(Ordering::Relaxed) > 50,
+        "the noise thread hardly ran"
+    );
     assert!(zombies.is_empty(), "unreaped children: {zombies:?}");
 }
 
@@ -74,9 +91,13 @@ fn zombie_children() -> Vec<i32> {
     let me = std::process::id().to_string();
     let mut out = Vec::new();
     for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else { continue };
+        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
+            continue;
+        };
         // pid (comm) state ppid ...
-        let Some(rest) = stat.rsplit_once(") ").map(|(_, r)| r) else { continue };
+        let Some(rest) = stat.rsplit_once(") ").map(|(_, r)| r) else {
+            continue;
+        };
         let mut f = rest.split_whitespace();
         let (state, ppid) = (f.next(), f.next());
         if state == Some("Z") && ppid == Some(me.as_str()) {

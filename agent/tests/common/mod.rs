@@ -8,8 +8,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use husk_proto::agent::{
-    AgentClient, CreateContainerRequest, CreateSandboxRequest, ProcessRef, ReadyNotice, StdioConfig,
-    StreamAccept, StreamHello, StreamKind,
+    AgentClient, CreateContainerRequest, CreateSandboxRequest, ProcessRef, ReadyNotice,
+    StdioConfig, StreamAccept, StreamHello, StreamKind,
 };
 use husk_proto::stream::{read_msg, write_msg};
 use husk_proto::ttrpc::{Client, Code, Error};
@@ -33,8 +33,13 @@ impl Drop for Agent {
         let _ = self.child.wait();
         // Leftover container processes (if a test failed) would keep their
         // cgroups; the agent's own removal already emptied them otherwise.
-        for ctl in ["", "cpu", "cpuacct", "cpuset", "memory", "devices", "freezer", "blkio", "pids", "hugetlb", "systemd"] {
-            let dir = Path::new("/sys/fs/cgroup").join(ctl).join(&self.cgroup_parent);
+        for ctl in [
+            "", "cpu", "cpuacct", "cpuset", "memory", "devices", "freezer", "blkio", "pids",
+            "hugetlb", "systemd",
+        ] {
+            let dir = Path::new("/sys/fs/cgroup")
+                .join(ctl)
+                .join(&self.cgroup_parent);
             if dir.exists() {
                 if let Ok(entries) = std::fs::read_dir(&dir) {
                     for e in entries.flatten() {
@@ -58,7 +63,10 @@ impl Drop for Agent {
 fn kill_cgroup(dir: &Path) {
     if let Ok(procs) = std::fs::read_to_string(dir.join("cgroup.procs")) {
         for pid in procs.lines().filter_map(|l| l.parse::<i32>().ok()) {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
         }
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -72,7 +80,9 @@ fn make_rootfs(dir: &Path) -> PathBuf {
     }
     std::fs::copy("/bin/busybox", rootfs.join("bin/busybox"))
         .expect("/bin/busybox (Debian busybox-static) is required");
-    for applet in ["sh", "echo", "cat", "sleep", "true", "stty", "head", "dd", "tail"] {
+    for applet in [
+        "sh", "echo", "cat", "sleep", "true", "stty", "head", "dd", "tail",
+    ] {
         std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(applet)).unwrap();
     }
     rootfs
@@ -80,15 +90,22 @@ fn make_rootfs(dir: &Path) -> PathBuf {
 
 impl Agent {
     pub async fn start() -> Agent {
-        assert!(nix::unistd::geteuid().is_root(), "the agent integration tests need root");
-        let dir = tempfile::Builder::new().prefix("husk-agent-test").tempdir().unwrap();
+        assert!(
+            nix::unistd::geteuid().is_root(),
+            "the agent integration tests need root"
+        );
+        let dir = tempfile::Builder::new()
+            .prefix("husk-agent-test")
+            .tempdir()
+            .unwrap();
         let rootfs = make_rootfs(dir.path());
         let ready_listener = tokio::net::UnixListener::bind(dir.path().join("ready.sock")).unwrap();
         let cgroup_parent = format!("husk-test-{}-{}", std::process::id(), rand_suffix());
         let log = std::fs::File::create(dir.path().join("agent.log")).unwrap();
         // HUSK_AGENT_BIN runs the tests against another build, e.g. the
         // static release binary.
-        let bin = std::env::var_os("HUSK_AGENT_BIN").unwrap_or_else(|| env!("CARGO_BIN_EXE_husk-agent").into());
+        let bin = std::env::var_os("HUSK_AGENT_BIN")
+            .unwrap_or_else(|| env!("CARGO_BIN_EXE_husk-agent").into());
         let child = Command::new(bin)
             .arg("--listen-unix")
             .arg(dir.path())
@@ -100,7 +117,13 @@ impl Agent {
             .stderr(log)
             .spawn()
             .expect("spawning husk-agent");
-        let mut agent = Agent { dir, rootfs, cgroup_parent, child, ready: ReadyNotice::default() };
+        let mut agent = Agent {
+            dir,
+            rootfs,
+            cgroup_parent,
+            child,
+            ready: ReadyNotice::default(),
+        };
         let (mut conn, _) = tokio::time::timeout(Duration::from_secs(20), ready_listener.accept())
             .await
             .expect("no ready notice within 20 s")
@@ -110,14 +133,20 @@ impl Agent {
     }
 
     pub async fn client(&self) -> AgentClient {
-        let s = UnixStream::connect(self.dir.path().join("ttrpc.sock")).await.unwrap();
+        let s = UnixStream::connect(self.dir.path().join("ttrpc.sock"))
+            .await
+            .unwrap();
         AgentClient::new(Client::new(s))
     }
 
     pub async fn sandbox(&self) -> AgentClient {
         let c = self.client().await;
         c.create_sandbox(
-            CreateSandboxRequest { sandbox_id: "sb1".into(), hostname: "pod".into(), share_tag: String::new() },
+            CreateSandboxRequest {
+                sandbox_id: "sb1".into(),
+                hostname: "pod".into(),
+                share_tag: String::new(),
+            },
             T,
         )
         .await
@@ -132,7 +161,13 @@ impl Agent {
 
     pub fn spec_value(&self, args: &[&str]) -> serde_json::Value {
         let mut spec = Spec::default();
-        spec.set_root(Some(RootBuilder::default().path(&self.rootfs).readonly(false).build().unwrap()));
+        spec.set_root(Some(
+            RootBuilder::default()
+                .path(&self.rootfs)
+                .readonly(false)
+                .build()
+                .unwrap(),
+        ));
         let process = ProcessBuilder::default()
             .args(args.iter().map(|s| s.to_string()).collect::<Vec<_>>())
             .env(vec!["PATH=/bin".to_string()])
@@ -144,7 +179,14 @@ impl Agent {
         serde_json::to_value(&spec).unwrap()
     }
 
-    pub async fn create(&self, c: &AgentClient, id: &str, args: &[&str], stdin: bool, terminal: bool) {
+    pub async fn create(
+        &self,
+        c: &AgentClient,
+        id: &str,
+        args: &[&str],
+        stdin: bool,
+        terminal: bool,
+    ) {
         c.create_container(
             CreateContainerRequest {
                 container_id: id.into(),
@@ -158,10 +200,20 @@ impl Agent {
     }
 
     /// Opens a STREAM connection; returns it after a successful accept.
-    pub async fn stream(&self, id: &str, exec: &str, kind: StreamKind) -> Result<UnixStream, String> {
-        let mut s = UnixStream::connect(self.dir.path().join("stream.sock")).await.unwrap();
+    pub async fn stream(
+        &self,
+        id: &str,
+        exec: &str,
+        kind: StreamKind,
+    ) -> Result<UnixStream, String> {
+        let mut s = UnixStream::connect(self.dir.path().join("stream.sock"))
+            .await
+            .unwrap();
         let hello = StreamHello {
-            process: Some(ProcessRef { container_id: id.into(), exec_id: exec.into() }),
+            process: Some(ProcessRef {
+                container_id: id.into(),
+                exec_id: exec.into(),
+            }),
             kind: kind as i32,
         };
         write_msg(&mut s, &hello).await.unwrap();
@@ -191,14 +243,22 @@ pub async fn write_and_close(mut s: UnixStream, data: &[u8]) {
 pub fn code<T: std::fmt::Debug>(r: Result<T, Error>) -> Code {
     match r {
         Ok(v) => panic!("expected an error, got {v:?}"),
-        Err(e) => e.code().unwrap_or_else(|| panic!("not a status error: {e}")),
+        Err(e) => e
+            .code()
+            .unwrap_or_else(|| panic!("not a status error: {e}")),
     }
 }
 
 pub fn pref(id: &str, exec: &str) -> ProcessRef {
-    ProcessRef { container_id: id.into(), exec_id: exec.into() }
+    ProcessRef {
+        container_id: id.into(),
+        exec_id: exec.into(),
+    }
 }
 
 fn rand_suffix() -> u32 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos()
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos()
 }
