@@ -194,6 +194,11 @@ async fn container_runs_in_a_vm() {
         spec["root"] = serde_json::json!({"path": format!("{}/c1/rootfs", husk_proto::GUEST_SHARE_DIR), "readonly": false});
         spec["process"]["args"] = serde_json::json!(["sh", "-c", "echo hello from $(hostname); exit 3"]);
         spec["process"]["env"] = serde_json::json!(["PATH=/bin"]);
+        // Share the VM's UTS namespace: the output then shows the hostname
+        // CreateSandbox set.
+        spec.as_object_mut().unwrap().remove("hostname");
+        let ns = spec["linux"]["namespaces"].as_array_mut().unwrap();
+        ns.retain(|n| n["type"] != "uts");
         let create = Instant::now();
         client
             .create_container(
