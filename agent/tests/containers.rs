@@ -558,3 +558,43 @@ async fn seccomp_profile_is_enforced() {
     .await
     .unwrap();
 }
+
+#[tokio::test]
+async fn oom_kill_is_reported() {
+    let agent = Agent::start().await;
+    let c = agent.sandbox().await;
+    // busybox tail keeps the current line in memory; /dev/zero has no newline.
+    let mut spec = agent.spec_value(&["tail", "/dev/zero"]);
+    spec["linux"]["resources"] =
+        serde_json::json!({"memory": {"limit": 16 * 1024 * 1024, "swap": 16 * 1024 * 1024}});
+    c.create_container(
+        husk_proto::agent::CreateContainerRequest {
+            container_id: "oom".into(),
+            oci_spec_json: serde_json::to_vec(&spec).unwrap(),
+            stdio: None,
+        },
+        T,
+    )
+    .await
+    .unwrap();
+    c.start_container(
+        ContainerRef {
+            container_id: "oom".into(),
+        },
+        T,
+    )
+    .await
+    .unwrap();
+    let w = c.wait_process(pref("oom", ""), T).await.unwrap();
+    assert_eq!(w.exit_code, 137, "{w:?}");
+    assert!(w.oom_killed, "{w:?}");
+    c.remove_container(
+        RemoveContainerRequest {
+            container_id: "oom".into(),
+            force: false,
+        },
+        T,
+    )
+    .await
+    .unwrap();
+}
