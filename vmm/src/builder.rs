@@ -89,6 +89,7 @@ impl Outcome {
 pub enum VmState {
     Created,
     Running,
+    Paused,
     Stopped,
 }
 
@@ -99,6 +100,29 @@ pub struct StopHandle(Sender<(u8, VcpuStop)>);
 impl StopHandle {
     pub fn request_stop(&self) {
         let _ = self.0.send((u8::MAX, VcpuStop::Stopped));
+    }
+}
+
+/// Parks and unparks all vCPUs. Devices keep running (their queues simply see no new work);
+/// guest time as seen through kvm-clock keeps advancing.
+#[derive(Clone)]
+pub struct PauseHandle {
+    state: Arc<crate::vstate::vcpu::PauseState>,
+    vcpus: usize,
+}
+
+impl PauseHandle {
+    /// Returns false if the vCPUs did not all park within a second.
+    pub fn pause(&self) -> bool {
+        self.state.pause(self.vcpus, Duration::from_secs(1))
+    }
+
+    pub fn resume(&self) {
+        self.state.resume()
+    }
+
+    pub fn is_paused(&self) -> bool {
+        self.state.is_paused()
     }
 }
 
@@ -251,6 +275,7 @@ impl Vmm {
             mmio: Arc::new(mmio),
             reset,
             stop: Arc::new(AtomicBool::new(false)),
+            pause: Arc::default(),
             events: tx,
             mem: vm.mem.clone(),
         };
@@ -335,6 +360,7 @@ impl Vmm {
 
     fn stop_all(&mut self) {
         self.ctx.stop.store(true, Ordering::SeqCst);
+        self.ctx.pause.wake();
         // A kick can race with a vCPU about to enter KVM_RUN; repeat until all are out.
         for _ in 0..1000 {
             if self.handles.iter().all(|h| h.is_finished()) {
@@ -345,6 +371,7 @@ impl Vmm {
             }
             std::thread::sleep(Duration::from_millis(2));
         }
+        self.ctx.pause.forget_threads();
         for h in &mut self.handles {
             h.join();
         }
@@ -357,6 +384,14 @@ impl Vmm {
 
     pub fn stop_handle(&self) -> StopHandle {
         StopHandle(self.ctx.events.clone())
+    }
+
+    /// Pause/resume from another thread (the control socket).
+    pub fn pause_handle(&self) -> PauseHandle {
+        PauseHandle {
+            state: self.ctx.pause.clone(),
+            vcpus: usize::from(self.cfg.vcpus),
+        }
     }
 
     pub fn state(&self) -> VmState {

@@ -1,7 +1,7 @@
 //! The control socket: newline-delimited JSON requests on a unix stream socket.
 //!
-//! Requests: `{"op":"status"}`, `{"op":"shutdown"}` (`pause`/`resume` answer an error until
-//! implemented). Each gets one JSON line back: `{"ok":true,...}` or `{"ok":false,"error":..}`.
+//! Requests: `{"op":"status"}`, `{"op":"shutdown"}`, `{"op":"pause"}`, `{"op":"resume"}`.
+//! Each gets one JSON line back: `{"ok":true,...}` or `{"ok":false,"error":..}`.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::PermissionsExt;
@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use crate::arch::x86_64::cpuid::Accel;
-use crate::builder::{StopHandle, VmState};
+use crate::builder::{PauseHandle, StopHandle, VmState};
 use crate::devices::bus::lock;
 
 /// Longest request line accepted.
@@ -75,7 +75,7 @@ pub struct ControlServer {
     thread: Option<JoinHandle<()>>,
 }
 
-fn handle_conn(stream: UnixStream, status: &StatusSource, stop: &StopHandle) {
+fn handle_conn(stream: UnixStream, status: &StatusSource, stop: &StopHandle, pause: &PauseHandle) {
     let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
     let Ok(mut out) = stream.try_clone() else {
         return;
@@ -97,8 +97,18 @@ fn handle_conn(stream: UnixStream, status: &StatusSource, stop: &StopHandle) {
                 stop.request_stop();
                 serde_json::json!({"ok": true})
             }
-            Ok(Request::Pause | Request::Resume) => {
-                serde_json::json!({"ok": false, "error": "pause/resume not implemented"})
+            Ok(Request::Pause) => {
+                if pause.pause() {
+                    *lock(&status.state) = VmState::Paused;
+                    serde_json::json!({"ok": true})
+                } else {
+                    serde_json::json!({"ok": false, "error": "vCPUs did not stop within 1 s"})
+                }
+            }
+            Ok(Request::Resume) => {
+                pause.resume();
+                *lock(&status.state) = VmState::Running;
+                serde_json::json!({"ok": true})
             }
             Err(e) => serde_json::json!({"ok": false, "error": format!("bad request: {e}")}),
         };
@@ -114,6 +124,7 @@ impl ControlServer {
         path: &Path,
         status: Arc<StatusSource>,
         stop: StopHandle,
+        pause: PauseHandle,
     ) -> std::io::Result<ControlServer> {
         if UnixStream::connect(path).is_ok() {
             return Err(std::io::Error::new(
@@ -137,9 +148,10 @@ impl ControlServer {
                         Ok(c) => {
                             let status = status.clone();
                             let stop = stop.clone();
+                            let pause = pause.clone();
                             let _ = std::thread::Builder::new()
                                 .name("husk-control-conn".into())
-                                .spawn(move || handle_conn(c, &status, &stop));
+                                .spawn(move || handle_conn(c, &status, &stop, &pause));
                         }
                         Err(e) => tracing::warn!("control socket accept: {e}"),
                     }

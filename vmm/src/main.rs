@@ -55,13 +55,16 @@ fn main() -> Result<()> {
     });
     let control = match &cfg.control_socket {
         Some(p) => Some(
-            ControlServer::start(p, status.clone(), vmm.stop_handle())
+            ControlServer::start(p, status.clone(), vmm.stop_handle(), vmm.pause_handle())
                 .with_context(|| format!("sandbox {id}: control socket {}", p.display()))?,
         ),
         None => None,
     };
     if let Some(p) = &cfg.pid_file {
-        std::fs::write(p, format!("{}\n", std::process::id()))
+        // Write-then-rename: a reader (a restarted huskd) never sees an empty pid file.
+        let tmp = p.with_extension("tmp");
+        std::fs::write(&tmp, format!("{}\n", std::process::id()))
+            .and_then(|()| std::fs::rename(&tmp, p))
             .with_context(|| format!("sandbox {id}: pid file {}", p.display()))?;
     }
     vmm.start()

@@ -86,6 +86,7 @@ pub struct VcpuContext {
     pub mmio: Arc<Bus>,
     pub reset: Arc<AtomicBool>,
     pub stop: Arc<AtomicBool>,
+    pub pause: Arc<PauseState>,
     pub events: Sender<(u8, VcpuStop)>,
     /// For crash diagnostics (the instruction bytes at a failing rip).
     pub mem: vm_memory::GuestMemoryMmap,
@@ -106,8 +107,86 @@ fn insn_bytes(mem: &vm_memory::GuestMemoryMmap, rip: u64) -> String {
     }
 }
 
+/// Pause/resume of all vCPUs: a vCPU that sees `paused` parks outside KVM_RUN (its state
+/// stays in KVM) until resumed or stopped.
+#[derive(Default)]
+pub struct PauseState {
+    inner: std::sync::Mutex<PauseInner>,
+    cond: std::sync::Condvar,
+    threads: std::sync::Mutex<Vec<libc::pthread_t>>,
+}
+
+#[derive(Default)]
+struct PauseInner {
+    paused: bool,
+    parked: usize,
+}
+
+impl PauseState {
+    fn park_if_paused(&self, stop: &AtomicBool) {
+        let mut g = crate::devices::bus::lock(&self.inner);
+        if !g.paused {
+            return;
+        }
+        g.parked += 1;
+        self.cond.notify_all();
+        while g.paused && !stop.load(Ordering::SeqCst) {
+            g = self.cond.wait(g).unwrap_or_else(|p| p.into_inner());
+        }
+        g.parked -= 1;
+        self.cond.notify_all();
+    }
+
+    fn kick_all(&self) {
+        for t in crate::devices::bus::lock(&self.threads).iter() {
+            // SAFETY: the list only holds threads that have not been joined yet
+            // (`forget_threads` empties it, under this lock, before any join), so every id is
+            // valid; the kick signal's handler does nothing.
+            unsafe { libc::pthread_kill(*t, kick_signal()) };
+        }
+    }
+
+    /// Parks all `count` vCPUs; returns false if they did not all park within `timeout`.
+    pub fn pause(&self, count: usize, timeout: std::time::Duration) -> bool {
+        crate::devices::bus::lock(&self.inner).paused = true;
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if crate::devices::bus::lock(&self.inner).parked >= count {
+                return true;
+            }
+            if std::time::Instant::now() > deadline {
+                return false;
+            }
+            // Repeated because a kick can land just before a vCPU enters KVM_RUN.
+            self.kick_all();
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
+
+    pub fn resume(&self) {
+        crate::devices::bus::lock(&self.inner).paused = false;
+        self.cond.notify_all();
+    }
+
+    pub fn is_paused(&self) -> bool {
+        crate::devices::bus::lock(&self.inner).paused
+    }
+
+    /// Must be called before joining the vCPU threads.
+    pub fn forget_threads(&self) {
+        crate::devices::bus::lock(&self.threads).clear();
+    }
+
+    /// Wakes parked vCPUs so they can see `stop`.
+    pub fn wake(&self) {
+        let _g = crate::devices::bus::lock(&self.inner);
+        self.cond.notify_all();
+    }
+}
+
 fn run_loop(vcpu: &mut Vcpu, ctx: &VcpuContext) -> VcpuStop {
     loop {
+        ctx.pause.park_if_paused(&ctx.stop);
         if ctx.stop.load(Ordering::SeqCst) {
             return VcpuStop::Stopped;
         }
@@ -169,6 +248,10 @@ fn run_loop(vcpu: &mut Vcpu, ctx: &VcpuContext) -> VcpuStop {
     }
 }
 
+fn lock_threads(p: &PauseState) -> std::sync::MutexGuard<'_, Vec<libc::pthread_t>> {
+    crate::devices::bus::lock(&p.threads)
+}
+
 pub struct VcpuHandle {
     pub index: u8,
     thread: Option<JoinHandle<()>>,
@@ -179,6 +262,7 @@ impl VcpuHandle {
     pub fn spawn(mut vcpu: Vcpu, ctx: VcpuContext) -> std::io::Result<VcpuHandle> {
         install_kick_handler();
         let index = vcpu.index;
+        let pause = ctx.pause.clone();
         let thread = std::thread::Builder::new()
             .name(format!("vcpu{index}"))
             .spawn(move || {
@@ -186,6 +270,9 @@ impl VcpuHandle {
                 tracing::debug!(vcpu = index, "stopped: {why:?}");
                 let _ = ctx.events.send((index, why));
             })?;
+        // Registered from here, not from the thread, so that `forget_threads` (called before
+        // join) can never miss one.
+        lock_threads(&pause).push(std::os::unix::thread::JoinHandleExt::as_pthread_t(&thread));
         Ok(VcpuHandle {
             index,
             thread: Some(thread),
