@@ -1,4 +1,30 @@
-//! Placeholder until this crate lands.
+//! husk's host runtime library: pod sandboxes (a VM with husk-agent as PID
+//! 1, its virtio-fs share and vsock), the hypervisor backends that run the
+//! VM, and the host side of the agent protocol. `huskd` (the CRI server)
+//! is built on top of [`sandbox::Sandbox`].
+
+pub mod agent;
+pub mod config;
+pub mod hypervisor;
+pub mod mounts;
+pub mod process;
+pub mod sandbox;
+pub mod virtiofsd;
+
+pub use agent::{AgentConn, AgentError};
+pub use config::{GuestImage, MissingComponent};
+pub use hypervisor::{Hypervisor, HypervisorChoice, HypervisorError, Vm, VmConfig};
+pub use sandbox::{ExitInfo, ProcessStdio, Rootfs, Sandbox, SandboxConfig, SandboxError, SandboxTimings};
+
+/// The protocol types callers need (StdioConfig, StreamKind, responses).
+pub use husk_proto;
 
 /// Image store and registry client (CRI ImageService backend).
 pub mod image;
+
+/// The huskd CRI server: configuration, RuntimeService and ImageService.
+pub mod cri;
+/// Persisted pod and container records of huskd.
+pub mod state;
+/// Container log files in the kubelet format.
+pub mod logs;

@@ -1,0 +1,619 @@
+//! Building the OCI runtime spec of a container from its CRI config, the
+//! image config and the guest paths of its mounts.
+//!
+//! Containers of a pod share the VM's network, UTS (hostname) and IPC
+//! namespaces, as containers of a pod share them on a node; each keeps its
+//! own mount, PID and cgroup namespace.
+
+use std::path::Path;
+
+use k8s_cri::v1::{ContainerConfig, LinuxContainerResources};
+use serde_json::{json, Value};
+use tonic::Status;
+
+use crate::image::ImageConfig;
+
+/// containerd's default capability set for unprivileged containers.
+pub const DEFAULT_CAPS: &[&str] = &[
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_FSETID",
+    "CAP_FOWNER",
+    "CAP_MKNOD",
+    "CAP_NET_RAW",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETFCAP",
+    "CAP_SETPCAP",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_SYS_CHROOT",
+    "CAP_KILL",
+    "CAP_AUDIT_WRITE",
+];
+
+/// Every capability a 6.x kernel knows, for privileged containers and "ALL".
+const ALL_CAPS: &[&str] = &[
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_DAC_READ_SEARCH",
+    "CAP_FOWNER",
+    "CAP_FSETID",
+    "CAP_KILL",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETPCAP",
+    "CAP_LINUX_IMMUTABLE",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_NET_BROADCAST",
+    "CAP_NET_ADMIN",
+    "CAP_NET_RAW",
+    "CAP_IPC_LOCK",
+    "CAP_IPC_OWNER",
+    "CAP_SYS_MODULE",
+    "CAP_SYS_RAWIO",
+    "CAP_SYS_CHROOT",
+    "CAP_SYS_PTRACE",
+    "CAP_SYS_PACCT",
+    "CAP_SYS_ADMIN",
+    "CAP_SYS_BOOT",
+    "CAP_SYS_NICE",
+    "CAP_SYS_RESOURCE",
+    "CAP_SYS_TIME",
+    "CAP_SYS_TTY_CONFIG",
+    "CAP_MKNOD",
+    "CAP_LEASE",
+    "CAP_AUDIT_WRITE",
+    "CAP_AUDIT_CONTROL",
+    "CAP_SETFCAP",
+    "CAP_MAC_OVERRIDE",
+    "CAP_MAC_ADMIN",
+    "CAP_SYSLOG",
+    "CAP_WAKE_ALARM",
+    "CAP_BLOCK_SUSPEND",
+    "CAP_AUDIT_READ",
+    "CAP_PERFMON",
+    "CAP_BPF",
+    "CAP_CHECKPOINT_RESTORE",
+];
+
+/// A mount as the guest sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestMount {
+    pub destination: String,
+    /// Guest path below the share.
+    pub source: String,
+    pub readonly: bool,
+}
+
+/// The process owner.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcessUser {
+    pub uid: u32,
+    pub gid: u32,
+    pub additional_gids: Vec<u32>,
+}
+
+/// Resolves the container's user from its security context or the image's
+/// `User`, reading names from the rootfs' /etc/passwd and /etc/group (the
+/// host has the rootfs mounted).
+pub fn resolve_user(
+    config: &ContainerConfig,
+    image: &ImageConfig,
+    rootfs: &Path,
+) -> Result<ProcessUser, Status> {
+    let sc = config
+        .linux
+        .as_ref()
+        .and_then(|l| l.security_context.as_ref());
+    let passwd = std::fs::read_to_string(rootfs.join("etc/passwd")).unwrap_or_default();
+    let group = std::fs::read_to_string(rootfs.join("etc/group")).unwrap_or_default();
+    let lookup_user = |name: &str| -> Option<(u32, u32)> {
+        passwd.lines().find_map(|l| {
+            let f: Vec<&str> = l.split(':').collect();
+            (f.len() >= 4 && f[0] == name)
+                .then(|| Some((f[2].parse().ok()?, f[3].parse().ok()?)))?
+        })
+    };
+    let lookup_group = |name: &str| -> Option<u32> {
+        group.lines().find_map(|l| {
+            let f: Vec<&str> = l.split(':').collect();
+            (f.len() >= 3 && f[0] == name).then(|| f[2].parse().ok())?
+        })
+    };
+    let user_field = |spec: &str, field: &str| -> Result<(u32, Option<u32>), Status> {
+        let (u, g) = match spec.split_once(':') {
+            Some((u, g)) => (u, Some(g)),
+            None => (spec, None),
+        };
+        let (uid, pgid) = match u.parse::<u32>() {
+            Ok(uid) => (uid, passwd_gid(&passwd, uid)),
+            Err(_) => {
+                let (uid, gid) = lookup_user(u).ok_or_else(|| {
+                    Status::invalid_argument(format!(
+                        "{field}: user {u:?} is not in the image's /etc/passwd"
+                    ))
+                })?;
+                (uid, Some(gid))
+            }
+        };
+        let gid = match g {
+            None => pgid,
+            Some(g) => Some(match g.parse::<u32>() {
+                Ok(n) => n,
+                Err(_) => lookup_group(g).ok_or_else(|| {
+                    Status::invalid_argument(format!(
+                        "{field}: group {g:?} is not in the image's /etc/group"
+                    ))
+                })?,
+            }),
+        };
+        Ok((uid, gid))
+    };
+
+    let (mut uid, mut gid) = (0u32, None::<u32>);
+    if let Some(u) = image.user.as_deref().filter(|u| !u.is_empty()) {
+        (uid, gid) = user_field(u, "image config User")?;
+    }
+    if let Some(sc) = sc {
+        if !sc.run_as_username.is_empty() {
+            (uid, gid) = user_field(
+                &sc.run_as_username,
+                "config.linux.security_context.run_as_username",
+            )?;
+        } else if let Some(u) = &sc.run_as_user {
+            uid = u32::try_from(u.value).map_err(|_| {
+                Status::invalid_argument(format!(
+                    "config.linux.security_context.run_as_user {} is out of range",
+                    u.value
+                ))
+            })?;
+            gid = passwd_gid(&passwd, uid).or(gid);
+        }
+        if let Some(g) = &sc.run_as_group {
+            gid = Some(u32::try_from(g.value).map_err(|_| {
+                Status::invalid_argument(format!(
+                    "config.linux.security_context.run_as_group {} is out of range",
+                    g.value
+                ))
+            })?);
+        }
+    }
+    let mut additional_gids = Vec::new();
+    if let Some(sc) = sc {
+        for g in &sc.supplemental_groups {
+            additional_gids.push(u32::try_from(*g).map_err(|_| {
+                Status::invalid_argument(format!(
+                    "config.linux.security_context.supplemental_groups: {g} is out of range"
+                ))
+            })?);
+        }
+    }
+    Ok(ProcessUser {
+        uid,
+        gid: gid.unwrap_or(0),
+        additional_gids,
+    })
+}
+
+fn passwd_gid(passwd: &str, uid: u32) -> Option<u32> {
+    passwd.lines().find_map(|l| {
+        let f: Vec<&str> = l.split(':').collect();
+        (f.len() >= 4 && f[2].parse::<u32>().ok() == Some(uid)).then(|| f[3].parse().ok())?
+    })
+}
+
+/// The argv: CRI `command` replaces the image Entrypoint, `args` replaces
+/// Cmd; with a `command` and no `args`, the image's Cmd is not used
+/// (Docker's and containerd's rule).
+pub fn argv(config: &ContainerConfig, image: &ImageConfig) -> Result<Vec<String>, Status> {
+    let mut v: Vec<String> = if config.command.is_empty() {
+        image.entrypoint.clone()
+    } else {
+        config.command.clone()
+    };
+    if !config.args.is_empty() {
+        v.extend(config.args.iter().cloned());
+    } else if config.command.is_empty() {
+        v.extend(image.cmd.iter().cloned());
+    }
+    if v.is_empty() {
+        return Err(Status::invalid_argument(
+            "config.command: no command: config.command, config.args and the image's Entrypoint and Cmd are all empty",
+        ));
+    }
+    Ok(v)
+}
+
+/// Image env, then the container's env (same key replaces), PATH defaulted.
+pub fn env(config: &ContainerConfig, image: &ImageConfig) -> Vec<String> {
+    let mut out: Vec<(String, String)> = Vec::new();
+    let mut set = |k: &str, v: &str| {
+        if let Some(e) = out.iter_mut().find(|(ek, _)| ek == k) {
+            e.1 = v.to_string();
+        } else {
+            out.push((k.to_string(), v.to_string()));
+        }
+    };
+    for e in &image.env {
+        let (k, v) = e.split_once('=').unwrap_or((e, ""));
+        set(k, v);
+    }
+    for kv in &config.envs {
+        set(&kv.key, &kv.value);
+    }
+    if !out.iter().any(|(k, _)| k == "PATH") {
+        out.insert(
+            0,
+            (
+                "PATH".into(),
+                "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
+            ),
+        );
+    }
+    out.into_iter().map(|(k, v)| format!("{k}={v}")).collect()
+}
+
+fn capabilities(config: &ContainerConfig) -> Result<Vec<String>, Status> {
+    let sc = config
+        .linux
+        .as_ref()
+        .and_then(|l| l.security_context.as_ref());
+    let privileged = sc.is_some_and(|s| s.privileged);
+    if privileged {
+        return Ok(ALL_CAPS.iter().map(|s| s.to_string()).collect());
+    }
+    let mut caps: Vec<String> = DEFAULT_CAPS.iter().map(|s| s.to_string()).collect();
+    let norm = |c: &str| -> Result<String, Status> {
+        let up = c.to_ascii_uppercase();
+        let full = if up.starts_with("CAP_") {
+            up
+        } else {
+            format!("CAP_{up}")
+        };
+        if full == "CAP_ALL" || ALL_CAPS.contains(&full.as_str()) {
+            Ok(full)
+        } else {
+            Err(Status::invalid_argument(format!(
+                "config.linux.security_context.capabilities: unknown capability {:?}",
+                super::validation::printable(c)
+            )))
+        }
+    };
+    if let Some(c) = sc.and_then(|s| s.capabilities.as_ref()) {
+        for a in &c.add_capabilities {
+            let a = norm(a)?;
+            if a == "CAP_ALL" {
+                caps = ALL_CAPS.iter().map(|s| s.to_string()).collect();
+            } else if !caps.contains(&a) {
+                caps.push(a);
+            }
+        }
+        for d in &c.drop_capabilities {
+            let d = norm(d)?;
+            if d == "CAP_ALL" {
+                caps.clear();
+            } else {
+                caps.retain(|x| *x != d);
+            }
+        }
+    }
+    Ok(caps)
+}
+
+/// CRI resources as OCI LinuxResources JSON (what the agent's
+/// UpdateContainer and the spec take).
+pub fn resources_json(r: &LinuxContainerResources) -> Value {
+    let mut cpu = serde_json::Map::new();
+    if r.cpu_shares > 0 {
+        cpu.insert("shares".into(), json!(r.cpu_shares));
+    }
+    if r.cpu_quota > 0 {
+        cpu.insert("quota".into(), json!(r.cpu_quota));
+    }
+    if r.cpu_period > 0 {
+        cpu.insert("period".into(), json!(r.cpu_period));
+    }
+    if !r.cpuset_cpus.is_empty() {
+        cpu.insert("cpus".into(), json!(r.cpuset_cpus));
+    }
+    if !r.cpuset_mems.is_empty() {
+        cpu.insert("mems".into(), json!(r.cpuset_mems));
+    }
+    let mut out = serde_json::Map::new();
+    if !cpu.is_empty() {
+        out.insert("cpu".into(), Value::Object(cpu));
+    }
+    if r.memory_limit_in_bytes > 0 {
+        let mut mem = json!({ "limit": r.memory_limit_in_bytes });
+        if r.memory_swap_limit_in_bytes > 0 {
+            mem["swap"] = json!(r.memory_swap_limit_in_bytes);
+        }
+        out.insert("memory".into(), mem);
+    }
+    if !r.hugepage_limits.is_empty() {
+        let h: Vec<Value> = r
+            .hugepage_limits
+            .iter()
+            .map(|h| json!({"pageSize": h.page_size, "limit": h.limit}))
+            .collect();
+        out.insert("hugepageLimits".into(), Value::Array(h));
+    }
+    if !r.unified.is_empty() {
+        out.insert("unified".into(), json!(r.unified));
+    }
+    Value::Object(out)
+}
+
+/// Everything [`build`] needs besides the CRI config.
+#[derive(Debug)]
+pub struct SpecInputs<'a> {
+    pub config: &'a ContainerConfig,
+    pub image: &'a ImageConfig,
+    pub user: ProcessUser,
+    pub mounts: &'a [GuestMount],
+    pub hostname: &'a str,
+}
+
+/// The container's OCI spec (root.path is filled in by the sandbox).
+pub fn build(inp: &SpecInputs<'_>) -> Result<oci_spec::runtime::Spec, Status> {
+    let c = inp.config;
+    let sc = c.linux.as_ref().and_then(|l| l.security_context.as_ref());
+    let privileged = sc.is_some_and(|s| s.privileged);
+    let mut spec = serde_json::to_value(oci_spec::runtime::Spec::default())
+        .map_err(|e| Status::internal(format!("default OCI spec: {e}")))?;
+
+    let cwd = if !c.working_dir.is_empty() {
+        c.working_dir.clone()
+    } else {
+        inp.image
+            .working_dir
+            .clone()
+            .filter(|w| !w.is_empty())
+            .unwrap_or_else(|| "/".into())
+    };
+    if !cwd.starts_with('/') {
+        return Err(Status::invalid_argument(format!(
+            "config.working_dir {:?} is not an absolute path",
+            super::validation::printable(&cwd)
+        )));
+    }
+    let caps = capabilities(c)?;
+    let no_new_privs = sc.is_some_and(|s| s.no_new_privs);
+    spec["process"] = json!({
+        "terminal": c.tty,
+        "user": {
+            "uid": inp.user.uid,
+            "gid": inp.user.gid,
+            "additionalGids": inp.user.additional_gids,
+        },
+        "args": argv(c, inp.image)?,
+        "env": env(c, inp.image),
+        "cwd": cwd,
+        "capabilities": {
+            "bounding": caps, "effective": caps, "permitted": caps,
+        },
+        "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1048576u64, "soft": 1048576u64}],
+        "noNewPrivileges": no_new_privs,
+    });
+    spec["hostname"] = json!(inp.hostname);
+    spec["root"] = json!({ "path": "rootfs", "readonly": sc.is_some_and(|s| s.readonly_rootfs) });
+
+    let mut mounts = spec["mounts"].as_array().cloned().unwrap_or_default();
+    // Mounts given by the caller replace defaults at the same destination.
+    mounts.retain(|m| {
+        !inp.mounts
+            .iter()
+            .any(|g| m["destination"] == json!(g.destination))
+    });
+    for m in inp.mounts {
+        let mode = if m.readonly { "ro" } else { "rw" };
+        mounts.push(json!({
+            "destination": m.destination, "type": "bind", "source": m.source,
+            "options": ["rbind", "rprivate", mode],
+        }));
+    }
+    spec["mounts"] = Value::Array(mounts);
+
+    let linux = &mut spec["linux"];
+    linux["namespaces"] = json!([{"type": "pid"}, {"type": "mount"}, {"type": "cgroup"}]);
+    if privileged {
+        linux["maskedPaths"] = json!([]);
+        linux["readonlyPaths"] = json!([]);
+        linux["resources"]["devices"] = json!([{"allow": true, "access": "rwm"}]);
+    }
+    if let Some(r) = c.linux.as_ref().and_then(|l| l.resources.as_ref()) {
+        if let Value::Object(res) = resources_json(r) {
+            for (k, v) in res {
+                linux["resources"][k] = v;
+            }
+        }
+    }
+    let mut ann = serde_json::Map::new();
+    for (k, v) in &c.annotations {
+        ann.insert(k.clone(), json!(v));
+    }
+    spec["annotations"] = Value::Object(ann);
+    serde_json::from_value(spec)
+        .map_err(|e| Status::internal(format!("building the OCI spec: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_cri::v1::{
+        Capability, Int64Value, KeyValue, LinuxContainerConfig, LinuxContainerSecurityContext,
+    };
+
+    fn image() -> ImageConfig {
+        ImageConfig {
+            entrypoint: vec!["/entry".into()],
+            cmd: vec!["cmd1".into()],
+            env: vec!["A=1".into(), "PATH=/bin".into()],
+            user: Some("app".into()),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn command_rules() {
+        let img = image();
+        let mut c = ContainerConfig::default();
+        assert_eq!(argv(&c, &img).unwrap(), vec!["/entry", "cmd1"]);
+        c.args = vec!["x".into()];
+        assert_eq!(argv(&c, &img).unwrap(), vec!["/entry", "x"]);
+        c.command = vec!["/bin/sh".into()];
+        c.args.clear();
+        assert_eq!(argv(&c, &img).unwrap(), vec!["/bin/sh"]);
+        let e = argv(&ContainerConfig::default(), &ImageConfig::default()).unwrap_err();
+        assert!(e.message().contains("config.command"));
+    }
+
+    #[test]
+    fn env_merge() {
+        let c = ContainerConfig {
+            envs: vec![
+                KeyValue {
+                    key: "A".into(),
+                    value: "2".into(),
+                },
+                KeyValue {
+                    key: "B".into(),
+                    value: "x=y".into(),
+                },
+            ],
+            ..Default::default()
+        };
+        assert_eq!(env(&c, &image()), vec!["A=2", "PATH=/bin", "B=x=y"]);
+        assert!(env(&ContainerConfig::default(), &ImageConfig::default())[0]
+            .starts_with("PATH=/usr/local/sbin"));
+    }
+
+    #[test]
+    fn users() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir(d.path().join("etc")).unwrap();
+        std::fs::write(
+            d.path().join("etc/passwd"),
+            "root:x:0:0::/root:/bin/sh\napp:x:1000:1001::/:/bin/sh\n",
+        )
+        .unwrap();
+        std::fs::write(d.path().join("etc/group"), "root:x:0:\nstaff:x:50:\n").unwrap();
+        let img = image();
+        let u = resolve_user(&ContainerConfig::default(), &img, d.path()).unwrap();
+        assert_eq!((u.uid, u.gid), (1000, 1001));
+        let sc = |f: &dyn Fn(&mut LinuxContainerSecurityContext)| {
+            let mut s = LinuxContainerSecurityContext::default();
+            f(&mut s);
+            ContainerConfig {
+                linux: Some(LinuxContainerConfig {
+                    security_context: Some(s),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }
+        };
+        let c = sc(&|s| {
+            s.run_as_user = Some(Int64Value { value: 0 });
+            s.run_as_group = Some(Int64Value { value: 50 });
+            s.supplemental_groups = vec![7];
+        });
+        let u = resolve_user(&c, &img, d.path()).unwrap();
+        assert_eq!((u.uid, u.gid, u.additional_gids), (0, 50, vec![7]));
+        let c = sc(&|s| s.run_as_username = "app:staff".into());
+        assert_eq!(resolve_user(&c, &img, d.path()).unwrap().gid, 50);
+        let c = sc(&|s| s.run_as_username = "nobody".into());
+        assert!(resolve_user(&c, &img, d.path())
+            .unwrap_err()
+            .message()
+            .contains("run_as_username"));
+        let c = sc(&|s| s.run_as_user = Some(Int64Value { value: -1 }));
+        assert!(resolve_user(&c, &img, d.path()).is_err());
+    }
+
+    #[test]
+    fn spec_fields() {
+        let mut c = ContainerConfig {
+            command: vec!["/bin/true".into()],
+            linux: Some(LinuxContainerConfig {
+                security_context: Some(LinuxContainerSecurityContext {
+                    readonly_rootfs: true,
+                    capabilities: Some(Capability {
+                        add_capabilities: vec!["NET_ADMIN".into()],
+                        drop_capabilities: vec!["CAP_KILL".into()],
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                resources: Some(LinuxContainerResources {
+                    memory_limit_in_bytes: 64 << 20,
+                    cpu_quota: 50000,
+                    cpu_period: 100000,
+                    ..Default::default()
+                }),
+            }),
+            ..Default::default()
+        };
+        let mounts = vec![GuestMount {
+            destination: "/etc/hosts".into(),
+            source: "/run/husk/sandbox/x".into(),
+            readonly: true,
+        }];
+        let user = ProcessUser {
+            uid: 1,
+            gid: 2,
+            additional_gids: vec![],
+        };
+        let inp = SpecInputs {
+            config: &c,
+            image: &ImageConfig::default(),
+            user: user.clone(),
+            mounts: &mounts,
+            hostname: "h",
+        };
+        let s = build(&inp).unwrap();
+        let v = serde_json::to_value(&s).unwrap();
+        assert_eq!(v["root"]["readonly"], json!(true));
+        assert_eq!(v["process"]["user"]["uid"], json!(1));
+        let caps = v["process"]["capabilities"]["bounding"].as_array().unwrap();
+        assert!(caps.contains(&json!("CAP_NET_ADMIN")) && !caps.contains(&json!("CAP_KILL")));
+        assert_eq!(v["linux"]["resources"]["memory"]["limit"], json!(64 << 20));
+        assert_eq!(v["linux"]["resources"]["cpu"]["quota"], json!(50000));
+        let hosts: Vec<_> = v["mounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|m| m["destination"] == "/etc/hosts")
+            .collect();
+        assert_eq!(hosts.len(), 1);
+        assert!(hosts[0]["options"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("ro")));
+        let ns: Vec<_> = v["linux"]["namespaces"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| n["type"].clone())
+            .collect();
+        assert!(!ns.contains(&json!("network")) && ns.contains(&json!("pid")));
+
+        c.linux
+            .as_mut()
+            .unwrap()
+            .security_context
+            .as_mut()
+            .unwrap()
+            .capabilities = Some(Capability {
+            add_capabilities: vec!["BOGUS".into()],
+            ..Default::default()
+        });
+        let inp = SpecInputs {
+            config: &c,
+            image: &ImageConfig::default(),
+            user,
+            mounts: &[],
+            hostname: "h",
+        };
+        assert!(build(&inp).unwrap_err().message().contains("capabilities"));
+    }
+}

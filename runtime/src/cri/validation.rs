@@ -1,0 +1,154 @@
+//! Checks of CRI request fields. Every error is `InvalidArgument` and names
+//! the field as it is spelled in the CRI API.
+
+use std::path::{Component, Path, PathBuf};
+
+use tonic::Status;
+
+/// Longest id accepted from a caller (ours are 64 hex digits; crictl users
+/// may pass a prefix).
+const MAX_ID: usize = 64;
+
+/// A sandbox/container id or id prefix: non-empty, at most 64 characters of
+/// `[0-9a-zA-Z_.-]`, not starting with '.'. Ids end up in paths.
+pub fn id<'a>(field: &str, value: &'a str) -> Result<&'a str, Status> {
+    if value.is_empty() {
+        return Err(Status::invalid_argument(format!("{field} is empty")));
+    }
+    if value.len() > MAX_ID {
+        return Err(Status::invalid_argument(format!(
+            "{field} is longer than {MAX_ID} characters"
+        )));
+    }
+    if value.starts_with('.')
+        || !value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+    {
+        return Err(Status::invalid_argument(format!(
+            "{field} {:?} is malformed: only letters, digits, '-', '_' and '.' are allowed",
+            printable(value)
+        )));
+    }
+    Ok(value)
+}
+
+/// A metadata name (pod or container name): non-empty, no control
+/// characters, no '/' (it ends up in log paths and hostnames).
+pub fn name(field: &str, value: &str) -> Result<(), Status> {
+    if value.is_empty() {
+        return Err(Status::invalid_argument(format!("{field} is empty")));
+    }
+    if value.len() > 253 || value.contains('/') || value.chars().any(char::is_control) {
+        return Err(Status::invalid_argument(format!(
+            "{field} {:?} is malformed: at most 253 characters, no '/' or control characters",
+            printable(value)
+        )));
+    }
+    Ok(())
+}
+
+/// The pod's `log_directory`: empty (no logs) or an absolute path without
+/// `..`.
+pub fn log_directory(value: &str) -> Result<Option<PathBuf>, Status> {
+    if value.is_empty() {
+        return Ok(None);
+    }
+    let p = Path::new(value);
+    if !p.is_absolute() || p.components().any(|c| c == Component::ParentDir) {
+        return Err(Status::invalid_argument(format!(
+            "config.log_directory {:?} must be an absolute path without '..'",
+            printable(value)
+        )));
+    }
+    Ok(Some(p.to_path_buf()))
+}
+
+/// A container's `log_path`, relative to the pod's log directory; it must
+/// stay inside it. Returns the absolute path (`None` without logs).
+pub fn log_path(pod_log_dir: Option<&Path>, value: &str) -> Result<Option<PathBuf>, Status> {
+    if value.is_empty() {
+        return Ok(None);
+    }
+    let Some(dir) = pod_log_dir else {
+        return Err(Status::invalid_argument(format!(
+            "config.log_path {:?} is set but the pod has no log_directory",
+            printable(value)
+        )));
+    };
+    let p = Path::new(value);
+    let inside = !p.is_absolute()
+        && !value.ends_with('/')
+        && p.components()
+            .all(|c| matches!(c, Component::Normal(_) | Component::CurDir))
+        && p.file_name().is_some();
+    if !inside {
+        return Err(Status::invalid_argument(format!(
+            "config.log_path {:?} is outside the pod's log directory {}",
+            printable(value),
+            dir.display()
+        )));
+    }
+    Ok(Some(dir.join(p)))
+}
+
+/// Quotes caller text in messages without letting it span lines.
+pub fn printable(s: &str) -> String {
+    s.chars()
+        .take(100)
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tonic::Code;
+
+    #[test]
+    fn ids() {
+        assert!(id("pod_sandbox_id", "0123abcd").is_ok());
+        let e = id("pod_sandbox_id", "").unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument);
+        assert_eq!(e.message(), "pod_sandbox_id is empty");
+        for bad in ["../etc", "a/b", ".hidden", "a b", "x\n"] {
+            let e = id("container_id", bad).unwrap_err();
+            assert_eq!(e.code(), Code::InvalidArgument);
+            assert!(e.message().starts_with("container_id "), "{}", e.message());
+            assert!(!e.message().contains('\n'));
+        }
+        assert!(id("x", &"a".repeat(65)).is_err());
+    }
+
+    #[test]
+    fn log_paths() {
+        let dir = Path::new("/var/log/pods/ns_p_uid");
+        assert_eq!(
+            log_path(Some(dir), "c/0.log").unwrap().unwrap(),
+            dir.join("c/0.log")
+        );
+        assert_eq!(log_path(Some(dir), "").unwrap(), None);
+        for bad in ["../x.log", "/etc/passwd", "c/../../x", "c/", "."] {
+            let e = log_path(Some(dir), bad).unwrap_err();
+            assert_eq!(e.code(), Code::InvalidArgument, "{bad}");
+            assert!(e.message().contains("config.log_path"), "{}", e.message());
+        }
+        assert!(log_path(None, "c/0.log")
+            .unwrap_err()
+            .message()
+            .contains("no log_directory"));
+        assert!(log_directory("rel").is_err());
+        assert!(log_directory("/a/../b").is_err());
+        assert_eq!(log_directory("").unwrap(), None);
+    }
+
+    #[test]
+    fn names() {
+        assert!(name("config.metadata.name", "nginx").is_ok());
+        assert!(name("config.metadata.name", "")
+            .unwrap_err()
+            .message()
+            .contains("config.metadata.name"));
+        assert!(name("config.metadata.name", "a/b").is_err());
+    }
+}
