@@ -14,7 +14,9 @@ pub mod virtiofsd;
 pub use agent::{AgentConn, AgentError};
 pub use config::{GuestImage, MissingComponent};
 pub use hypervisor::{Hypervisor, HypervisorChoice, HypervisorError, Vm, VmConfig};
-pub use sandbox::{ExitInfo, ProcessStdio, Rootfs, Sandbox, SandboxConfig, SandboxError, SandboxTimings};
+pub use sandbox::{
+    ExitInfo, ProcessStdio, Rootfs, Sandbox, SandboxConfig, SandboxError, SandboxTimings,
+};
 
 /// The protocol types callers need (StdioConfig, StreamKind, responses).
 pub use husk_proto;
@@ -24,7 +26,7 @@ pub mod image;
 
 /// The huskd CRI server: configuration, RuntimeService and ImageService.
 pub mod cri;
-/// Persisted pod and container records of huskd.
-pub mod state;
 /// Container log files in the kubelet format.
 pub mod logs;
+/// Persisted pod and container records of huskd.
+pub mod state;
