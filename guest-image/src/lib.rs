@@ -7,10 +7,12 @@
 //! load order, and the empty mount points. Output is deterministic and cached
 //! under a key hashed from every input, then installed into an output
 //! directory that `huskd` reads with [`installed`].
+//!
+//! The unpacked kernel package itself (bzImage, ELF `vmlinux`, modules) is
+//! cached too and shared with tests and husk-vmm through [`kernel_tree`].
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
@@ -18,9 +20,11 @@ use sha2::{Digest, Sha256};
 
 pub mod apt;
 pub mod initramfs;
+pub mod kernel;
 pub mod modules;
 
 pub use initramfs::Compression;
+pub use kernel::{extract_vmlinux, kernel_tree, KernelOptions, KernelTree};
 pub use modules::DEFAULT_MODULES;
 
 /// Bump when the image layout or anything else the key does not capture
@@ -29,7 +33,8 @@ pub const FORMAT_VERSION: u32 = 1;
 
 /// Default apt package for the guest kernel (a meta package).
 pub const DEFAULT_KERNEL_PACKAGE: &str = "linux-image-6.12-cloud-amd64";
-/// Default cache directory; `.deb`s go to `debs/`, images to `images/<key>/`.
+/// Default cache directory; `.deb`s go to `debs/`, unpacked kernels to
+/// `kernels/`, images to `images/<key>/`.
 pub const DEFAULT_CACHE_DIR: &str = "/var/cache/husk";
 /// Default install directory read by huskd.
 pub const DEFAULT_OUT_DIR: &str = "/var/lib/husk/guest";
@@ -90,6 +95,8 @@ pub enum Error {
     BadAgent { path: PathBuf, reason: String },
     #[error("kernel package {package}: {detail}")]
     BadKernelPackage { package: String, detail: String },
+    #[error("bzImage {path}: {detail}")]
+    BadBzImage { path: PathBuf, detail: String },
     #[error("modules.dep line {line} is malformed: `{text}`")]
     BadModulesDep { line: usize, text: String },
     #[error("kernel module `{module}` is neither a module nor built into kernel {release}")]
@@ -342,68 +349,21 @@ fn sync_dir(dir: &Path) -> Result<(), Error> {
         .map_err(|e| Error::io(dir, e))
 }
 
-/// Extracts the kernel package into `root`, runs depmod, and returns the
-/// kernel release (the single directory under `lib/modules`).
-fn unpack_kernel(deb: &Path, root: &Path, package: &str) -> Result<String, Error> {
-    apt::run(
-        Command::new("dpkg-deb").arg("-x").arg(deb).arg(root),
-        "dpkg-deb",
-        "dpkg",
-    )?;
-    let bad = |detail: String| Error::BadKernelPackage {
-        package: package.to_string(),
-        detail,
-    };
-    let mods = root.join("lib/modules");
-    let mut releases = Vec::new();
-    for entry in std::fs::read_dir(&mods).map_err(|e| bad(format!("no lib/modules ({e})")))? {
-        let entry = entry.map_err(|e| Error::io(&mods, e))?;
-        releases.push(entry.file_name().to_string_lossy().into_owned());
-    }
-    let [release] = releases.as_slice() else {
-        return Err(bad(format!(
-            "expected one kernel release under lib/modules, found {releases:?}"
-        )));
-    };
-    let vmlinuz = root.join("boot").join(format!("vmlinuz-{release}"));
-    if !vmlinuz.is_file() {
-        return Err(bad(format!("no boot/vmlinuz-{release}")));
-    }
-    // The package ships no modules.dep; it is generated on install by
-    // depmod, which we run against the unpacked tree instead.
-    apt::run(
-        Command::new("depmod").arg("-b").arg(root).arg(release),
-        "depmod",
-        "kmod",
-    )?;
-    Ok(release.clone())
-}
-
 /// Assembles the initramfs tree and returns it with the module list.
 fn initramfs_tree(
     agent: Vec<u8>,
-    root: &Path,
-    release: &str,
+    kernel: &KernelTree,
     requested: &[String],
 ) -> Result<(initramfs::Tree, Vec<ManifestModule>, Vec<String>), Error> {
-    let mod_dir = root.join("lib/modules").join(release);
-    let dep_path = mod_dir.join("modules.dep");
-    let dep_text = std::fs::read_to_string(&dep_path).map_err(|e| Error::io(&dep_path, e))?;
-    let builtin_path = mod_dir.join("modules.builtin");
-    let builtin_text =
-        std::fs::read_to_string(&builtin_path).map_err(|e| Error::io(&builtin_path, e))?;
-    let resolved = modules::ModulesDep::parse(&dep_text)?.resolve(
-        requested,
-        &modules::parse_builtin(&builtin_text),
-        release,
-    )?;
+    let release = &kernel.release;
+    let resolved = kernel.resolve_modules(requested)?;
 
     let mut tree = initramfs::Tree::new();
     tree.file("init", 0o755, agent)?;
     let mut listed = Vec::new();
     let mut load = String::new();
     for m in &resolved.load_order {
-        let data = modules::read_decompressed(&mod_dir.join(&m.source_rel))?;
+        let data = kernel.read_module(m)?;
         let guest = format!("/lib/modules/{release}/{}", m.rel);
         tree.file(&guest, 0o644, data)?;
         load.push_str(&guest);
@@ -435,20 +395,11 @@ fn build_into_cache(
     key: &str,
     images: &Path,
 ) -> Result<Manifest, Error> {
-    let deb = apt::fetch(pkg, &opts.cache_dir.join("debs"))?;
-    let unpack = tempfile::Builder::new()
-        .prefix(".unpack-")
-        .tempdir_in(&opts.cache_dir)
-        .map_err(|e| Error::io(&opts.cache_dir, e))?;
-    let release = unpack_kernel(&deb, unpack.path(), &pkg.package)?;
-    let (tree, listed, builtin) = initramfs_tree(agent, unpack.path(), &release, &opts.modules)?;
+    let kernel = kernel::tree_for(pkg, &opts.cache_dir)?;
+    let (tree, listed, builtin) = initramfs_tree(agent, &kernel, &opts.modules)?;
     let cpio = tree.to_cpio()?;
     let initrd = initramfs::compress(&cpio, opts.compression)?;
-    let vmlinuz_src = unpack
-        .path()
-        .join("boot")
-        .join(format!("vmlinuz-{release}"));
-    let vmlinuz = std::fs::read(&vmlinuz_src).map_err(|e| Error::io(&vmlinuz_src, e))?;
+    let vmlinuz = std::fs::read(&kernel.vmlinuz).map_err(|e| Error::io(&kernel.vmlinuz, e))?;
 
     let manifest = Manifest {
         format_version: FORMAT_VERSION,
@@ -458,7 +409,7 @@ fn build_into_cache(
             package: pkg.package.clone(),
             version: pkg.version.clone(),
             deb_sha256: pkg.sha256.clone(),
-            release,
+            release: kernel.release.clone(),
         },
         agent_sha256: agent_sha256.to_string(),
         compression: opts.compression,
@@ -590,6 +541,7 @@ const STALE_AFTER: std::time::Duration = std::time::Duration::from_secs(3600);
 /// into `opts.out_dir`.
 pub fn build(opts: &BuildOptions) -> Result<BuiltImage, Error> {
     let started = Instant::now();
+    // Work directories of builds before the kernel tree had its own cache.
     sweep_stale(&opts.cache_dir, &[".unpack-"]);
     sweep_stale(&opts.cache_dir.join("images"), &[".build-"]);
     sweep_stale(&opts.cache_dir.join("debs"), &[".download-"]);
