@@ -9,67 +9,33 @@
 
 mod common;
 
-use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use common::TempDir;
+use husk_guest_image::{kernel_tree, KernelOptions, KernelTree};
 use husk_vmm::builder::launch;
 use husk_vmm::config::VmConfig;
 
-fn find_kernel() -> PathBuf {
-    if let Ok(p) = std::env::var("HUSK_GUEST_KERNEL") {
-        return p.into();
-    }
-    let project = Path::new("/var/lib/husk/guest/vmlinuz");
-    if project.exists() {
-        return project.into();
-    }
-    // Fallback while the project image is being built: the Debian cloud kernel extracted with
-    // `apt-get download linux-image-6.12.*-cloud-amd64 && dpkg -x` under /tmp/husk-kernel.
-    let boot = Path::new("/tmp/husk-kernel/root/boot");
-    if let Ok(rd) = std::fs::read_dir(boot) {
-        for e in rd.flatten() {
-            if e.file_name().to_string_lossy().starts_with("vmlinuz-") {
-                return e.path();
-            }
-        }
-    }
-    panic!(
-        "no guest kernel: set HUSK_GUEST_KERNEL, build /var/lib/husk/guest/vmlinuz, or extract \
-         linux-image-6.12-cloud-amd64's kernel under /tmp/husk-kernel/root/boot"
-    );
+/// The project's guest kernel, unpacked (with the ELF vmlinux) by husk-guest-image into the
+/// cache `make guest-image` fills; downloaded first if the cache lacks it.
+fn guest_kernel() -> KernelTree {
+    kernel_tree(&KernelOptions::default()).unwrap_or_else(|e| {
+        panic!("guest kernel from husk-guest-image (see scripts/install-deps): {e}")
+    })
 }
 
-/// The ELF vmlinux inside a zstd-compressed bzImage (the `zstd` tool decompresses it).
-fn extract_vmlinux(bz: &Path, out: &Path) {
-    let data = std::fs::read(bz).unwrap();
-    let magic = [0x28, 0xb5, 0x2f, 0xfd];
-    let mut start = 0;
-    while let Some(i) = data[start..].windows(4).position(|w| w == magic) {
-        let at = start + i;
-        let mut child = Command::new("zstd")
-            .args(["-d", "-c", "-q"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("zstd (apt-get install zstd)");
-        let mut stdin = child.stdin.take().unwrap();
-        let payload = data[at..].to_vec();
-        let writer = std::thread::spawn(move || {
-            let _ = stdin.write_all(&payload);
-        });
-        let output = child.wait_with_output().unwrap();
-        let _ = writer.join();
-        if output.stdout.starts_with(b"\x7fELF") {
-            std::fs::write(out, &output.stdout).unwrap();
-            return;
-        }
-        start = at + 1;
+/// The initrd `make guest-image` installed ($HUSK_GUEST_DIR, as `make test` sets it), if any:
+/// early boot does not need one, but when it is there the test loads it as huskd would.
+fn installed_initrd() -> Option<PathBuf> {
+    let dir = std::env::var_os("HUSK_GUEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(husk_guest_image::DEFAULT_OUT_DIR));
+    match husk_guest_image::installed(&dir) {
+        Ok(img) => Some(img.initrd),
+        Err(husk_guest_image::Error::NotInstalled { .. }) => None,
+        Err(e) => panic!("guest image in {}: {e}", dir.display()),
     }
-    panic!("{} holds no zstd-compressed ELF kernel", bz.display());
 }
 
 fn host_tsc_khz() -> u64 {
@@ -88,9 +54,9 @@ const EARLY_BOOT_DONE: &str = "Booting paravirtualized kernel on KVM";
 #[test]
 fn guest_kernel_banner_and_early_boot_reach_serial() {
     let dir = TempDir::new("boot");
-    let kernel = find_kernel();
-    let vmlinux = dir.path().join("vmlinux");
-    extract_vmlinux(&kernel, &vmlinux);
+    let tree = guest_kernel();
+    let kernel = tree.vmlinuz.clone();
+    let vmlinux = tree.vmlinux.clone();
     let mut cmdline = String::from(
         "console=ttyS0 earlyprintk=serial,ttyS0,115200 reboot=k panic=-1 noxsave \
          clearcpuid=cx16,bmi1,bmi2,avx,avx2,xsave,aes,pclmulqdq,rdrand,rdseed,adx,sha_ni",
@@ -99,11 +65,11 @@ fn guest_kernel_banner_and_early_boot_reach_serial() {
     if khz > 0 {
         cmdline.push_str(&format!(" tsc_early_khz={khz}"));
     }
-    let initrd = Path::new("/var/lib/husk/guest/initrd.img");
+    let initrd = installed_initrd();
     let cfg = VmConfig {
         id: "boot-smoke".into(),
         kernel: vmlinux,
-        initrd: initrd.exists().then(|| initrd.to_owned()),
+        initrd: initrd.clone(),
         cmdline,
         vcpus: 1,
         memory_mib: 256,
@@ -139,8 +105,10 @@ fn guest_kernel_banner_and_early_boot_reach_serial() {
     let log = std::fs::read_to_string(&log_path).unwrap();
     let last = log.lines().last().unwrap_or("");
     eprintln!(
-        "boot smoke: {} after {:.1} s ({} lines on the console), outcome {:?}; last line: {last}",
+        "boot smoke: {} (initrd {:?}) after {:.1} s ({} lines on the console), outcome {:?}; \
+         last line: {last}",
         kernel.display(),
+        initrd,
         elapsed.as_secs_f64(),
         log.lines().count(),
         outcome.as_ref().map(|o| &o.reason)

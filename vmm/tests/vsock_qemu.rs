@@ -1,8 +1,8 @@
 //! End-to-end test of `husk-vsock` under QEMU (TCG) with a real Linux guest.
 //!
-//! Needs `qemu-system-x86_64`, `xz`, qboot and the Debian 6.12 cloud kernel extracted at
-//! `$HUSK_VSOCK_KERNEL_ROOT` (default `/tmp/husk-vsock-kernel`; `vmm/tests/fetch-vsock-test-kernel.sh`
-//! puts it there). Missing pieces fail the test loudly. The guest's /init is
+//! Needs `qemu-system-x86_64` and qboot. The guest kernel and its vsock modules are the
+//! project's (husk-guest-image's cached kernel tree, downloaded through apt if `make guest-image`
+//! has not already). Missing pieces fail the test loudly. The guest's /init is
 //! `vmm/tests/guest` (built here as a static binary): it echoes on vsock port 1024 and takes
 //! commands over a connection it opens to host port 1023.
 //!
@@ -24,11 +24,12 @@ static VM_SEQ: AtomicU32 = AtomicU32::new(0);
 
 const MIB: u64 = 1024 * 1024;
 const QBOOT: &str = "/usr/share/qemu/qboot.rom";
+/// The modules the guest init loads, as `/lib/modules/<name>.ko`.
 const MODULES: [&str; 4] = [
-    "drivers/virtio/virtio_mmio",
-    "net/vmw_vsock/vsock",
-    "net/vmw_vsock/vmw_vsock_virtio_transport_common",
-    "net/vmw_vsock/vmw_vsock_virtio_transport",
+    "virtio_mmio",
+    "vsock",
+    "vmw_vsock_virtio_transport_common",
+    "vmw_vsock_virtio_transport",
 ];
 
 fn xorshift_fill(state: &mut u64, buf: &mut [u8]) {
@@ -86,12 +87,6 @@ struct Artefacts {
     initrd: PathBuf,
 }
 
-fn kernel_root() -> PathBuf {
-    std::env::var_os("HUSK_VSOCK_KERNEL_ROOT")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/tmp/husk-vsock-kernel"))
-}
-
 fn which(cmd: &str) -> Option<PathBuf> {
     std::env::var_os("PATH")?
         .to_str()?
@@ -106,45 +101,6 @@ fn target_dir() -> PathBuf {
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"))
 }
 
-/// newc cpio writer: enough for regular files, directories and a device node.
-struct Cpio {
-    out: Vec<u8>,
-    ino: u32,
-}
-
-impl Cpio {
-    fn entry(&mut self, name: &str, mode: u32, data: &[u8], rdev: (u32, u32)) {
-        self.ino += 1;
-        let hdr = format!(
-            "070701{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}",
-            self.ino,
-            mode,
-            0,
-            0,
-            1,
-            0,
-            data.len(),
-            0,
-            0,
-            rdev.0,
-            rdev.1,
-            name.len() + 1,
-            0
-        );
-        self.out.extend_from_slice(hdr.as_bytes());
-        self.out.extend_from_slice(name.as_bytes());
-        self.out.push(0);
-        self.pad();
-        self.out.extend_from_slice(data);
-        self.pad();
-    }
-    fn pad(&mut self) {
-        while self.out.len() % 4 != 0 {
-            self.out.push(0);
-        }
-    }
-}
-
 fn build_artefacts() -> Artefacts {
     assert!(
         which("qemu-system-x86_64").is_some(),
@@ -154,30 +110,10 @@ fn build_artefacts() -> Artefacts {
         Path::new(QBOOT).is_file(),
         "{QBOOT} missing (Debian qemu-system-x86)"
     );
-    assert!(which("xz").is_some(), "xz is not installed");
-    let root = kernel_root();
-    let kernel = fs::read_dir(root.join("boot"))
-        .ok()
-        .and_then(|d| {
-            d.filter_map(|e| e.ok()).map(|e| e.path()).find(|p| {
-                p.file_name()
-                    .is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-"))
-            })
-        })
-        .unwrap_or_else(|| {
-            panic!(
-                "no guest kernel under {}/boot: run vmm/tests/fetch-vsock-test-kernel.sh \
-                 (or set HUSK_VSOCK_KERNEL_ROOT)",
-                root.display()
-            )
+    let kernel = husk_guest_image::kernel_tree(&husk_guest_image::KernelOptions::default())
+        .unwrap_or_else(|e| {
+            panic!("guest kernel from husk-guest-image (see scripts/install-deps): {e}")
         });
-    let version = kernel
-        .file_name()
-        .unwrap()
-        .to_string_lossy()
-        .trim_start_matches("vmlinuz-")
-        .to_string();
-    let moddir = root.join("lib/modules").join(&version).join("kernel");
 
     // The guest init, static so the initramfs needs nothing else.
     let guest_target = target_dir().join("vsock-test-guest");
@@ -201,35 +137,36 @@ fn build_artefacts() -> Artefacts {
         fs::read(guest_target.join("x86_64-unknown-linux-gnu/release/husk-vsock-test-guest"))
             .expect("guest init binary");
 
-    let mut cpio = Cpio {
-        out: Vec::new(),
-        ino: 0,
-    };
-    for d in ["dev", "lib", "lib/modules", "proc", "sys"] {
-        cpio.entry(d, 0o040755, &[], (0, 0));
+    let modules: Vec<String> = MODULES.iter().map(|m| m.to_string()).collect();
+    let resolved = kernel
+        .resolve_modules(&modules)
+        .unwrap_or_else(|e| panic!("vsock modules of kernel {}: {e}", kernel.release));
+    let mut tree = husk_guest_image::initramfs::Tree::new();
+    for d in ["dev", "lib/modules", "proc", "sys"] {
+        tree.dir(d, 0o755).unwrap();
     }
-    cpio.entry("dev/console", 0o020600, &[], (5, 1));
-    cpio.entry("init", 0o100755, &init, (0, 0));
+    tree.char_dev("dev/console", 0o600, 5, 1).unwrap();
+    tree.file("init", 0o755, init).unwrap();
+    for m in &resolved.load_order {
+        let data = kernel
+            .read_module(m)
+            .unwrap_or_else(|e| panic!("module {}: {e}", m.name));
+        tree.file(&format!("lib/modules/{}.ko", m.name), 0o644, data)
+            .unwrap();
+    }
     for m in MODULES {
-        let src = moddir.join(format!("{m}.ko.xz"));
-        let out = Command::new("xz")
-            .arg("-dc")
-            .arg(&src)
-            .output()
-            .expect("running xz");
-        assert!(out.status.success(), "cannot decompress {}", src.display());
-        let name = Path::new(m).file_name().unwrap().to_string_lossy();
-        cpio.entry(
-            &format!("lib/modules/{name}.ko"),
-            0o100644,
-            &out.stdout,
-            (0, 0),
+        assert!(
+            resolved.load_order.iter().any(|r| r.name == m),
+            "{m} is not a module of kernel {} (built in?)",
+            kernel.release
         );
     }
-    cpio.entry("TRAILER!!!", 0, &[], (0, 0));
     let initrd = target_dir().join("vsock-test-initrd.cpio");
-    fs::write(&initrd, &cpio.out).expect("writing initrd");
-    Artefacts { kernel, initrd }
+    fs::write(&initrd, tree.to_cpio().expect("initramfs archive")).expect("writing initrd");
+    Artefacts {
+        kernel: kernel.vmlinuz,
+        initrd,
+    }
 }
 
 fn artefacts() -> &'static Artefacts {
