@@ -6,7 +6,8 @@ use std::path::{Path, PathBuf};
 /// Hint for parts `scripts/install-deps` installs.
 pub const HINT_INSTALL_DEPS: &str = "run scripts/install-deps (as root)";
 /// Hint for parts `make build` produces.
-pub const HINT_MAKE_BUILD: &str = "run `make build` (builds husk-vsock and the guest image)";
+pub const HINT_MAKE_BUILD: &str =
+    "run `make build` (builds husk-vmm, husk-vsock and the guest image)";
 
 /// Hint for the guest kernel and initrd.
 pub const HINT_GUEST_IMAGE: &str =

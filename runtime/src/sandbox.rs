@@ -5,9 +5,13 @@
 //! - `share/`: the virtio-fs share, mounted in the guest at
 //!   [`husk_proto::GUEST_SHARE_DIR`]; container root filesystems at
 //!   `share/containers/<container id>/rootfs`.
-//! - `fs.sock` (virtiofsd), `vhost-vsock.sock` (husk-vsock), `qmp.sock`,
-//!   `vsock` (hybrid vsock) and `vsock_1023` (ready listener).
-//! - `console.log` (guest serial), `virtiofsd.log`, `husk-vsock.log`, `qemu.log`.
+//! - `fs.sock` (virtiofsd), `vsock` (hybrid vsock) and `vsock_1023` (ready
+//!   listener).
+//! - `console.log` (guest serial), `virtiofsd.log`.
+//! - The backend's own files: QEMU: `vhost-vsock.sock` (husk-vsock, which the
+//!   QEMU backend starts), `qmp.sock`, `husk-vsock.log`, `qemu.log`; builtin:
+//!   `vm.json`, `vmm.sock` (control), `vmm.pid`, `husk-vmm.log` (husk-vmm
+//!   serves the hybrid vsock itself, so no husk-vsock runs).
 
 // SandboxError is large (it carries the agent's ttrpc status and console
 // text) but only on failure paths that are rare next to a VM boot; callers
@@ -69,7 +73,8 @@ pub struct SandboxConfig {
     pub rpc_timeout: Duration,
     /// Connecting to the agent (hybrid handshake, stream handshake).
     pub connect_timeout: Duration,
-    /// QEMU quit (then SIGKILL) during stop.
+    /// VMM quit (QMP quit or husk-vmm's control socket, then SIGKILL)
+    /// during stop.
     pub stop_timeout: Duration,
     pub guest_cid: u32,
 }
@@ -861,7 +866,7 @@ impl Sandbox {
                     tracing::warn!(%e, "DestroySandbox failed; stopping the VM anyway");
                 }
                 let vm_result = r.vm.shutdown(self.stop_timeout).await;
-                // virtiofsd exits when QEMU disconnects.
+                // virtiofsd exits when the VMM disconnects.
                 let _ = r.virtiofsd.terminate(Duration::from_secs(1)).await;
                 match vm_result {
                     Ok(status) => tracing::info!(%status, "VM stopped"),

@@ -4,9 +4,10 @@
 //! handle that owns every process the backend started for it. The sandbox
 //! starts what is backend-independent itself (virtiofsd) and passes its
 //! socket in the config; the backend serves the hybrid vsock socket however
-//! it likes (QEMU: through the husk-vsock vhost-user backend; the builtin
-//! VMM will serve it in-process).
+//! it likes (QEMU: through the husk-vsock vhost-user backend it starts; the
+//! builtin husk-vmm in-process, so no husk-vsock runs with it).
 
+pub mod builtin;
 pub mod probe;
 pub mod qemu;
 pub mod qmp;
@@ -19,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use crate::process::{SpawnError, WaitSocketError};
 
+pub use builtin::{Builtin, BuiltinPaths};
 pub use probe::{probe_accel, Accel, AccelProbe};
 pub use qemu::{Qemu, QemuPaths};
 
@@ -96,7 +98,7 @@ impl VmConfig {
     }
 }
 
-/// A VM backend (QEMU, later the builtin husk-vmm).
+/// A VM backend (QEMU or the builtin husk-vmm).
 #[async_trait::async_trait]
 pub trait Hypervisor: Send + Sync + std::fmt::Debug {
     /// Short backend name: "qemu", "builtin".
@@ -152,23 +154,63 @@ impl FromStr for HypervisorChoice {
     }
 }
 
-/// Picks and builds a backend. `paths` are QEMU's binaries (resolved by
-/// [`QemuPaths::resolve`] or given explicitly).
+/// Picks and builds a backend for this host. `qemu_paths` resolves QEMU's
+/// binaries (by [`QemuPaths::resolve`] or given explicitly); husk-vmm is
+/// looked up with [`BuiltinPaths::resolve`] when the builtin backend is
+/// considered. See [`select_with`] for the rules.
 pub fn select(
     choice: HypervisorChoice,
     qemu_paths: impl FnOnce() -> Result<QemuPaths, crate::config::MissingComponent>,
 ) -> Result<Box<dyn Hypervisor>, HypervisorError> {
     let probe = probe_accel();
+    let h = select_with(choice, &probe, qemu_paths, || BuiltinPaths::resolve(None))?;
+    tracing::info!(hypervisor = h.description(), "hypervisor selected");
+    Ok(h)
+}
+
+/// The selection rules, for a given probe:
+/// - `Auto`: husk-vmm where /dev/kvm has hardware virtualization and the
+///   husk-vmm binary exists, else QEMU (KVM or TCG). The description says
+///   which and why.
+/// - `Qemu`: QEMU (KVM where available, else TCG).
+/// - `Builtin`: husk-vmm, which needs hardware virtualization. Without it
+///   (PVM, or no /dev/kvm) this is an error naming the probe's reason: a
+///   stock Linux guest only crawls through KVM's instruction emulator there
+///   (its decompressor even stops on an unemulated SHLX), so every pod would
+///   fail only after the ready timeout. Failing here puts the reason in
+///   huskd's log and Status and fails RunPodSandbox at once.
+///   [`Builtin::new`] still builds the backend on such hosts for tests.
+pub fn select_with(
+    choice: HypervisorChoice,
+    probe: &AccelProbe,
+    qemu_paths: impl FnOnce() -> Result<QemuPaths, crate::config::MissingComponent>,
+    builtin_paths: impl FnOnce() -> Result<BuiltinPaths, crate::config::MissingComponent>,
+) -> Result<Box<dyn Hypervisor>, HypervisorError> {
+    let hardware = probe.accel == Accel::Kvm;
     match choice {
-        HypervisorChoice::Builtin => Err(HypervisorError::BuiltinUnavailable(format!(
-            "husk-vmm does not implement the Hypervisor trait yet; use qemu ({})",
-            probe.reason
-        ))),
+        HypervisorChoice::Builtin => {
+            if !hardware {
+                return Err(HypervisorError::BuiltinUnavailable(format!(
+                    "husk-vmm needs hardware virtualization (VT-x/SVM) and {}; a stock Linux guest does not boot in reasonable time in KVM's instruction emulator; use hypervisor \"qemu\" or \"auto\"",
+                    probe.why
+                )));
+            }
+            Ok(Box::new(Builtin::new(builtin_paths()?, probe)))
+        }
+        HypervisorChoice::Auto if hardware => match builtin_paths() {
+            Ok(paths) => Ok(Box::new(Builtin::new(paths, probe))),
+            Err(missing) => {
+                tracing::warn!(%missing, "hardware virtualization available but husk-vmm missing; using QEMU");
+                let why = format!("hardware virtualization available, but {missing}");
+                Ok(Box::new(Qemu::with_description(
+                    qemu_paths()?,
+                    probe.clone(),
+                    format!("qemu (kvm): {why}"),
+                )))
+            }
+        },
         HypervisorChoice::Auto | HypervisorChoice::Qemu => {
-            let paths = qemu_paths()?;
-            let h = Qemu::new(paths, probe);
-            tracing::info!(hypervisor = h.description(), "hypervisor selected");
-            Ok(Box::new(h))
+            Ok(Box::new(Qemu::new(qemu_paths()?, probe.clone())))
         }
     }
 }
@@ -187,6 +229,8 @@ pub enum HypervisorError {
     Socket(#[from] WaitSocketError),
     #[error("{what}: {source}")]
     Io { what: String, source: io::Error },
+    #[error("husk-vmm failed to start ({status}); its log:\n{log}")]
+    VmmExited { status: String, log: String },
     #[error("QMP: {0}")]
     Qmp(String),
 }
@@ -197,5 +241,118 @@ impl HypervisorError {
             what: what.into(),
             source,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::MissingComponent;
+
+    fn probe(hardware: bool) -> AccelProbe {
+        probe::decide(&probe::HostFacts {
+            dev_kvm: true,
+            hw_virt_flag: hardware,
+            pvm: !hardware,
+        })
+    }
+
+    fn qemu() -> Result<QemuPaths, MissingComponent> {
+        Ok(QemuPaths {
+            qemu: "/q/qemu".into(),
+            bios: "/q/qboot.rom".into(),
+            husk_vsock: "/q/husk-vsock".into(),
+        })
+    }
+
+    fn vmm() -> Result<BuiltinPaths, MissingComponent> {
+        Ok(BuiltinPaths {
+            husk_vmm: "/b/husk-vmm".into(),
+        })
+    }
+
+    fn no_vmm() -> Result<BuiltinPaths, MissingComponent> {
+        Err(MissingComponent {
+            component: "husk-vmm",
+            looked: "/nowhere".into(),
+            hint: "build it",
+        })
+    }
+
+    #[test]
+    fn auto_picks_builtin_with_hardware_virtualization() {
+        let h = select_with(HypervisorChoice::Auto, &probe(true), qemu, vmm).unwrap();
+        assert_eq!(h.name(), "builtin");
+        assert_eq!(
+            h.description(),
+            "builtin (kvm): hardware virtualization available"
+        );
+        // ... unless husk-vmm is missing: QEMU on KVM, saying why.
+        let h = select_with(HypervisorChoice::Auto, &probe(true), qemu, no_vmm).unwrap();
+        assert_eq!(h.name(), "qemu");
+        assert!(
+            h.description().starts_with(
+                "qemu (kvm): hardware virtualization available, but husk-vmm not found (looked at: /nowhere)"
+            ),
+            "{}",
+            h.description()
+        );
+    }
+
+    #[test]
+    fn auto_picks_qemu_tcg_on_pvm() {
+        let h = select_with(HypervisorChoice::Auto, &probe(false), qemu, || {
+            panic!("husk-vmm is not looked up without hardware virtualization")
+        })
+        .unwrap();
+        assert_eq!(h.name(), "qemu");
+        assert_eq!(
+            h.description(),
+            "qemu (tcg): /dev/kvm has no hardware virtualization (PVM)"
+        );
+    }
+
+    #[test]
+    fn forced_backends() {
+        let h = select_with(HypervisorChoice::Qemu, &probe(true), qemu, vmm).unwrap();
+        assert_eq!(h.name(), "qemu");
+        assert_eq!(
+            h.description(),
+            "qemu (kvm): /dev/kvm with hardware virtualization"
+        );
+        let h = select_with(HypervisorChoice::Builtin, &probe(true), qemu, vmm).unwrap();
+        assert_eq!(h.name(), "builtin");
+        let e = select_with(HypervisorChoice::Builtin, &probe(true), qemu, no_vmm).unwrap_err();
+        assert!(matches!(e, HypervisorError::Missing(_)), "{e}");
+        let e = select_with(HypervisorChoice::Builtin, &probe(false), qemu, vmm).unwrap_err();
+        let s = e.to_string();
+        assert!(matches!(e, HypervisorError::BuiltinUnavailable(_)), "{s}");
+        assert!(
+            s.contains("/dev/kvm has no hardware virtualization (PVM)")
+                && s.contains("use hypervisor \"qemu\""),
+            "{s}"
+        );
+        // Missing QEMU is an error when QEMU is what was chosen.
+        let e = select_with(
+            HypervisorChoice::Qemu,
+            &probe(false),
+            || Err(no_vmm().unwrap_err()),
+            vmm,
+        )
+        .unwrap_err();
+        assert!(matches!(e, HypervisorError::Missing(_)), "{e}");
+    }
+
+    #[test]
+    fn choice_parsing() {
+        assert_eq!(
+            "auto".parse::<HypervisorChoice>().unwrap(),
+            HypervisorChoice::Auto
+        );
+        assert_eq!(
+            "builtin".parse::<HypervisorChoice>().unwrap(),
+            HypervisorChoice::Builtin
+        );
+        assert!("xen".parse::<HypervisorChoice>().is_err());
     }
 }

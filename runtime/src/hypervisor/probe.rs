@@ -31,6 +31,9 @@ pub struct AccelProbe {
     pub accel: Accel,
     /// e.g. "qemu (tcg): /dev/kvm has no hardware virtualization (PVM)".
     pub reason: String,
+    /// The host fact alone, e.g. "/dev/kvm has no hardware virtualization
+    /// (PVM)", for backends that phrase their own reason.
+    pub why: String,
 }
 
 /// Facts the decision is made from; split out so the decision is testable.
@@ -88,6 +91,7 @@ pub fn decide(facts: &HostFacts) -> AccelProbe {
     AccelProbe {
         accel,
         reason: format!("qemu ({}): {why}", accel.as_str()),
+        why,
     }
 }
 

@@ -68,11 +68,22 @@ impl QemuPaths {
 pub struct Qemu {
     paths: QemuPaths,
     probe: AccelProbe,
+    description: String,
 }
 
 impl Qemu {
     pub fn new(paths: QemuPaths, probe: AccelProbe) -> Self {
-        Self { paths, probe }
+        let description = probe.reason.clone();
+        Self::with_description(paths, probe, description)
+    }
+
+    /// With a selection reason other than the probe's own.
+    pub fn with_description(paths: QemuPaths, probe: AccelProbe, description: String) -> Self {
+        Self {
+            paths,
+            probe,
+            description,
+        }
     }
 
     pub fn accel(&self) -> Accel {
@@ -213,7 +224,7 @@ impl Hypervisor for Qemu {
     }
 
     fn description(&self) -> &str {
-        &self.probe.reason
+        &self.description
     }
 
     async fn launch(&self, config: &VmConfig) -> Result<Box<dyn Vm>, HypervisorError> {
