@@ -18,6 +18,8 @@ use husk_runtime::hypervisor::{self, HypervisorChoice, QemuPaths};
 use husk_runtime::{Hypervisor, Sandbox, SandboxConfig};
 
 pub mod cpio;
+pub mod huskd;
+pub mod registry;
 
 fn env_path(name: &str) -> Option<PathBuf> {
     std::env::var_os(name)

@@ -696,22 +696,11 @@ async fn create_container(
             .prepare_rootfs(&image.id.0, &id, &rootfs)
             .map_err(|e| image_error(&e))?;
         let user = spec::resolve_user(&config, &image.config, &rootfs)?;
-        let hostname = pod.config.hostname.clone();
-        let hostname = if hostname.is_empty() {
-            pod.config
-                .metadata
-                .as_ref()
-                .map(|m| m.name.clone())
-                .unwrap_or_default()
-        } else {
-            hostname
-        };
         let oci = spec::build(&SpecInputs {
             config: &config,
             image: &image.config,
             user,
             mounts: &mounts,
-            hostname: &hostname,
         })?;
         let stdio = StdioConfig {
             stdin: config.stdin,
@@ -860,7 +849,11 @@ async fn start_container(h: &Arc<Husk>, id: &str) -> Result<(), Status> {
                 if r.state == ContainerState::Running {
                     r.state = ContainerState::Exited;
                     r.exit_code = exit.exit_code;
-                    r.finished_at_ns = exit.exited_at_unix_nanos as i64;
+                    // The host's clock, not the guest's: the guest clock
+                    // is untrusted and drifts from the host's (an exit
+                    // before the start was seen), and CRI times must be
+                    // comparable with created/started, which are host times.
+                    r.finished_at_ns = now_ns().max(r.started_at_ns);
                     r.reason = reason;
                     r.message = message;
                 }

@@ -351,7 +351,6 @@ pub struct SpecInputs<'a> {
     pub image: &'a ImageConfig,
     pub user: ProcessUser,
     pub mounts: &'a [GuestMount],
-    pub hostname: &'a str,
 }
 
 /// The container's OCI spec (root.path is filled in by the sandbox).
@@ -395,7 +394,12 @@ pub fn build(inp: &SpecInputs<'_>) -> Result<oci_spec::runtime::Spec, Status> {
         "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1048576u64, "soft": 1048576u64}],
         "noNewPrivileges": no_new_privs,
     });
-    spec["hostname"] = json!(inp.hostname);
+    // No "hostname" (the default spec has one): the container shares the
+    // VM's UTS namespace, named by the sandbox at boot, and an OCI runtime
+    // refuses a hostname without a private UTS namespace.
+    if let Some(o) = spec.as_object_mut() {
+        o.remove("hostname");
+    }
     spec["root"] = json!({ "path": "rootfs", "readonly": sc.is_some_and(|s| s.readonly_rootfs) });
 
     let mut mounts = spec["mounts"].as_array().cloned().unwrap_or_default();
@@ -568,7 +572,6 @@ mod tests {
             image: &ImageConfig::default(),
             user: user.clone(),
             mounts: &mounts,
-            hostname: "h",
         };
         let s = build(&inp).unwrap();
         let v = serde_json::to_value(&s).unwrap();
@@ -589,6 +592,10 @@ mod tests {
             .as_array()
             .unwrap()
             .contains(&json!("ro")));
+        assert!(
+            v.get("hostname").is_none(),
+            "hostname without a UTS namespace"
+        );
         let ns: Vec<_> = v["linux"]["namespaces"]
             .as_array()
             .unwrap()
@@ -612,7 +619,6 @@ mod tests {
             image: &ImageConfig::default(),
             user,
             mounts: &[],
-            hostname: "h",
         };
         assert!(build(&inp).unwrap_err().message().contains("capabilities"));
     }

@@ -1,0 +1,1229 @@
+//! End-to-end through CRI v1 gRPC, the way kubelet drives a runtime: a real
+//! huskd process (config, root, state and socket in temp dirs), a real
+//! registry on 127.0.0.1 with a busybox image pushed by skopeo, real pod
+//! VMs (QEMU; TCG on the development hosts). Needs root, the guest image
+//! and the binaries (see husk_tests); anything missing fails the test.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use husk_tests::huskd::{assert_nothing_left, Huskd, HuskdDirs, BIG_MEMORY_MIB, BIG_VCPUS};
+use husk_tests::registry::Registry;
+use husk_tests::TestEnv;
+use k8s_cri::v1 as cri;
+use k8s_cri::v1::image_service_client::ImageServiceClient;
+use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
+use tonic::transport::Channel;
+use tonic::Code;
+
+type Rt = RuntimeServiceClient<Channel>;
+type Img = ImageServiceClient<Channel>;
+
+/// One VM test at a time: two cores, CPU-bound TCG boots.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+fn pod_config(name: &str, log_dir: &Path) -> cri::PodSandboxConfig {
+    cri::PodSandboxConfig {
+        metadata: Some(cri::PodSandboxMetadata {
+            name: name.into(),
+            uid: format!("uid-{name}-{}", std::process::id()),
+            namespace: "default".into(),
+            attempt: 0,
+        }),
+        hostname: name.into(),
+        log_directory: log_dir.display().to_string(),
+        labels: HashMap::from([
+            ("app".into(), name.into()),
+            ("husk-test".into(), "cri".into()),
+        ]),
+        ..Default::default()
+    }
+}
+
+fn container_config(name: &str, image: &str, cmd: &[&str], log_path: &str) -> cri::ContainerConfig {
+    cri::ContainerConfig {
+        metadata: Some(cri::ContainerMetadata {
+            name: name.into(),
+            attempt: 0,
+        }),
+        image: Some(cri::ImageSpec {
+            image: image.into(),
+            ..Default::default()
+        }),
+        command: cmd.iter().map(|s| s.to_string()).collect(),
+        log_path: log_path.into(),
+        labels: HashMap::from([("ctr".into(), name.into())]),
+        ..Default::default()
+    }
+}
+
+async fn run_pod(rt: &mut Rt, config: &cri::PodSandboxConfig, handler: &str) -> Result<String> {
+    let t = Instant::now();
+    let id = rt
+        .run_pod_sandbox(cri::RunPodSandboxRequest {
+            config: Some(config.clone()),
+            runtime_handler: handler.into(),
+        })
+        .await
+        .with_context(|| format!("RunPodSandbox (handler {handler:?})"))?
+        .into_inner()
+        .pod_sandbox_id;
+    eprintln!("RunPodSandbox {handler:?}: {} ms", t.elapsed().as_millis());
+    ensure!(id.len() == 64, "pod id {id:?}");
+    Ok(id)
+}
+
+async fn create_start(
+    rt: &mut Rt,
+    pod: &str,
+    pod_cfg: &cri::PodSandboxConfig,
+    cfg: cri::ContainerConfig,
+) -> Result<String> {
+    let name = cfg
+        .metadata
+        .as_ref()
+        .map(|m| m.name.clone())
+        .unwrap_or_default();
+    let id = rt
+        .create_container(cri::CreateContainerRequest {
+            pod_sandbox_id: pod.into(),
+            config: Some(cfg),
+            sandbox_config: Some(pod_cfg.clone()),
+        })
+        .await
+        .with_context(|| format!("CreateContainer {name}"))?
+        .into_inner()
+        .container_id;
+    rt.start_container(cri::StartContainerRequest {
+        container_id: id.clone(),
+    })
+    .await
+    .with_context(|| format!("StartContainer {name}"))?;
+    Ok(id)
+}
+
+async fn container_status(rt: &mut Rt, id: &str) -> Result<cri::ContainerStatus> {
+    rt.container_status(cri::ContainerStatusRequest {
+        container_id: id.into(),
+        verbose: false,
+    })
+    .await
+    .with_context(|| format!("ContainerStatus {id}"))?
+    .into_inner()
+    .status
+    .context("ContainerStatus without status")
+}
+
+async fn wait_exited(rt: &mut Rt, id: &str, timeout: Duration) -> Result<cri::ContainerStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let s = container_status(rt, id).await?;
+        if s.state == cri::ContainerState::ContainerExited as i32 {
+            return Ok(s);
+        }
+        if Instant::now() > deadline {
+            bail!("container {id} not EXITED after {timeout:?}: {s:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn pod_state(rt: &mut Rt, id: &str) -> Result<i32> {
+    Ok(rt
+        .pod_sandbox_status(cri::PodSandboxStatusRequest {
+            pod_sandbox_id: id.into(),
+            verbose: false,
+        })
+        .await
+        .with_context(|| format!("PodSandboxStatus {id}"))?
+        .into_inner()
+        .status
+        .context("PodSandboxStatus without status")?
+        .state)
+}
+
+async fn exec(
+    rt: &mut Rt,
+    id: &str,
+    cmd: &[&str],
+    timeout: i64,
+) -> Result<cri::ExecSyncResponse, tonic::Status> {
+    rt.exec_sync(cri::ExecSyncRequest {
+        container_id: id.into(),
+        cmd: cmd.iter().map(|s| s.to_string()).collect(),
+        timeout,
+    })
+    .await
+    .map(|r| r.into_inner())
+}
+
+/// `YYYY-MM-DDTHH:MM:SS[.fraction]Z`, as Go's RFC3339Nano in UTC.
+fn is_rfc3339_nano(ts: &str) -> bool {
+    let b = ts.as_bytes();
+    let digits =
+        |r: std::ops::Range<usize>| b.get(r).is_some_and(|s| s.iter().all(u8::is_ascii_digit));
+    if b.len() < 20 || !ts.ends_with('Z') {
+        return false;
+    }
+    let shape = digits(0..4)
+        && b[4] == b'-'
+        && digits(5..7)
+        && b[7] == b'-'
+        && digits(8..10)
+        && b[10] == b'T'
+        && digits(11..13)
+        && b[13] == b':'
+        && digits(14..16)
+        && b[16] == b':'
+        && digits(17..19);
+    let rest = &ts[19..ts.len() - 1];
+    shape
+        && (rest.is_empty()
+            || (rest.starts_with('.')
+                && rest.len() <= 10
+                && rest.len() > 1
+                && rest[1..].bytes().all(|c| c.is_ascii_digit())))
+}
+
+/// Parses kubelet-format log lines into (stream, tag, content).
+fn parse_log(text: &str) -> Result<Vec<(String, String, String)>> {
+    let mut v = Vec::new();
+    for line in text.lines() {
+        let mut parts = line.splitn(4, ' ');
+        let (Some(ts), Some(stream), Some(tag), Some(msg)) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            bail!("log line without 4 fields: {line:?}");
+        };
+        ensure!(is_rfc3339_nano(ts), "bad timestamp in {line:?}");
+        ensure!(
+            matches!(stream, "stdout" | "stderr"),
+            "bad stream in {line:?}"
+        );
+        ensure!(matches!(tag, "F" | "P"), "bad tag in {line:?}");
+        v.push((stream.to_string(), tag.to_string(), msg.to_string()));
+    }
+    Ok(v)
+}
+
+fn meminfo_total_kib(out: &[u8]) -> Result<u64> {
+    let text = String::from_utf8_lossy(out);
+    text.lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|r| r.trim().trim_end_matches("kB").trim().parse().ok())
+        .with_context(|| format!("no MemTotal in {text:?}"))
+}
+
+/// Expects `r` to fail with `code` and a message containing every `needle`.
+fn expect_err<T: std::fmt::Debug>(
+    what: &str,
+    r: Result<T, tonic::Status>,
+    code: Code,
+    needles: &[&str],
+) -> Result<()> {
+    match r {
+        Ok(v) => bail!("{what}: expected {code:?}, got Ok({v:?})"),
+        Err(s) => {
+            ensure!(
+                s.code() == code,
+                "{what}: expected {code:?}, got {:?}: {}",
+                s.code(),
+                s.message()
+            );
+            for n in needles {
+                ensure!(
+                    s.message().contains(n),
+                    "{what}: message {:?} does not mention {n:?}",
+                    s.message()
+                );
+            }
+            eprintln!("{what}: {:?}: {}", s.code(), s.message());
+            Ok(())
+        }
+    }
+}
+
+async fn version_answers(rt: &mut Rt) -> Result<()> {
+    let v = rt
+        .version(cri::VersionRequest::default())
+        .await
+        .context("Version after an error")?
+        .into_inner();
+    ensure!(v.runtime_name == "husk", "{v:?}");
+    Ok(())
+}
+
+async fn pull(img: &mut Img, reference: &str) -> Result<String, tonic::Status> {
+    img.pull_image(cri::PullImageRequest {
+        image: Some(cri::ImageSpec {
+            image: reference.into(),
+            ..Default::default()
+        }),
+        auth: None,
+        sandbox_config: None,
+    })
+    .await
+    .map(|r| r.into_inner().image_ref)
+}
+
+async fn image_status(img: &mut Img, reference: &str) -> Result<Option<cri::Image>> {
+    Ok(img
+        .image_status(cri::ImageStatusRequest {
+            image: Some(cri::ImageSpec {
+                image: reference.into(),
+                ..Default::default()
+            }),
+            verbose: false,
+        })
+        .await
+        .with_context(|| format!("ImageStatus {reference}"))?
+        .into_inner()
+        .image)
+}
+
+async fn list_pods(rt: &mut Rt, filter: cri::PodSandboxFilter) -> Result<Vec<cri::PodSandbox>> {
+    Ok(rt
+        .list_pod_sandbox(cri::ListPodSandboxRequest {
+            filter: Some(filter),
+        })
+        .await
+        .context("ListPodSandbox")?
+        .into_inner()
+        .items)
+}
+
+async fn list_containers(rt: &mut Rt, filter: cri::ContainerFilter) -> Result<Vec<cri::Container>> {
+    Ok(rt
+        .list_containers(cri::ListContainersRequest {
+            filter: Some(filter),
+        })
+        .await
+        .context("ListContainers")?
+        .into_inner()
+        .containers)
+}
+
+async fn stop_remove_pod(rt: &mut Rt, id: &str) -> Result<()> {
+    let t = Instant::now();
+    rt.stop_pod_sandbox(cri::StopPodSandboxRequest {
+        pod_sandbox_id: id.into(),
+    })
+    .await
+    .context("StopPodSandbox")?;
+    eprintln!("StopPodSandbox: {} ms", t.elapsed().as_millis());
+    ensure!(
+        pod_state(rt, id).await? == cri::PodSandboxState::SandboxNotready as i32,
+        "pod not NotReady after StopPodSandbox"
+    );
+    rt.remove_pod_sandbox(cri::RemovePodSandboxRequest {
+        pod_sandbox_id: id.into(),
+    })
+    .await
+    .context("RemovePodSandbox")?;
+    expect_err(
+        "PodSandboxStatus of a removed pod",
+        rt.pod_sandbox_status(cri::PodSandboxStatusRequest {
+            pod_sandbox_id: id.into(),
+            verbose: false,
+        })
+        .await,
+        Code::NotFound,
+        &[id],
+    )
+}
+
+/// What every test checks at the end: huskd exits 0 on SIGTERM, removes
+/// its socket, and leaves no VMM/virtiofsd/husk-vsock process, mount or
+/// socket under its directories.
+async fn terminate_clean(mut huskd: Huskd, dirs: &HuskdDirs) -> Result<()> {
+    let pid = huskd.pid().context("huskd pid")?;
+    let st = huskd.terminate(Duration::from_secs(60)).await?;
+    ensure!(
+        st.success(),
+        "huskd exited with {st} on SIGTERM\n{}",
+        huskd.log_tail(40)
+    );
+    ensure!(
+        !dirs.socket.exists(),
+        "huskd left its socket {}",
+        dirs.socket.display()
+    );
+    ensure!(
+        !Path::new(&format!("/proc/{pid}")).exists(),
+        "huskd pid {pid} still exists"
+    );
+    assert_nothing_left(dirs.state.path())?;
+    assert_nothing_left(dirs.top.path())?;
+    Ok(())
+}
+
+struct Setup {
+    env: TestEnv,
+    registry: Registry,
+    image: String,
+}
+
+fn setup() -> Result<Setup> {
+    let env = TestEnv::from_env()?;
+    let registry = Registry::start()?;
+    let image = registry.push_busybox("busybox:1.0")?;
+    Ok(Setup {
+        env,
+        registry,
+        image,
+    })
+}
+
+/// Runs `body`; on failure prints huskd's log, and always kills huskd (the
+/// VMs are its children and go with it when it is terminated).
+async fn guarded(huskd: &Huskd, body: impl std::future::Future<Output = Result<()>>) -> Result<()> {
+    let r = body.await;
+    if r.is_err() {
+        eprintln!("--- huskd log ---\n{}", huskd.log_tail(80));
+    }
+    r
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cri_pod_lifecycle() -> Result<()> {
+    let _serial = SERIAL.lock().await;
+    let s = setup()?;
+    let dirs = HuskdDirs::new(&s.env, &[s.registry.host().as_str()])?;
+    let huskd = Huskd::start(&dirs).await?;
+    let (mut rt, mut img) = huskd.clients().await?;
+    let log_root = dirs.top.path().join("logs");
+    let image = s.image.clone();
+    let r = guarded(&huskd, async {
+        // 1. Version and Status.
+        let v = rt
+            .version(cri::VersionRequest::default())
+            .await?
+            .into_inner();
+        ensure!(
+            v.runtime_name == "husk" && v.runtime_api_version == "v1",
+            "{v:?}"
+        );
+        ensure!(!v.runtime_version.is_empty(), "{v:?}");
+        let st = rt
+            .status(cri::StatusRequest { verbose: true })
+            .await?
+            .into_inner();
+        let conds = st
+            .status
+            .as_ref()
+            .context("Status.status")?
+            .conditions
+            .clone();
+        let ready = conds
+            .iter()
+            .find(|c| c.r#type == "RuntimeReady")
+            .context("no RuntimeReady condition")?;
+        ensure!(ready.status, "RuntimeReady false: {ready:?}");
+        ensure!(
+            !ready.reason.is_empty() && !ready.message.is_empty(),
+            "{ready:?}"
+        );
+        let info: serde_json::Value =
+            serde_json::from_str(st.info.get("info").context("verbose Status without info")?)?;
+        let reason = info["accelReason"].as_str().unwrap_or_default();
+        ensure!(
+            !reason.is_empty(),
+            "Status info has no hypervisor reason: {info}"
+        );
+        ensure!(
+            !info["accel"].as_str().unwrap_or_default().is_empty(),
+            "{info}"
+        );
+        let names: Vec<&str> = st
+            .runtime_handlers
+            .iter()
+            .map(|h| h.name.as_str())
+            .collect();
+        ensure!(
+            names.contains(&"husk") && names.contains(&"big"),
+            "{names:?}"
+        );
+        eprintln!("Status: {ready:?} accel={} ({reason})", info["accel"]);
+
+        // 2. Pull; ListImages/ImageStatus show it.
+        let t = Instant::now();
+        let image_ref = pull(&mut img, &image).await.context("PullImage")?;
+        eprintln!("PullImage: {} ms", t.elapsed().as_millis());
+        ensure!(image_ref.starts_with("sha256:"), "image_ref {image_ref}");
+        let listed = img
+            .list_images(cri::ListImagesRequest { filter: None })
+            .await?
+            .into_inner()
+            .images;
+        ensure!(listed.len() == 1, "ListImages: {listed:?}");
+        ensure!(listed[0].id == image_ref, "{listed:?}");
+        ensure!(listed[0].repo_tags == vec![image.clone()], "{listed:?}");
+        ensure!(listed[0].size > 0, "{listed:?}");
+        let is = image_status(&mut img, &image)
+            .await?
+            .context("ImageStatus: no image")?;
+        ensure!(is.id == image_ref, "{is:?}");
+        let by_id = image_status(&mut img, &image_ref).await?;
+        ensure!(
+            by_id.is_some_and(|i| i.id == image_ref),
+            "ImageStatus by id"
+        );
+        // A second pull is quick and gives the same id.
+        ensure!(pull(&mut img, &image).await? == image_ref, "second pull");
+
+        // 3. A pod.
+        let pcfg = pod_config("web", &log_root.join("web"));
+        let pod = run_pod(&mut rt, &pcfg, "husk").await?;
+        ensure!(
+            pod_state(&mut rt, &pod).await? == cri::PodSandboxState::SandboxReady as i32,
+            "pod not Ready"
+        );
+        let ps = rt
+            .pod_sandbox_status(cri::PodSandboxStatusRequest {
+                pod_sandbox_id: pod.clone(),
+                verbose: true,
+            })
+            .await?
+            .into_inner();
+        let status = ps.status.context("status")?;
+        ensure!(
+            status.metadata == pcfg.metadata && status.labels == pcfg.labels,
+            "{status:?}"
+        );
+        ensure!(status.runtime_handler == "husk", "{status:?}");
+        let all = list_pods(&mut rt, Default::default()).await?;
+        ensure!(all.len() == 1 && all[0].id == pod, "{all:?}");
+        let by_prefix = list_pods(
+            &mut rt,
+            cri::PodSandboxFilter {
+                id: pod[..12].into(),
+                ..Default::default()
+            },
+        )
+        .await?;
+        ensure!(by_prefix.len() == 1, "id prefix filter: {by_prefix:?}");
+        let ready_filter = |state| cri::PodSandboxFilter {
+            state: Some(cri::PodSandboxStateValue {
+                state: state as i32,
+            }),
+            ..Default::default()
+        };
+        ensure!(
+            list_pods(&mut rt, ready_filter(cri::PodSandboxState::SandboxReady))
+                .await?
+                .len()
+                == 1
+        );
+        ensure!(
+            list_pods(&mut rt, ready_filter(cri::PodSandboxState::SandboxNotready))
+                .await?
+                .is_empty()
+        );
+        let sel = |k: &str, v: &str| cri::PodSandboxFilter {
+            label_selector: HashMap::from([(k.to_string(), v.to_string())]),
+            ..Default::default()
+        };
+        ensure!(
+            list_pods(&mut rt, sel("app", "web")).await?.len() == 1,
+            "label match"
+        );
+        ensure!(
+            list_pods(&mut rt, sel("app", "db")).await?.is_empty(),
+            "label mismatch"
+        );
+
+        // 4. A short container: exit code, reason, log file.
+        let c1 = create_start(
+            &mut rt,
+            &pod,
+            &pcfg,
+            container_config(
+                "short",
+                &image,
+                &["sh", "-c", "echo hello; echo oops >&2; exit 3"],
+                "short/0.log",
+            ),
+        )
+        .await?;
+        let cs = wait_exited(&mut rt, &c1, Duration::from_secs(60)).await?;
+        ensure!(cs.exit_code == 3, "exit code {}: {cs:?}", cs.exit_code);
+        ensure!(cs.reason == "Error", "reason {:?}", cs.reason);
+        ensure!(
+            cs.started_at > 0 && cs.finished_at >= cs.started_at,
+            "{cs:?}"
+        );
+        ensure!(cs.image_ref == image_ref, "{cs:?}");
+        let log_file = log_root.join("web/short/0.log");
+        ensure!(
+            cs.log_path == log_file.display().to_string(),
+            "log_path {:?}",
+            cs.log_path
+        );
+        let text = std::fs::read_to_string(&log_file)
+            .with_context(|| format!("reading {}", log_file.display()))?;
+        let mut recs = parse_log(&text)?;
+        recs.sort();
+        ensure!(
+            recs == vec![
+                ("stderr".into(), "F".into(), "oops".into()),
+                ("stdout".into(), "F".into(), "hello".into())
+            ],
+            "log records {recs:?} in {text:?}"
+        );
+        // ExecSync into an exited container is refused.
+        expect_err(
+            "ExecSync in an exited container",
+            exec(&mut rt, &c1, &["true"], 0).await,
+            Code::FailedPrecondition,
+            &["not running"],
+        )?;
+
+        // A log path outside the pod's log directory.
+        expect_err(
+            "CreateContainer with log_path ../x.log",
+            rt.create_container(cri::CreateContainerRequest {
+                pod_sandbox_id: pod.clone(),
+                config: Some(container_config("evil", &image, &["true"], "../x.log")),
+                sandbox_config: Some(pcfg.clone()),
+            })
+            .await,
+            Code::InvalidArgument,
+            &["config.log_path", "outside"],
+        )?;
+        expect_err(
+            "CreateContainer with an absolute log_path",
+            rt.create_container(cri::CreateContainerRequest {
+                pod_sandbox_id: pod.clone(),
+                config: Some(container_config("evil", &image, &["true"], "/etc/x.log")),
+                sandbox_config: Some(pcfg.clone()),
+            })
+            .await,
+            Code::InvalidArgument,
+            &["config.log_path"],
+        )?;
+        expect_err(
+            "CreateContainer with an image not pulled",
+            rt.create_container(cri::CreateContainerRequest {
+                pod_sandbox_id: pod.clone(),
+                config: Some(container_config(
+                    "nope",
+                    &format!("{}/nothere:1", s.registry.host()),
+                    &["true"],
+                    "",
+                )),
+                sandbox_config: Some(pcfg.clone()),
+            })
+            .await,
+            Code::NotFound,
+            &["config.image.image"],
+        )?;
+
+        // 5. Long-running containers and ExecSync.
+        let c2 = create_start(
+            &mut rt,
+            &pod,
+            &pcfg,
+            container_config(
+                "trapper",
+                &image,
+                &[
+                    "sh",
+                    "-c",
+                    "trap 'echo bye; exit 0' TERM; echo up; while true; do sleep 0.2; done",
+                ],
+                "trapper/0.log",
+            ),
+        )
+        .await?;
+        let c3 = create_start(
+            &mut rt,
+            &pod,
+            &pcfg,
+            container_config("sleeper", &image, &["sleep", "3600"], ""),
+        )
+        .await?;
+        for c in [&c2, &c3] {
+            let st = container_status(&mut rt, c).await?;
+            ensure!(
+                st.state == cri::ContainerState::ContainerRunning as i32,
+                "{st:?}"
+            );
+        }
+        let t = Instant::now();
+        let r = exec(&mut rt, &c3, &["echo", "hi"], 0).await?;
+        eprintln!("ExecSync echo: {} ms", t.elapsed().as_millis());
+        ensure!(
+            r.stdout == b"hi\n" && r.stderr.is_empty() && r.exit_code == 0,
+            "{r:?}"
+        );
+        // Containers share the VM's UTS namespace, named after the pod.
+        let r = exec(&mut rt, &c3, &["hostname"], 10).await?;
+        ensure!(r.stdout == b"web\n", "hostname {r:?}");
+        let r = exec(&mut rt, &c3, &["sh", "-c", "echo err >&2; exit 7"], 10).await?;
+        ensure!(
+            r.exit_code == 7 && r.stderr == b"err\n" && r.stdout.is_empty(),
+            "{r:?}"
+        );
+        let t = Instant::now();
+        expect_err(
+            "ExecSync sleep 30 with timeout 2",
+            exec(&mut rt, &c3, &["sleep", "30"], 2).await,
+            Code::DeadlineExceeded,
+            &["timed out"],
+        )?;
+        let took = t.elapsed();
+        ensure!(
+            took >= Duration::from_secs(2) && took < Duration::from_secs(10),
+            "timeout took {took:?}"
+        );
+        // The timed-out process was killed; the container still runs.
+        let r = exec(
+            &mut rt,
+            &c3,
+            &["sh", "-c", "ps -o args | grep -c '^sleep 30' || true"],
+            10,
+        )
+        .await?;
+        ensure!(
+            String::from_utf8_lossy(&r.stdout).trim() == "0",
+            "sleep 30 still runs: {r:?}"
+        );
+        expect_err(
+            "ExecSync with an empty cmd",
+            exec(&mut rt, &c3, &[], 0).await,
+            Code::InvalidArgument,
+            &["cmd"],
+        )?;
+        let listed = list_containers(
+            &mut rt,
+            cri::ContainerFilter {
+                pod_sandbox_id: pod.clone(),
+                state: Some(cri::ContainerStateValue {
+                    state: cri::ContainerState::ContainerRunning as i32,
+                }),
+                ..Default::default()
+            },
+        )
+        .await?;
+        let mut ids: Vec<_> = listed.iter().map(|c| c.id.clone()).collect();
+        ids.sort();
+        let mut want = vec![c2.clone(), c3.clone()];
+        want.sort();
+        ensure!(ids == want, "running containers {ids:?}, want {want:?}");
+
+        // 6. StopContainer: SIGTERM honoured, SIGTERM ignored (PID 1) -> SIGKILL.
+        let t = Instant::now();
+        rt.stop_container(cri::StopContainerRequest {
+            container_id: c2.clone(),
+            timeout: 30,
+        })
+        .await
+        .context("StopContainer trapper")?;
+        let took = t.elapsed();
+        let st = container_status(&mut rt, &c2).await?;
+        ensure!(
+            st.state == cri::ContainerState::ContainerExited as i32,
+            "{st:?}"
+        );
+        ensure!(st.exit_code == 0 && st.reason == "Completed", "{st:?}");
+        ensure!(took < Duration::from_secs(10), "SIGTERM stop took {took:?}");
+        let text = std::fs::read_to_string(log_root.join("web/trapper/0.log"))?;
+        let recs = parse_log(&text)?;
+        let msgs: Vec<&str> = recs.iter().map(|r| r.2.as_str()).collect();
+        ensure!(msgs == ["up", "bye"], "trapper log {text:?}");
+        let t = Instant::now();
+        rt.stop_container(cri::StopContainerRequest {
+            container_id: c3.clone(),
+            timeout: 1,
+        })
+        .await
+        .context("StopContainer sleeper")?;
+        let took = t.elapsed();
+        let st = container_status(&mut rt, &c3).await?;
+        ensure!(
+            st.state == cri::ContainerState::ContainerExited as i32,
+            "{st:?}"
+        );
+        ensure!(st.exit_code == 137, "sleeper exit {st:?}");
+        ensure!(
+            took >= Duration::from_secs(1) && took < Duration::from_secs(15),
+            "SIGKILL stop took {took:?}"
+        );
+        // Stop again: no-op.
+        rt.stop_container(cri::StopContainerRequest {
+            container_id: c3.clone(),
+            timeout: 1,
+        })
+        .await
+        .context("second StopContainer")?;
+        for c in [&c1, &c2, &c3] {
+            rt.remove_container(cri::RemoveContainerRequest {
+                container_id: c.to_string(),
+            })
+            .await
+            .with_context(|| format!("RemoveContainer {c}"))?;
+            expect_err(
+                "ContainerStatus of a removed container",
+                rt.container_status(cri::ContainerStatusRequest {
+                    container_id: c.to_string(),
+                    verbose: false,
+                })
+                .await,
+                Code::NotFound,
+                &["container_id"],
+            )?;
+        }
+        ensure!(list_containers(&mut rt, Default::default())
+            .await?
+            .is_empty());
+        // Idempotence: unknown (well-formed) ids and second removals succeed.
+        let unknown = "f".repeat(64);
+        rt.stop_container(cri::StopContainerRequest {
+            container_id: unknown.clone(),
+            timeout: 0,
+        })
+        .await
+        .context("StopContainer unknown")?;
+        rt.remove_container(cri::RemoveContainerRequest {
+            container_id: c1.clone(),
+        })
+        .await
+        .context("RemoveContainer twice")?;
+        rt.stop_pod_sandbox(cri::StopPodSandboxRequest {
+            pod_sandbox_id: unknown.clone(),
+        })
+        .await
+        .context("StopPodSandbox unknown")?;
+        rt.remove_pod_sandbox(cri::RemovePodSandboxRequest {
+            pod_sandbox_id: unknown.clone(),
+        })
+        .await
+        .context("RemovePodSandbox unknown")?;
+        let sandbox_dirs = std::fs::read_dir(dirs.state.path().join("sandboxes"))?.count();
+        ensure!(
+            sandbox_dirs == 1,
+            "{sandbox_dirs} sandbox dirs with one pod"
+        );
+        stop_remove_pod(&mut rt, &pod).await?;
+        rt.stop_pod_sandbox(cri::StopPodSandboxRequest {
+            pod_sandbox_id: pod.clone(),
+        })
+        .await
+        .context("StopPodSandbox after removal")?;
+        rt.remove_pod_sandbox(cri::RemovePodSandboxRequest {
+            pod_sandbox_id: pod.clone(),
+        })
+        .await
+        .context("RemovePodSandbox twice")?;
+        // huskd's own socket is in the state dir; the pods' things are not.
+        let sandboxes = dirs.state.path().join("sandboxes");
+        assert_nothing_left(&sandboxes)?;
+        ensure!(
+            std::fs::read_dir(&sandboxes)?.count() == 0,
+            "sandbox dirs left"
+        );
+
+        // 7. The second handler gives a bigger VM.
+        let mut small_mem = 0;
+        for (handler, name) in [("husk", "small"), ("big", "large")] {
+            let pcfg = pod_config(name, &log_root.join(name));
+            let pod = run_pod(&mut rt, &pcfg, handler).await?;
+            let status = rt
+                .pod_sandbox_status(cri::PodSandboxStatusRequest {
+                    pod_sandbox_id: pod.clone(),
+                    verbose: false,
+                })
+                .await?
+                .into_inner()
+                .status
+                .context("status")?;
+            ensure!(status.runtime_handler == handler, "{status:?}");
+            let c = create_start(
+                &mut rt,
+                &pod,
+                &pcfg,
+                container_config("probe", &image, &["sleep", "3600"], ""),
+            )
+            .await?;
+            let mem = meminfo_total_kib(
+                &exec(&mut rt, &c, &["cat", "/proc/meminfo"], 10)
+                    .await?
+                    .stdout,
+            )?;
+            let cpus = exec(&mut rt, &c, &["nproc"], 10).await?;
+            let cpus: u32 = String::from_utf8_lossy(&cpus.stdout).trim().parse()?;
+            eprintln!("handler {handler}: MemTotal {mem} kB, {cpus} vCPUs");
+            if handler == "big" {
+                ensure!(cpus == BIG_VCPUS, "big handler: {cpus} vCPUs");
+                ensure!(
+                    mem > small_mem + 200 * 1024 && mem <= u64::from(BIG_MEMORY_MIB) * 1024,
+                    "big handler MemTotal {mem} kB vs default {small_mem} kB"
+                );
+            } else {
+                ensure!(cpus == 1, "default handler: {cpus} vCPUs");
+                ensure!(mem <= 256 * 1024, "default MemTotal {mem} kB");
+                small_mem = mem;
+            }
+            // StopPodSandbox with a running container kills it.
+            stop_remove_pod(&mut rt, &pod).await?;
+            expect_err(
+                "ContainerStatus after RemovePodSandbox",
+                rt.container_status(cri::ContainerStatusRequest {
+                    container_id: c.clone(),
+                    verbose: false,
+                })
+                .await,
+                Code::NotFound,
+                &[],
+            )?;
+        }
+
+        // RemoveImage, twice.
+        img.remove_image(cri::RemoveImageRequest {
+            image: Some(cri::ImageSpec {
+                image: image.clone(),
+                ..Default::default()
+            }),
+        })
+        .await
+        .context("RemoveImage")?;
+        ensure!(
+            image_status(&mut img, &image).await?.is_none(),
+            "image still there"
+        );
+        img.remove_image(cri::RemoveImageRequest {
+            image: Some(cri::ImageSpec {
+                image: image.clone(),
+                ..Default::default()
+            }),
+        })
+        .await
+        .context("RemoveImage twice")?;
+        ensure!(list_pods(&mut rt, Default::default()).await?.is_empty());
+        Ok(())
+    })
+    .await;
+    let end = terminate_clean(huskd, &dirs).await;
+    r?;
+    end
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cri_bad_input() -> Result<()> {
+    let _serial = SERIAL.lock().await;
+    let s = setup()?;
+    // A second registry, configured insecure and then stopped: pulls from
+    // it find nothing listening.
+    let mut down = Registry::start()?;
+    let down_host = down.host();
+    down.stop();
+    let dirs = HuskdDirs::new(&s.env, &[s.registry.host().as_str(), down_host.as_str()])?;
+    let huskd = Huskd::start(&dirs).await?;
+    let (mut rt, mut img) = huskd.clients().await?;
+    let log_dir = dirs.top.path().join("logs");
+    let image = s.image.clone();
+    let r = guarded(&huskd, async {
+        let long = "a".repeat(65);
+        for (what, id, code, needle) in [
+            (
+                "empty",
+                "",
+                Code::InvalidArgument,
+                "pod_sandbox_id is empty",
+            ),
+            (
+                "malformed",
+                "../etc",
+                Code::InvalidArgument,
+                "pod_sandbox_id",
+            ),
+            (
+                "too long",
+                long.as_str(),
+                Code::InvalidArgument,
+                "pod_sandbox_id",
+            ),
+            ("unknown", "0123456789ab", Code::NotFound, "0123456789ab"),
+        ] {
+            expect_err(
+                &format!("PodSandboxStatus {what}"),
+                rt.pod_sandbox_status(cri::PodSandboxStatusRequest {
+                    pod_sandbox_id: id.into(),
+                    verbose: false,
+                })
+                .await,
+                code,
+                &[needle],
+            )?;
+            version_answers(&mut rt).await?;
+        }
+        for (what, id, code, needle) in [
+            ("empty", "", Code::InvalidArgument, "container_id is empty"),
+            ("malformed", "a/b", Code::InvalidArgument, "container_id"),
+            ("unknown", "0123456789ab", Code::NotFound, "0123456789ab"),
+        ] {
+            expect_err(
+                &format!("ContainerStatus {what}"),
+                rt.container_status(cri::ContainerStatusRequest {
+                    container_id: id.into(),
+                    verbose: false,
+                })
+                .await,
+                code,
+                &[needle],
+            )?;
+            expect_err(
+                &format!("StartContainer {what}"),
+                rt.start_container(cri::StartContainerRequest {
+                    container_id: id.into(),
+                })
+                .await,
+                code,
+                &[needle],
+            )?;
+            expect_err(
+                &format!("ExecSync {what}"),
+                exec(&mut rt, id, &["true"], 0).await,
+                code,
+                &[needle],
+            )?;
+            version_answers(&mut rt).await?;
+        }
+        // Stop/remove with a malformed id is an argument error, not success.
+        expect_err(
+            "StopPodSandbox malformed",
+            rt.stop_pod_sandbox(cri::StopPodSandboxRequest {
+                pod_sandbox_id: "x y".into(),
+            })
+            .await,
+            Code::InvalidArgument,
+            &["pod_sandbox_id"],
+        )?;
+        expect_err(
+            "RemoveContainer empty",
+            rt.remove_container(cri::RemoveContainerRequest {
+                container_id: String::new(),
+            })
+            .await,
+            Code::InvalidArgument,
+            &["container_id"],
+        )?;
+        expect_err(
+            "CreateContainer in an unknown pod",
+            rt.create_container(cri::CreateContainerRequest {
+                pod_sandbox_id: "0123456789ab".into(),
+                config: Some(container_config("c", &image, &["true"], "")),
+                sandbox_config: None,
+            })
+            .await,
+            Code::NotFound,
+            &["pod_sandbox_id"],
+        )?;
+        // Images.
+        expect_err(
+            "PullImage unparsable",
+            pull(&mut img, "Not A/Valid::Ref").await,
+            Code::InvalidArgument,
+            &["Not A/Valid::Ref"],
+        )?;
+        expect_err(
+            "PullImage empty",
+            pull(&mut img, "").await,
+            Code::InvalidArgument,
+            &["image"],
+        )?;
+        expect_err(
+            "PullImage registry down",
+            pull(&mut img, &format!("{down_host}/busybox:1.0")).await,
+            Code::Unavailable,
+            &[&down_host],
+        )?;
+        expect_err(
+            "PullImage missing tag",
+            pull(&mut img, &format!("{}/busybox:nope", s.registry.host())).await,
+            Code::NotFound,
+            &["busybox:nope"],
+        )?;
+        expect_err(
+            "PullImage missing repository",
+            pull(&mut img, &format!("{}/nothere:1", s.registry.host())).await,
+            Code::NotFound,
+            &["nothere"],
+        )?;
+        version_answers(&mut rt).await?;
+        ensure!(
+            img.list_images(cri::ListImagesRequest { filter: None })
+                .await?
+                .into_inner()
+                .images
+                .is_empty(),
+            "failed pulls left images"
+        );
+        // Pods.
+        let pcfg = pod_config("bad", &log_dir);
+        expect_err(
+            "RunPodSandbox unknown handler",
+            rt.run_pod_sandbox(cri::RunPodSandboxRequest {
+                config: Some(pcfg.clone()),
+                runtime_handler: "kata".into(),
+            })
+            .await,
+            Code::InvalidArgument,
+            &["runtime_handler", "kata", "big", "husk"],
+        )?;
+        let mut no_meta = pcfg.clone();
+        no_meta.metadata = None;
+        expect_err(
+            "RunPodSandbox without metadata",
+            rt.run_pod_sandbox(cri::RunPodSandboxRequest {
+                config: Some(no_meta),
+                runtime_handler: String::new(),
+            })
+            .await,
+            Code::InvalidArgument,
+            &["config.metadata"],
+        )?;
+        let mut rel_logs = pcfg.clone();
+        rel_logs.log_directory = "relative/logs".into();
+        expect_err(
+            "RunPodSandbox relative log_directory",
+            rt.run_pod_sandbox(cri::RunPodSandboxRequest {
+                config: Some(rel_logs),
+                runtime_handler: String::new(),
+            })
+            .await,
+            Code::InvalidArgument,
+            &["config.log_directory"],
+        )?;
+        expect_err(
+            "RunPodSandbox without config",
+            rt.run_pod_sandbox(cri::RunPodSandboxRequest {
+                config: None,
+                runtime_handler: String::new(),
+            })
+            .await,
+            Code::InvalidArgument,
+            &["config"],
+        )?;
+        version_answers(&mut rt).await?;
+        ensure!(
+            list_pods(&mut rt, Default::default()).await?.is_empty(),
+            "failed runs left pods"
+        );
+        Ok(())
+    })
+    .await;
+    let end = terminate_clean(huskd, &dirs).await;
+    r?;
+    end
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cri_restart_keeps_records() -> Result<()> {
+    let _serial = SERIAL.lock().await;
+    let s = setup()?;
+    let dirs = HuskdDirs::new(&s.env, &[s.registry.host().as_str()])?;
+    let huskd = Huskd::start(&dirs).await?;
+    let (mut rt, mut img) = huskd.clients().await?;
+    let log_dir = dirs.top.path().join("logs/restart");
+    let image = s.image.clone();
+    let pcfg = pod_config("restart", &log_dir);
+    let mut ids = None;
+    let r = guarded(&huskd, async {
+        let image_ref = pull(&mut img, &image).await.context("PullImage")?;
+        let pod = run_pod(&mut rt, &pcfg, "").await?;
+        let c = create_start(
+            &mut rt,
+            &pod,
+            &pcfg,
+            container_config("sleeper", &image, &["sleep", "3600"], "sleeper/0.log"),
+        )
+        .await?;
+        ids = Some((image_ref, pod, c));
+        Ok(())
+    })
+    .await;
+    // SIGTERM with the pod running: its VM goes with huskd.
+    let end = terminate_clean(huskd, &dirs).await;
+    r?;
+    end?;
+    let (image_ref, pod, c) = ids.context("ids")?;
+
+    let huskd = Huskd::start(&dirs).await?;
+    let (mut rt, mut img) = huskd.clients().await?;
+    let r = guarded(&huskd, async {
+        let pods = list_pods(&mut rt, Default::default()).await?;
+        ensure!(
+            pods.len() == 1 && pods[0].id == pod,
+            "pods after restart: {pods:?}"
+        );
+        ensure!(pods[0].metadata == pcfg.metadata, "{pods:?}");
+        ensure!(
+            pods[0].state == cri::PodSandboxState::SandboxNotready as i32,
+            "pod state after restart {pods:?}"
+        );
+        let cs = list_containers(&mut rt, Default::default()).await?;
+        ensure!(
+            cs.len() == 1 && cs[0].id == c && cs[0].pod_sandbox_id == pod,
+            "{cs:?}"
+        );
+        ensure!(
+            cs[0].state == cri::ContainerState::ContainerExited as i32,
+            "{cs:?}"
+        );
+        let st = container_status(&mut rt, &c).await?;
+        ensure!(st.exit_code != 0 && !st.reason.is_empty(), "{st:?}");
+        let images = img
+            .list_images(cri::ListImagesRequest { filter: None })
+            .await?
+            .into_inner()
+            .images;
+        ensure!(images.len() == 1 && images[0].id == image_ref, "{images:?}");
+        ensure!(images[0].repo_tags == vec![image.clone()], "{images:?}");
+        // A new pod works after the restart, with the same image.
+        let pcfg2 = pod_config("after", &dirs.top.path().join("logs/after"));
+        let pod2 = run_pod(&mut rt, &pcfg2, "").await?;
+        let c2 = create_start(
+            &mut rt,
+            &pod2,
+            &pcfg2,
+            container_config("sleeper", &image, &["sleep", "3600"], ""),
+        )
+        .await?;
+        let r = exec(&mut rt, &c2, &["echo", "again"], 10).await?;
+        ensure!(r.stdout == b"again\n", "{r:?}");
+        // The old records can be stopped and removed.
+        rt.stop_container(cri::StopContainerRequest {
+            container_id: c.clone(),
+            timeout: 0,
+        })
+        .await
+        .context("StopContainer after restart")?;
+        rt.remove_container(cri::RemoveContainerRequest {
+            container_id: c.clone(),
+        })
+        .await
+        .context("RemoveContainer after restart")?;
+        stop_remove_pod(&mut rt, &pod).await?;
+        stop_remove_pod(&mut rt, &pod2).await?;
+        ensure!(list_containers(&mut rt, Default::default())
+            .await?
+            .is_empty());
+        img.remove_image(cri::RemoveImageRequest {
+            image: Some(cri::ImageSpec {
+                image: image_ref.clone(),
+                ..Default::default()
+            }),
+        })
+        .await
+        .context("RemoveImage by id")?;
+        ensure!(image_status(&mut img, &image).await?.is_none());
+        Ok(())
+    })
+    .await;
+    let end = terminate_clean(huskd, &dirs).await;
+    r?;
+    end
+}
