@@ -572,6 +572,27 @@ async fn cri_pod_lifecycle() -> Result<()> {
             ],
             "log records {recs:?} in {text:?}"
         );
+        // All output is in the log once the exit is reported.
+        let chatty = create_start(
+            &mut rt,
+            &pod,
+            &pcfg,
+            container_config("chatty", &image, &["seq", "1", "5000"], "chatty/0.log"),
+        )
+        .await?;
+        let cs = wait_exited(&mut rt, &chatty, Duration::from_secs(60)).await?;
+        ensure!(cs.exit_code == 0 && cs.reason == "Completed", "{cs:?}");
+        let text = std::fs::read_to_string(log_root.join("web/chatty/0.log"))?;
+        let recs = parse_log(&text)?;
+        let want: Vec<(String, String, String)> = (1..=5000)
+            .map(|i| ("stdout".into(), "F".into(), i.to_string()))
+            .collect();
+        ensure!(
+            recs == want,
+            "chatty log at exit: {} records, last {:?}",
+            recs.len(),
+            recs.last()
+        );
         // ExecSync into an exited container is refused.
         expect_err(
             "ExecSync in an exited container",
@@ -758,7 +779,7 @@ async fn cri_pod_lifecycle() -> Result<()> {
         })
         .await
         .context("second StopContainer")?;
-        for c in [&c1, &c2, &c3] {
+        for c in [&c1, &chatty, &c2, &c3] {
             rt.remove_container(cri::RemoveContainerRequest {
                 container_id: c.to_string(),
             })
@@ -1026,7 +1047,7 @@ async fn cri_bad_input() -> Result<()> {
             "PullImage unparsable",
             pull(&mut img, "Not A/Valid::Ref").await,
             Code::InvalidArgument,
-            &["Not A/Valid::Ref"],
+            &["image.image", "Not A/Valid::Ref"],
         )?;
         expect_err(
             "PullImage empty",

@@ -183,7 +183,16 @@ impl ImageService for CriImages {
                 identity_token: a.identity_token,
                 registry_token: a.registry_token,
             });
-            let img = pull_off_thread(self.husk.clone(), r, auth).await?;
+            let img = pull_off_thread(self.husk.clone(), r, auth)
+                .await
+                .map_err(|s| {
+                    // Name the request field for an unusable reference.
+                    if s.code() == tonic::Code::InvalidArgument {
+                        Status::invalid_argument(format!("image.image: {}", s.message()))
+                    } else {
+                        s
+                    }
+                })?;
             Ok(cri::PullImageResponse {
                 image_ref: img.id.0,
             })

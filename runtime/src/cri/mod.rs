@@ -50,6 +50,8 @@ pub struct LiveContainer {
     pub log: Option<LogFile>,
     /// `Some` once the init process has exited.
     pub exit: watch::Receiver<Option<ExitInfo>>,
+    /// `true` once stdout and stderr reached EOF and are in the log.
+    pub io_done: watch::Receiver<bool>,
 }
 
 /// Shared state of the CRI services.

@@ -27,6 +27,8 @@ use crate::state::{ContainerRecord, ContainerState, PodRecord, PodState, Resolve
 const EXEC_OUTPUT_LIMIT: usize = 16 * 1024 * 1024;
 /// StopContainer's wait after SIGKILL.
 const KILL_WAIT: Duration = Duration::from_secs(10);
+/// How long an exit waits for the container's output to reach its log.
+const IO_DRAIN_WAIT: Duration = Duration::from_secs(2);
 /// Reason of containers lost with their VM.
 const REASON_LOST: &str = "SandboxLost";
 
@@ -738,21 +740,29 @@ async fn create_container(
             (Stream::Stdout, Some(streams.stdout)),
             (Stream::Stderr, streams.stderr),
         ];
+        let mut copiers = Vec::new();
         for (kind, s) in outs {
             let Some(s) = s else { continue };
-            match &log {
+            copiers.push(match &log {
                 Some(l) => {
                     let l = l.clone();
-                    tokio::spawn(async move { copy_to_log(s, kind, l, DEFAULT_MAX_LINE).await });
-                }
-                None => {
                     tokio::spawn(async move {
-                        let mut s = s;
-                        let _ = tokio::io::copy(&mut s, &mut tokio::io::sink()).await;
-                    });
+                        copy_to_log(s, kind, l, DEFAULT_MAX_LINE).await;
+                    })
                 }
-            }
+                None => tokio::spawn(async move {
+                    let mut s = s;
+                    let _ = tokio::io::copy(&mut s, &mut tokio::io::sink()).await;
+                }),
+            });
         }
+        let (io_tx, io_done) = watch::channel(false);
+        tokio::spawn(async move {
+            for c in copiers {
+                let _ = c.await;
+            }
+            let _ = io_tx.send(true);
+        });
         // CRI stdin (attach) is not served; keep the stream open so that a
         // process reading stdin blocks as under other runtimes.
         if let Some(stdin) = streams.stdin {
@@ -762,7 +772,11 @@ async fn create_container(
             });
         }
         let (_tx, rx) = watch::channel(None);
-        Ok(LiveContainer { log, exit: rx })
+        Ok(LiveContainer {
+            log,
+            exit: rx,
+            io_done,
+        })
     }
     .await;
 
@@ -805,8 +819,21 @@ async fn start_container(h: &Arc<Husk>, id: &str) -> Result<(), Status> {
     })?;
     // A fresh exit channel: the waiter below owns the sender.
     let (tx, rx) = watch::channel(None);
-    let log = h.live(&c.id).and_then(|l| l.log);
-    h.set_live(&c.id, LiveContainer { log, exit: rx });
+    let Some(live) = h.live(&c.id) else {
+        return Err(Status::failed_precondition(format!(
+            "container {}: its output streams are gone (huskd restarted since CreateContainer)",
+            c.id
+        )));
+    };
+    let mut io_done = live.io_done.clone();
+    h.set_live(
+        &c.id,
+        LiveContainer {
+            log: live.log,
+            exit: rx,
+            io_done: live.io_done,
+        },
+    );
     sandbox
         .start_container(&c.id)
         .await
@@ -844,6 +871,15 @@ async fn start_container(h: &Arc<Husk>, id: &str) -> Result<(), Status> {
                     format!("waiting for the container failed: {e}"),
                 ),
             };
+            // The last output reaches the log before the exit is reported
+            // (kubelet reads the log of an exited container once). Bounded:
+            // a background process may hold the streams open.
+            if tokio::time::timeout(IO_DRAIN_WAIT, io_done.wait_for(|d| *d))
+                .await
+                .is_err()
+            {
+                tracing::warn!("output streams still open after the exit; reporting it anyway");
+            }
             tracing::info!(exit_code = exit.exit_code, %reason, "container exited");
             let _ = h2.state.update_container(&cid, |r| {
                 if r.state == ContainerState::Running {
