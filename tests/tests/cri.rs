@@ -493,6 +493,16 @@ async fn cri_pod_lifecycle() -> Result<()> {
             "{status:?}"
         );
         ensure!(status.runtime_handler == "husk", "{status:?}");
+        let info: serde_json::Value =
+            serde_json::from_str(ps.info.get("info").context("verbose PodSandboxStatus")?)?;
+        ensure!(info["vcpus"] == 1 && info["memoryMiB"] == 256, "{info}");
+        let tm = &info["startTimingsMs"];
+        for k in ["hostSetup", "guestBoot", "agentSetup", "total"] {
+            ensure!(
+                tm[k].as_f64().is_some_and(|v| v > 0.0),
+                "startTimingsMs.{k}: {info}"
+            );
+        }
         let all = list_pods(&mut rt, Default::default()).await?;
         ensure!(all.len() == 1 && all[0].id == pod, "{all:?}");
         let by_prefix = list_pods(

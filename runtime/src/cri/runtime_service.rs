@@ -1017,7 +1017,12 @@ fn container_status_of(
     }
 }
 
-fn pod_status_of(p: &PodRecord, verbose: bool) -> cri::PodSandboxStatusResponse {
+/// `timings`: how the live VM's start was spent (absent after a restart).
+fn pod_status_of(
+    p: &PodRecord,
+    verbose: bool,
+    timings: Option<crate::sandbox::SandboxTimings>,
+) -> cri::PodSandboxStatusResponse {
     let status = cri::PodSandboxStatus {
         id: p.id.clone(),
         metadata: p.config.metadata.clone(),
@@ -1049,6 +1054,16 @@ fn pod_status_of(p: &PodRecord, verbose: bool) -> cri::PodSandboxStatusResponse 
             "sandboxDir": p.sandbox_dir,
             "reason": p.reason,
             "config": p.config,
+            "startTimingsMs": timings.map(|t| {
+                let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+                serde_json::json!({
+                    "hostSetup": ms(t.host_setup),
+                    "guestBoot": ms(t.guest_boot),
+                    "guestBootToReady": ms(t.guest_boot_to_ready),
+                    "agentSetup": ms(t.agent_setup),
+                    "total": ms(t.total),
+                })
+            }),
         });
         info.insert("info".to_string(), v.to_string());
     }
@@ -1232,6 +1247,7 @@ impl RuntimeService for CriRuntime {
         let req = req.into_inner();
         traced("PodSandboxStatus", &req.pod_sandbox_id, "", async {
             let p = find_pod(&self.husk, "pod_sandbox_id", &req.pod_sandbox_id)?;
+            let timings = self.husk.sandbox(&p.id).map(|sb| sb.timings());
             // A VM that died on its own makes the pod NotReady.
             if p.state == PodState::Ready {
                 if let Some(sb) = self.husk.sandbox(&p.id) {
@@ -1245,11 +1261,11 @@ impl RuntimeService for CriRuntime {
                             })
                             .map_err(|e| state_error(&e))?
                             .unwrap_or(p);
-                        return Ok(pod_status_of(&p, req.verbose));
+                        return Ok(pod_status_of(&p, req.verbose, timings));
                     }
                 }
             }
-            Ok(pod_status_of(&p, req.verbose))
+            Ok(pod_status_of(&p, req.verbose, timings))
         })
         .await
     }
