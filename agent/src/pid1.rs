@@ -264,12 +264,52 @@ pub fn loopback_up() -> Result<()> {
     Ok(())
 }
 
-/// Syncs and powers the VM off. PID 1 must never just exit (the kernel would
-/// panic); exiting is the last resort if the reboot call itself fails.
+/// Set on the kernel command line by huskd's builtin backend (husk-vmm).
+const BUILTIN_VMM_PARAM: &str = "husk.vmm=builtin";
+
+/// How PID 1 ends the VM under the VMM that `cmdline` (/proc/cmdline) names.
+///
+/// husk-vmm has no ACPI, so a power-off has no power-off method: the kernel
+/// turns it into a halt and the VM idles forever. husk-vmm ends the VM on
+/// a reset instead (the guest runs with `reboot=k`: the i8042 reset line), so
+/// there the agent reboots. QEMU (microvm with ACPI) powers off normally.
+pub fn end_vm_mode(cmdline: &str) -> nix::sys::reboot::RebootMode {
+    use nix::sys::reboot::RebootMode;
+    if cmdline.split_whitespace().any(|p| p == BUILTIN_VMM_PARAM) {
+        RebootMode::RB_AUTOBOOT
+    } else {
+        RebootMode::RB_POWER_OFF
+    }
+}
+
+/// Syncs and ends the VM (power-off, or a reset under husk-vmm, see
+/// [`end_vm_mode`]). PID 1 must never just exit (the kernel would panic);
+/// exiting is the last resort if the reboot call itself fails.
 pub fn power_off() -> ! {
-    info!("powering off");
+    let mode = end_vm_mode(&std::fs::read_to_string("/proc/cmdline").unwrap_or_default());
+    info!("powering off ({mode:?})");
     nix::unistd::sync();
-    let e = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_POWER_OFF);
-    error!("reboot(RB_POWER_OFF) failed: {e:?}");
+    let e = nix::sys::reboot::reboot(mode);
+    error!("reboot({mode:?}) failed: {e:?}");
     std::process::exit(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nix::sys::reboot::RebootMode;
+
+    #[test]
+    fn end_vm_mode_follows_the_kernel_command_line() {
+        assert_eq!(
+            end_vm_mode("console=ttyS0 reboot=k panic=-1 husk.vmm=builtin quiet\n"),
+            RebootMode::RB_AUTOBOOT
+        );
+        assert_eq!(
+            end_vm_mode("console=ttyS0 panic=-1 quiet\n"),
+            RebootMode::RB_POWER_OFF
+        );
+        assert_eq!(end_vm_mode("husk.vmm=builtinx"), RebootMode::RB_POWER_OFF);
+        assert_eq!(end_vm_mode(""), RebootMode::RB_POWER_OFF);
+    }
 }
