@@ -20,7 +20,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use husk_proto::agent::StdioConfig;
-use husk_runtime::hypervisor::builtin::{control_request, BuiltinFiles, BUILTIN_KERNEL_PARAM};
+use husk_runtime::hypervisor::builtin::{
+    self, control_request, BuiltinFiles, BUILTIN_KERNEL_PARAM,
+};
 use husk_runtime::hypervisor::{
     self, probe_accel, Accel, Builtin, BuiltinPaths, HybridVsockConfig, Hypervisor,
     HypervisorChoice, HypervisorError, VirtioFsConfig, Vm, VmConfig,
@@ -198,6 +200,11 @@ const SAY_HI_AND_SPIN: &[u8] = &[
 fn is_socket(p: &Path) -> bool {
     use std::os::unix::fs::FileTypeExt;
     std::fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_socket())
+}
+
+/// Reaps a child whose handle was forgotten.
+fn reap(pid: u32) {
+    let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid as i32), None);
 }
 
 fn alive(pid: u32) -> bool {
@@ -422,7 +429,53 @@ async fn launch_status_shutdown(
     }
     fx.virtiofsd.terminate(Duration::from_secs(2)).await?;
 
-    // 3. A bad launch (no virtiofsd behind the socket) fails with husk-vmm's
+    // 3. The handle is lost without a stop (huskd crashed): husk-vmm keeps
+    // running, and a new huskd finds it by its pid file and stops it.
+    let mut fx = fixture(&fx.dir, virtiofsd)?;
+    pids.push(("virtiofsd", fx.virtiofsd.pid()));
+    let vm = backend.launch(&fx.config).await?;
+    let pid = vm.pids()[0].1;
+    pids.push(("husk-vmm", pid));
+    std::mem::forget(vm);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let st = control_request(&files.control, "status", Duration::from_secs(5)).await?;
+    ensure!(
+        st["status"]["pid"] == pid && st["status"]["state"] == "running",
+        "{st}"
+    );
+    let t = Instant::now();
+    let stopped = builtin::stop_orphan(dir, Duration::from_secs(5)).await?;
+    ensure!(
+        stopped == Some(pid),
+        "stop_orphan stopped {stopped:?}, want {pid}"
+    );
+    ensure!(
+        t.elapsed() < Duration::from_secs(2),
+        "took {:?}",
+        t.elapsed()
+    );
+    // Our forgotten child is a zombie now (nobody reaps it): finished.
+    let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    ensure!(
+        state.is_empty()
+            || state
+                .rsplit(')')
+                .next()
+                .unwrap_or("")
+                .trim_start()
+                .starts_with('Z'),
+        "husk-vmm still running after stop_orphan: {state}"
+    );
+    reap(pid);
+    for p in [&files.control, &files.pid, &fx.config.vsock.uds] {
+        ensure!(!p.exists(), "{} left after stop_orphan", p.display());
+    }
+    ensure!(builtin::stop_orphan(dir, Duration::from_secs(1))
+        .await?
+        .is_none());
+    fx.virtiofsd.terminate(Duration::from_secs(2)).await?;
+
+    // 4. A bad launch (no virtiofsd behind the socket) fails with husk-vmm's
     // own words and leaves nothing running.
     let mut bad = fx.config.clone();
     bad.virtio_fs = Some(VirtioFsConfig {

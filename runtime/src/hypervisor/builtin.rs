@@ -457,6 +457,71 @@ pub async fn control_request(
     }
 }
 
+/// Stops a husk-vmm that outlived the huskd that started it (found through
+/// the pid file in `sandbox_dir`): `shutdown` on its control socket, SIGKILL
+/// after `timeout`, then its files are removed. Returns the pid it stopped,
+/// or `None` if no husk-vmm of this sandbox runs. The pid is only signalled
+/// if its command line names this sandbox's config, so a reused pid is
+/// never hit. It is not our child: whoever is its parent now reaps it.
+pub async fn stop_orphan(
+    sandbox_dir: &Path,
+    timeout: Duration,
+) -> Result<Option<u32>, HypervisorError> {
+    let files = BuiltinFiles::in_dir(sandbox_dir);
+    let pid = match std::fs::read_to_string(&files.pid) {
+        Ok(s) => s.trim().parse::<u32>().ok(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => {
+            return Err(HypervisorError::io(
+                format!("read {}", files.pid.display()),
+                e,
+            ))
+        }
+    };
+    let is_ours = |pid: u32| {
+        std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
+            let c = String::from_utf8_lossy(&c).replace('\0', " ");
+            c.contains("husk-vmm") && c.contains(&*files.config.to_string_lossy())
+        })
+    };
+    let live = |pid: u32| {
+        // A zombie has finished; it only waits for its parent to reap it.
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+            s.rsplit(')')
+                .next()
+                .and_then(|r| r.split_whitespace().next())
+                != Some("Z")
+        })
+    };
+    let stopped = match pid {
+        Some(pid) if is_ours(pid) && live(pid) => {
+            tracing::info!(pid, dir = %sandbox_dir.display(), "stopping a husk-vmm left by a previous huskd");
+            if let Err(e) = control_request(&files.control, "shutdown", timeout / 2).await {
+                tracing::warn!(%e, "control socket failed; killing");
+            }
+            let deadline = Instant::now() + timeout;
+            while live(pid) && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            if live(pid) && is_ours(pid) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid as i32),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+                while live(pid) && Instant::now() < deadline + Duration::from_secs(2) {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+            Some(pid)
+        }
+        _ => None,
+    };
+    for p in [&files.control, &files.pid] {
+        let _ = std::fs::remove_file(p);
+    }
+    Ok(stopped)
+}
+
 #[async_trait::async_trait]
 impl Vm for BuiltinVm {
     fn pids(&self) -> Vec<(&'static str, u32)> {
