@@ -1258,3 +1258,90 @@ async fn cri_restart_keeps_records() -> Result<()> {
     r?;
     end
 }
+
+/// A pod VM that dies on its own (its VMM killed): the pod turns NotReady in
+/// ListPodSandbox and PodSandboxStatus, its running container EXITED, and
+/// Stop/RemovePodSandbox still clean everything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cri_vm_death() -> Result<()> {
+    let _serial = SERIAL.lock().await;
+    let s = setup()?;
+    let dirs = HuskdDirs::new(&s.env, &[s.registry.host().as_str()])?;
+    let huskd = Huskd::start(&dirs).await?;
+    let (mut rt, mut img) = huskd.clients().await?;
+    let image = s.image.clone();
+    let pcfg = pod_config("doomed", &dirs.top.path().join("logs/doomed"));
+    let r = guarded(&huskd, async {
+        pull(&mut img, &image).await.context("PullImage")?;
+        let pod = run_pod(&mut rt, &pcfg, "").await?;
+        let c = create_start(
+            &mut rt,
+            &pod,
+            &pcfg,
+            container_config("sleeper", &image, &["sleep", "3600"], "sleeper/0.log"),
+        )
+        .await?;
+        let ps = rt
+            .pod_sandbox_status(cri::PodSandboxStatusRequest {
+                pod_sandbox_id: pod.clone(),
+                verbose: true,
+            })
+            .await?
+            .into_inner();
+        let info: serde_json::Value =
+            serde_json::from_str(ps.info.get("info").context("verbose PodSandboxStatus")?)?;
+        let pids = info["pids"].as_array().context("pids")?;
+        let vmm = pids
+            .iter()
+            .find(|p| p[0] == "qemu")
+            .and_then(|p| p[1].as_i64())
+            .with_context(|| format!("no qemu pid in {info}"))?;
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(vmm as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        )?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let listed = list_pods(&mut rt, Default::default()).await?;
+            ensure!(listed.len() == 1, "{listed:?}");
+            if listed[0].state == cri::PodSandboxState::SandboxNotready as i32 {
+                break;
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "ListPodSandbox still shows the pod Ready 30 s after its VM died"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        ensure!(pod_state(&mut rt, &pod).await? == cri::PodSandboxState::SandboxNotready as i32);
+        let cs = wait_exited(&mut rt, &c, Duration::from_secs(30)).await?;
+        ensure!(cs.exit_code != 0 && !cs.reason.is_empty(), "{cs:?}");
+        let listed = list_containers(&mut rt, Default::default()).await?;
+        ensure!(
+            listed.len() == 1 && listed[0].state == cri::ContainerState::ContainerExited as i32,
+            "{listed:?}"
+        );
+        expect_err(
+            "ExecSync in a dead pod",
+            exec(&mut rt, &c, &["true"], 5).await,
+            Code::FailedPrecondition,
+            &[],
+        )?;
+        version_answers(&mut rt).await?;
+        stop_remove_pod(&mut rt, &pod).await?;
+        ensure!(list_containers(&mut rt, Default::default())
+            .await?
+            .is_empty());
+        let sandboxes = dirs.state.path().join("sandboxes");
+        assert_nothing_left(&sandboxes)?;
+        ensure!(
+            std::fs::read_dir(&sandboxes)?.count() == 0,
+            "sandbox dirs left"
+        );
+        Ok(())
+    })
+    .await;
+    let end = terminate_clean(huskd, &dirs).await;
+    r?;
+    end
+}

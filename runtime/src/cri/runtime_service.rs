@@ -1166,6 +1166,30 @@ async fn exec_sync(h: &Husk, req: cri::ExecSyncRequest) -> Result<cri::ExecSyncR
     }
 }
 
+/// A Ready pod whose VM exited on its own becomes NotReady (kubelet's
+/// PLEG learns it from ListPodSandbox, then stops and recreates the pod).
+async fn refresh_pod(h: &Husk, p: PodRecord) -> Result<PodRecord, Status> {
+    if p.state != PodState::Ready {
+        return Ok(p);
+    }
+    let Some(sb) = h.sandbox(&p.id) else {
+        return Ok(p);
+    };
+    if !sb.is_stopped().await {
+        return Ok(p);
+    }
+    tracing::warn!(pod = %p.id, "pod VM exited on its own; pod NotReady");
+    Ok(h.state
+        .update_pod(&p.id, |r| {
+            if r.state == PodState::Ready {
+                r.state = PodState::NotReady;
+                r.reason = "the pod VM exited".into();
+            }
+        })
+        .map_err(|e| state_error(&e))?
+        .unwrap_or(p))
+}
+
 #[tonic::async_trait]
 impl RuntimeService for CriRuntime {
     async fn version(
@@ -1248,23 +1272,7 @@ impl RuntimeService for CriRuntime {
         traced("PodSandboxStatus", &req.pod_sandbox_id, "", async {
             let p = find_pod(&self.husk, "pod_sandbox_id", &req.pod_sandbox_id)?;
             let timings = self.husk.sandbox(&p.id).map(|sb| sb.timings());
-            // A VM that died on its own makes the pod NotReady.
-            if p.state == PodState::Ready {
-                if let Some(sb) = self.husk.sandbox(&p.id) {
-                    if sb.is_stopped().await {
-                        let p = self
-                            .husk
-                            .state
-                            .update_pod(&p.id, |r| {
-                                r.state = PodState::NotReady;
-                                r.reason = "the pod VM exited".into();
-                            })
-                            .map_err(|e| state_error(&e))?
-                            .unwrap_or(p);
-                        return Ok(pod_status_of(&p, req.verbose, timings));
-                    }
-                }
-            }
+            let p = refresh_pod(&self.husk, p).await?;
             Ok(pod_status_of(&p, req.verbose, timings))
         })
         .await
@@ -1276,10 +1284,11 @@ impl RuntimeService for CriRuntime {
     ) -> Result<Response<cri::ListPodSandboxResponse>, Status> {
         let filter = req.into_inner().filter.unwrap_or_default();
         traced("ListPodSandbox", "", "", async {
-            let items = self
-                .husk
-                .state
-                .pods()
+            let mut pods = Vec::new();
+            for p in self.husk.state.pods() {
+                pods.push(refresh_pod(&self.husk, p).await?);
+            }
+            let items = pods
                 .into_iter()
                 .filter(|p| filter.id.is_empty() || p.id.starts_with(&filter.id))
                 .filter(|p| {
