@@ -497,3 +497,81 @@ async fn launch_status_shutdown(
     ensure!(!files.pid.exists() && !files.control.exists());
     Ok(())
 }
+
+/// Prints 'R', then pulses the i8042 reset line (what a `reboot=k` guest
+/// does to end the VM under husk-vmm).
+const SAY_R_AND_RESET: &[u8] = &[
+    0x66, 0xba, 0xf8, 0x03, // mov dx, 0x3f8
+    0xb0, b'R', 0xee, // mov al, 'R'; out dx, al
+    0xb0, 0xfe, 0xe6, 0x64, // mov al, 0xfe; out 0x64, al
+    0xeb, 0xfe, // jmp $
+];
+
+/// The sandbox library with the builtin backend, on every host: a guest
+/// that resets during boot is reported as an exited VM (with its console),
+/// one that never announces readiness as a boot timeout, and neither leaves
+/// anything behind. No Linux needed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sandbox_with_builtin_backend_reports_exit_and_timeout() -> Result<()> {
+    let _serial = SERIAL.lock().await;
+    init_tracing();
+    let paths = vmm_paths()?;
+    let virtiofsd =
+        husk_runtime::virtiofsd::find_virtiofsd(env_path("HUSK_VIRTIOFSD_BIN").as_deref())?;
+    let hv: std::sync::Arc<dyn Hypervisor> =
+        std::sync::Arc::new(Builtin::new(paths, &probe_accel()));
+    let base = tempfile::Builder::new().prefix("hs").tempdir_in("/tmp")?;
+    let initrd = base.path().join("initrd.img");
+    std::fs::write(&initrd, vec![0u8; 4096])?;
+    let state = base.path().join("sb");
+
+    for (code, want_exit) in [(SAY_R_AND_RESET, true), (SAY_HI_AND_SPIN, false)] {
+        let kernel = base
+            .path()
+            .join(if want_exit { "reset.elf" } else { "spin.elf" });
+        std::fs::write(&kernel, tiny_elf(code))?;
+        let id = unique_id("s");
+        let mut cfg = husk_runtime::SandboxConfig::new(
+            id.clone(),
+            hv.clone(),
+            husk_runtime::GuestImage {
+                kernel,
+                initrd: initrd.clone(),
+            },
+            virtiofsd.clone(),
+        );
+        cfg.state_dir = state.clone();
+        cfg.ready_timeout = Duration::from_secs(2);
+        let t = Instant::now();
+        let r = Sandbox::start(cfg).await;
+        let took = t.elapsed();
+        let leak = LeakProbe {
+            dir: state.join(&id),
+            pids: Vec::new(),
+        };
+        match (r, want_exit) {
+            (
+                Err(husk_runtime::SandboxError::BootExited {
+                    status, console, ..
+                }),
+                true,
+            ) => {
+                eprintln!("reset guest: VM exited ({status}) after {took:?}; console {console:?}");
+                ensure!(status == "exit status: 0", "{status}");
+                ensure!(console == "R", "{console:?}");
+                ensure!(took < Duration::from_secs(2), "noticed after {took:?}");
+            }
+            (Err(husk_runtime::SandboxError::BootTimeout { console, .. }), false) => {
+                eprintln!("spinning guest: boot timeout after {took:?}; console {console:?}");
+                ensure!(console == "Hi", "{console:?}");
+            }
+            (Ok(sb), _) => {
+                let _ = sb.stop().await;
+                bail!("a guest without an agent started a sandbox");
+            }
+            (Err(e), _) => bail!("unexpected start error: {e}"),
+        }
+        leak.assert_clean()?;
+    }
+    Ok(())
+}
