@@ -25,7 +25,8 @@ pub const DEFAULT_CONFIG_TOML: &str = r#"# huskd configuration (TOML). Every key
 # Persistent state: the image store and pod/container records.
 root = "/var/lib/husk"
 
-# Runtime state: sandbox directories, sockets; lost on reboot.
+# Runtime state: sandbox directories, sockets; lost on reboot. At most 15
+# bytes: pod sockets below it must fit in a unix socket path.
 state = "/run/husk"
 
 # Unix socket of the CRI (v1) gRPC server.
@@ -82,6 +83,10 @@ initrd = "/var/lib/husk/guest/initrd.img"
 # Extra guest kernel command-line parameters.
 kernel_params = []
 "#;
+
+/// Length of `/sandboxes/<64 hex id>/vhost-vsock.sock`, the longest socket
+/// path below the state dir.
+const SANDBOX_SOCKET_SUFFIX_LEN: usize = "/sandboxes/".len() + 64 + "/vhost-vsock.sock".len();
 
 /// huskd's configuration.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -260,6 +265,19 @@ impl HuskdConfig {
                 format!(
                     "{} is longer than a unix socket path may be",
                     self.listen.display()
+                ),
+            );
+        }
+        // Pod sockets live at STATE/sandboxes/<64 hex>/vhost-vsock.sock (the
+        // longest name); a longer state dir would fail every RunPodSandbox.
+        let longest = self.state.as_os_str().len() + SANDBOX_SOCKET_SUFFIX_LEN;
+        if longest > MAX_SOCKET_PATH {
+            return err(
+                "state",
+                format!(
+                    "{} is too long: pod sockets under it would be {longest} bytes, over the {MAX_SOCKET_PATH} a unix socket path allows (at most {} bytes)",
+                    self.state.display(),
+                    MAX_SOCKET_PATH - SANDBOX_SOCKET_SUFFIX_LEN
                 ),
             );
         }
@@ -528,6 +546,10 @@ memory_mib = 1024
         }
         let long = format!("listen = \"/{}\"", "a".repeat(120));
         assert!(parse(&long).unwrap_err().to_string().contains("listen"));
+        // /run/husk fits; 16 bytes more do not.
+        assert!(parse("state = \"/run/husk\"").is_ok());
+        let long = format!("state = \"/{}\"", "s".repeat(15));
+        assert!(parse(&long).unwrap_err().to_string().contains("state:"));
     }
 
     #[test]
