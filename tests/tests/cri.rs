@@ -1345,3 +1345,108 @@ async fn cri_vm_death() -> Result<()> {
     r?;
     end
 }
+
+/// kubelet works on several pods at once: concurrent pulls of one image,
+/// two pods started, used and removed concurrently.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cri_concurrent_pods() -> Result<()> {
+    let _serial = SERIAL.lock().await;
+    let s = setup()?;
+    let dirs = HuskdDirs::new(&s.env, &[s.registry.host().as_str()])?;
+    let huskd = Huskd::start(&dirs).await?;
+    let (mut rt, mut img) = huskd.clients().await?;
+    let image = s.image.clone();
+    let log_root = dirs.top.path().join("logs");
+    let r = guarded(&huskd, async {
+        let mut pulls = Vec::new();
+        for _ in 0..3 {
+            let (_, mut img) = huskd.clients().await?;
+            let image = image.clone();
+            pulls.push(tokio::spawn(async move { pull(&mut img, &image).await }));
+        }
+        let mut ids = Vec::new();
+        for p in pulls {
+            ids.push(p.await?.context("concurrent PullImage")?);
+        }
+        ensure!(ids.iter().all(|i| *i == ids[0]), "pull ids {ids:?}");
+        let listed = img
+            .list_images(cri::ListImagesRequest { filter: None })
+            .await?
+            .into_inner()
+            .images;
+        ensure!(listed.len() == 1, "{listed:?}");
+
+        let mut pods = Vec::new();
+        for name in ["left", "right"] {
+            let (mut rt, _) = huskd.clients().await?;
+            let image = image.clone();
+            let pcfg = pod_config(name, &log_root.join(name));
+            pods.push(tokio::spawn(async move {
+                let pod = run_pod(&mut rt, &pcfg, "").await?;
+                let mut cs = Vec::new();
+                for n in 0..2 {
+                    let c = create_start(
+                        &mut rt,
+                        &pod,
+                        &pcfg,
+                        container_config(
+                            &format!("c{n}"),
+                            &image,
+                            &["sleep", "3600"],
+                            &format!("c{n}/0.log"),
+                        ),
+                    )
+                    .await?;
+                    let r = exec(&mut rt, &c, &["echo", name], 10).await?;
+                    ensure!(r.stdout == format!("{name}\n").as_bytes(), "{r:?}");
+                    cs.push(c);
+                }
+                Ok::<_, anyhow::Error>((pod, cs))
+            }));
+        }
+        let mut made = Vec::new();
+        for p in pods {
+            made.push(p.await??);
+        }
+        for (pod, cs) in &made {
+            let listed = list_containers(
+                &mut rt,
+                cri::ContainerFilter {
+                    pod_sandbox_id: pod.clone(),
+                    ..Default::default()
+                },
+            )
+            .await?;
+            let mut got: Vec<_> = listed.iter().map(|c| c.id.clone()).collect();
+            got.sort();
+            let mut want = cs.clone();
+            want.sort();
+            ensure!(got == want, "containers of {pod}: {got:?} want {want:?}");
+        }
+        let mut stops = Vec::new();
+        for (pod, _) in made {
+            let (mut rt, _) = huskd.clients().await?;
+            stops.push(tokio::spawn(
+                async move { stop_remove_pod(&mut rt, &pod).await },
+            ));
+        }
+        for s in stops {
+            s.await??;
+        }
+        ensure!(list_pods(&mut rt, Default::default()).await?.is_empty());
+        ensure!(list_containers(&mut rt, Default::default())
+            .await?
+            .is_empty());
+        let sandboxes = dirs.state.path().join("sandboxes");
+        assert_nothing_left(&sandboxes)?;
+        ensure!(
+            std::fs::read_dir(&sandboxes)?.count() == 0,
+            "sandbox dirs left"
+        );
+        Ok(())
+    })
+    .await;
+    let end = terminate_clean(huskd, &dirs).await;
+    r?;
+    end
+}
