@@ -163,6 +163,14 @@ impl Huskd {
         lines[lines.len().saturating_sub(n)..].join("\n")
     }
 
+    /// SIGKILL (a crash): huskd gets no chance to stop its VMs.
+    pub fn kill(&mut self) -> Result<()> {
+        let mut c = self.child.take().context("huskd is not running")?;
+        c.kill()?;
+        c.wait()?;
+        Ok(())
+    }
+
     /// SIGTERM, then waits (bounded) for the exit status.
     pub async fn terminate(&mut self, timeout: Duration) -> Result<ExitStatus> {
         let Some(mut child) = self.child.take() else {

@@ -1450,3 +1450,75 @@ async fn cri_concurrent_pods() -> Result<()> {
     r?;
     end
 }
+
+/// huskd killed with SIGKILL while a pod runs: the restarted huskd reaps
+/// the VM processes left behind, shows the records (pod NotReady,
+/// container EXITED) and can stop and remove them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cri_crash_recovery() -> Result<()> {
+    let _serial = SERIAL.lock().await;
+    let s = setup()?;
+    let dirs = HuskdDirs::new(&s.env, &[s.registry.host().as_str()])?;
+    let mut huskd = Huskd::start(&dirs).await?;
+    let (mut rt, mut img) = huskd.clients().await?;
+    let image = s.image.clone();
+    let pcfg = pod_config("crashy", &dirs.top.path().join("logs/crashy"));
+    let mut ids = None;
+    let r = guarded(&huskd, async {
+        pull(&mut img, &image).await.context("PullImage")?;
+        let pod = run_pod(&mut rt, &pcfg, "").await?;
+        let c = create_start(
+            &mut rt,
+            &pod,
+            &pcfg,
+            container_config("sleeper", &image, &["sleep", "3600"], "sleeper/0.log"),
+        )
+        .await?;
+        ids = Some((pod, c));
+        Ok(())
+    })
+    .await;
+    huskd.kill()?;
+    r?;
+    let (pod, c) = ids.context("ids")?;
+    let left = husk_tests::huskd::processes_mentioning(dirs.state.path());
+    eprintln!(
+        "after SIGKILL of huskd: {} processes of the pod left",
+        left.len()
+    );
+
+    let huskd = Huskd::start(&dirs).await?;
+    let (mut rt, _) = huskd.clients().await?;
+    let r = guarded(&huskd, async {
+        // The restart reaped what the crashed huskd left.
+        let sandboxes = dirs.state.path().join("sandboxes");
+        assert_nothing_left(&sandboxes)?;
+        let pods = list_pods(&mut rt, Default::default()).await?;
+        ensure!(pods.len() == 1 && pods[0].id == pod, "{pods:?}");
+        ensure!(
+            pods[0].state == cri::PodSandboxState::SandboxNotready as i32,
+            "{pods:?}"
+        );
+        let st = container_status(&mut rt, &c).await?;
+        ensure!(
+            st.state == cri::ContainerState::ContainerExited as i32 && st.exit_code != 0,
+            "{st:?}"
+        );
+        ensure!(!st.reason.is_empty() && !st.message.is_empty(), "{st:?}");
+        rt.remove_container(cri::RemoveContainerRequest {
+            container_id: c.clone(),
+        })
+        .await
+        .context("RemoveContainer after a crash")?;
+        stop_remove_pod(&mut rt, &pod).await?;
+        ensure!(
+            std::fs::read_dir(&sandboxes)?.count() == 0,
+            "sandbox dirs left"
+        );
+        Ok(())
+    })
+    .await;
+    let end = terminate_clean(huskd, &dirs).await;
+    r?;
+    end
+}
