@@ -743,6 +743,52 @@ async fn cri_pod_lifecycle() -> Result<()> {
         let mut want = vec![c2.clone(), c3.clone()];
         want.sort();
         ensure!(ids == want, "running containers {ids:?}, want {want:?}");
+        // Stats of the running containers come from the guest.
+        let stats = rt
+            .list_container_stats(cri::ListContainerStatsRequest {
+                filter: Some(cri::ContainerStatsFilter {
+                    pod_sandbox_id: pod.clone(),
+                    ..Default::default()
+                }),
+            })
+            .await
+            .context("ListContainerStats")?
+            .into_inner()
+            .stats;
+        let mut got: Vec<_> = stats
+            .iter()
+            .filter_map(|s| s.attributes.as_ref().map(|a| a.id.clone()))
+            .collect();
+        got.sort();
+        ensure!(got == want, "ListContainerStats ids {got:?}, want {want:?}");
+        for st in &stats {
+            let cpu = st
+                .cpu
+                .as_ref()
+                .and_then(|c| c.usage_core_nano_seconds.clone());
+            let mem = st.memory.as_ref().and_then(|m| m.working_set_bytes.clone());
+            ensure!(
+                cpu.is_some_and(|v| v.value > 0) && mem.is_some_and(|v| v.value > 0),
+                "stats without usage: {st:?}"
+            );
+        }
+        let one = rt
+            .container_stats(cri::ContainerStatsRequest {
+                container_id: c3.clone(),
+            })
+            .await
+            .context("ContainerStats")?
+            .into_inner()
+            .stats
+            .context("ContainerStats without stats")?;
+        ensure!(
+            one.memory
+                .as_ref()
+                .and_then(|m| m.usage_bytes.clone())
+                .is_some_and(|v| v.value > 0),
+            "{one:?}"
+        );
+        eprintln!("stats of sleeper: {:?} {:?}", one.cpu, one.memory);
 
         // 6. StopContainer: SIGTERM honoured, SIGTERM ignored (PID 1) -> SIGKILL.
         let t = Instant::now();

@@ -1166,6 +1166,49 @@ async fn exec_sync(h: &Husk, req: cri::ExecSyncRequest) -> Result<cri::ExecSyncR
     }
 }
 
+/// CPU and memory of a running container, from the agent (the guest's
+/// cgroup of the container). Without a live VM, or if the agent cannot
+/// answer, only the attributes are set: kubelet treats missing usage as
+/// unknown, while an error would fail its whole stats listing.
+async fn container_stats_of(h: &Husk, c: &ContainerRecord) -> cri::ContainerStats {
+    let mut out = cri::ContainerStats {
+        attributes: Some(cri::ContainerAttributes {
+            id: c.id.clone(),
+            metadata: c.config.metadata.clone(),
+            labels: c.config.labels.clone(),
+            annotations: c.config.annotations.clone(),
+        }),
+        ..Default::default()
+    };
+    if c.state != ContainerState::Running {
+        return out;
+    }
+    let Some(sb) = h.sandbox(&c.pod_id) else {
+        return out;
+    };
+    match sb.stats(&c.id).await {
+        Ok(s) => {
+            // The host's clock: the guest's is untrusted and drifts.
+            let ts = now_ns();
+            let v = |value: u64| Some(cri::UInt64Value { value });
+            out.cpu = Some(cri::CpuUsage {
+                timestamp: ts,
+                usage_core_nano_seconds: v(s.cpu_usage_ns),
+                usage_nano_cores: None,
+            });
+            out.memory = Some(cri::MemoryUsage {
+                timestamp: ts,
+                working_set_bytes: v(s.memory_working_set_bytes),
+                usage_bytes: v(s.memory_usage_bytes),
+                rss_bytes: v(s.memory_rss_bytes),
+                ..Default::default()
+            });
+        }
+        Err(e) => tracing::warn!(container = %c.id, error = %e, "container stats"),
+    }
+    out
+}
+
 /// A Ready pod whose VM exited on its own becomes NotReady (kubelet's
 /// PLEG learns it from ListPodSandbox, then stops and recreates the pod).
 async fn refresh_pod(h: &Husk, p: PodRecord) -> Result<PodRecord, Status> {
@@ -1557,22 +1600,42 @@ impl RuntimeService for CriRuntime {
     ) -> Result<Response<cri::ContainerStatsResponse>, Status> {
         let id = req.into_inner().container_id;
         traced("ContainerStats", "", &id, async {
-            Err(Status::unimplemented(
-                "ContainerStats is not implemented by husk yet",
-            ))
+            let c = find_container(&self.husk, &id)?;
+            record_pod_field(&c.pod_id);
+            Ok(cri::ContainerStatsResponse {
+                stats: Some(container_stats_of(&self.husk, &c).await),
+            })
         })
         .await
     }
 
     async fn list_container_stats(
         &self,
-        _req: Request<cri::ListContainerStatsRequest>,
+        req: Request<cri::ListContainerStatsRequest>,
     ) -> Result<Response<cri::ListContainerStatsResponse>, Status> {
-        traced("ListContainerStats", "", "", async {
-            Err(Status::unimplemented(
-                "ListContainerStats is not implemented by husk yet",
-            ))
-        })
+        let filter = req.into_inner().filter.unwrap_or_default();
+        traced(
+            "ListContainerStats",
+            &filter.pod_sandbox_id,
+            &filter.id,
+            async {
+                let mut stats = Vec::new();
+                // Running containers only, as containerd: kubelet asks every
+                // few seconds and exited containers use nothing.
+                for c in self.husk.state.containers() {
+                    if c.state != ContainerState::Running
+                        || !(filter.id.is_empty() || c.id.starts_with(&filter.id))
+                        || !(filter.pod_sandbox_id.is_empty()
+                            || c.pod_id.starts_with(&filter.pod_sandbox_id))
+                        || !label_match(&c.config.labels, &filter.label_selector)
+                    {
+                        continue;
+                    }
+                    stats.push(container_stats_of(&self.husk, &c).await);
+                }
+                Ok(cri::ListContainerStatsResponse { stats })
+            },
+        )
         .await
     }
 
