@@ -762,11 +762,8 @@ async fn cri_pod_lifecycle() -> Result<()> {
         got.sort();
         ensure!(got == want, "ListContainerStats ids {got:?}, want {want:?}");
         for st in &stats {
-            let cpu = st
-                .cpu
-                .as_ref()
-                .and_then(|c| c.usage_core_nano_seconds.clone());
-            let mem = st.memory.as_ref().and_then(|m| m.working_set_bytes.clone());
+            let cpu = st.cpu.as_ref().and_then(|c| c.usage_core_nano_seconds);
+            let mem = st.memory.as_ref().and_then(|m| m.working_set_bytes);
             ensure!(
                 cpu.is_some_and(|v| v.value > 0) && mem.is_some_and(|v| v.value > 0),
                 "stats without usage: {st:?}"
@@ -784,7 +781,7 @@ async fn cri_pod_lifecycle() -> Result<()> {
         ensure!(
             one.memory
                 .as_ref()
-                .and_then(|m| m.usage_bytes.clone())
+                .and_then(|m| m.usage_bytes)
                 .is_some_and(|v| v.value > 0),
             "{one:?}"
         );
