@@ -1,14 +1,15 @@
 //! The interface between a virtio transport and a device model.
 
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::event_loop::EventLoop;
+use crate::event_loop::{EventHandler, EventLoop};
 
 /// ISR bits (virtio 1.x, 4.1.4.5).
 pub const ISR_QUEUE: u8 = 0x1;
@@ -98,4 +99,55 @@ pub trait VirtioDevice: Send {
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError>;
     /// Stops serving and forgets queue state (driver reset).
     fn reset(&mut self);
+}
+
+/// Takes queue `index` out of the queues the driver enabled.
+pub fn take_queue(
+    queues: &mut Vec<(usize, Queue, EventFd)>,
+    index: usize,
+) -> Result<(Queue, EventFd), ActivateError> {
+    let pos = queues
+        .iter()
+        .position(|(i, _, _)| *i == index)
+        .ok_or(ActivateError::MissingQueue(index))?;
+    let (_, q, evt) = queues.swap_remove(pos);
+    Ok((q, evt))
+}
+
+/// Registers every fd in `fds` with `handler`, or none of them: a failure
+/// removes the ones already added so a failed activation leaves no handler behind.
+pub fn register_all(
+    event_loop: &EventLoop,
+    fds: &[RawFd],
+    handler: Arc<Mutex<dyn EventHandler>>,
+) -> Result<(), ActivateError> {
+    for fd in fds {
+        if let Err(e) = event_loop.add(*fd, EventSet::IN, handler.clone()) {
+            for fd in fds {
+                event_loop.remove(*fd);
+            }
+            return Err(ActivateError::Events(e));
+        }
+    }
+    Ok(())
+}
+
+/// Removes an active device's fds from its event loop (driver reset).
+pub fn deregister(active: &mut Option<(Arc<EventLoop>, Vec<RawFd>)>) {
+    if let Some((el, fds)) = active.take() {
+        for fd in fds {
+            el.remove(fd);
+        }
+    }
+}
+
+/// A read of device config space `cfg` at `offset`: bytes past its end read as 0.
+pub fn read_config_bytes(cfg: &[u8], offset: u64, data: &mut [u8]) {
+    for (i, b) in data.iter_mut().enumerate() {
+        *b = usize::try_from(offset)
+            .ok()
+            .and_then(|o| cfg.get(o + i))
+            .copied()
+            .unwrap_or(0);
+    }
 }

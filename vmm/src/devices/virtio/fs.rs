@@ -16,7 +16,10 @@ use vm_memory::{
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::device::{ActivateContext, ActivateError, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1};
+use super::device::{
+    deregister, read_config_bytes, ActivateContext, ActivateError, Interrupt, VirtioDevice,
+    VIRTIO_F_VERSION_1,
+};
 use crate::event_loop::{EventHandler, EventLoop};
 
 pub const VIRTIO_ID_FS: u32 = 26;
@@ -169,13 +172,7 @@ impl VirtioDevice for Fs {
         let mut cfg = [0u8; TAG_LEN + 4];
         cfg[..self.tag.len()].copy_from_slice(self.tag.as_bytes());
         cfg[TAG_LEN..].copy_from_slice(&((NUM_QUEUES - 1) as u32).to_le_bytes());
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = usize::try_from(offset)
-                .ok()
-                .and_then(|o| cfg.get(o + i))
-                .copied()
-                .unwrap_or(0);
-        }
+        read_config_bytes(&cfg, offset, data);
     }
 
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
@@ -194,11 +191,7 @@ impl VirtioDevice for Fs {
     }
 
     fn reset(&mut self) {
-        if let Some((el, fds)) = self.active.take() {
-            for fd in fds {
-                el.remove(fd);
-            }
-        }
+        deregister(&mut self.active);
         // virtiofsd serves one driver session per connection; a guest reset of the device
         // leaves the back-end's rings stopped until the VM is recreated.
         for i in 0..NUM_QUEUES {

@@ -13,7 +13,10 @@ use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::device::{ActivateContext, ActivateError, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1};
+use super::device::{
+    deregister, read_config_bytes, register_all, take_queue, ActivateContext, ActivateError,
+    Interrupt, VirtioDevice, VIRTIO_F_VERSION_1,
+};
 use crate::devices::bus::lock;
 use crate::event_loop::{EventHandler, EventLoop};
 
@@ -328,27 +331,13 @@ impl VirtioDevice for Net {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = usize::try_from(offset)
-                .ok()
-                .and_then(|o| self.mac.get(o + i))
-                .copied()
-                .unwrap_or(0);
-        }
+        read_config_bytes(&self.mac, offset, data);
     }
 
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
-        let mut rx = None;
-        let mut tx = None;
-        for (i, q, evt) in ctx.queues {
-            match i {
-                0 => rx = Some((q, evt)),
-                1 => tx = Some((q, evt)),
-                _ => {}
-            }
-        }
-        let (rxq, rx_evt) = rx.ok_or(ActivateError::MissingQueue(0))?;
-        let (txq, tx_evt) = tx.ok_or(ActivateError::MissingQueue(1))?;
+        let mut queues = ctx.queues;
+        let (rxq, rx_evt) = take_queue(&mut queues, 0)?;
+        let (txq, tx_evt) = take_queue(&mut queues, 1)?;
         let tap = self.tap.file.try_clone().map_err(ActivateError::Events)?;
         let fds = vec![rx_evt.as_raw_fd(), tx_evt.as_raw_fd(), tap.as_raw_fd()];
         let worker = Arc::new(Mutex::new(Worker {
@@ -366,14 +355,7 @@ impl VirtioDevice for Net {
             tap_paused: false,
             broken: false,
         }));
-        for fd in &fds {
-            if let Err(e) = ctx.event_loop.add(*fd, EventSet::IN, worker.clone()) {
-                for fd in &fds {
-                    ctx.event_loop.remove(*fd);
-                }
-                return Err(ActivateError::Events(e));
-            }
-        }
+        register_all(&ctx.event_loop, &fds, worker.clone())?;
         {
             let mut w = lock(&worker);
             w.tx();
@@ -384,10 +366,6 @@ impl VirtioDevice for Net {
     }
 
     fn reset(&mut self) {
-        if let Some((el, fds)) = self.active.take() {
-            for fd in fds {
-                el.remove(fd);
-            }
-        }
+        deregister(&mut self.active);
     }
 }

@@ -11,7 +11,10 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::device::{ActivateContext, ActivateError, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1};
+use super::device::{
+    deregister, read_config_bytes, register_all, take_queue, ActivateContext, ActivateError,
+    Interrupt, VirtioDevice, VIRTIO_F_VERSION_1,
+};
 use super::vsock::{self as mux, MuxerConfig, MuxerError, VsockMuxer};
 use crate::devices::bus::lock;
 use crate::event_loop::{EventHandler, EventLoop};
@@ -114,29 +117,14 @@ impl VirtioDevice for Vsock {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let cfg = mux::config_space(self.guest_cid);
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = usize::try_from(offset)
-                .ok()
-                .and_then(|o| cfg.get(o + i))
-                .copied()
-                .unwrap_or(0);
-        }
+        read_config_bytes(&mux::config_space(self.guest_cid), offset, data);
     }
 
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
-        let mut rx = None;
-        let mut tx = None;
-        for (i, q, evt) in ctx.queues {
-            match i {
-                mux::RX_QUEUE => rx = Some((q, evt)),
-                mux::TX_QUEUE => tx = Some((q, evt)),
-                // The event queue is never used: no transport reset events are sent.
-                _ => {}
-            }
-        }
-        let (rxq, rx_evt) = rx.ok_or(ActivateError::MissingQueue(mux::RX_QUEUE))?;
-        let (txq, tx_evt) = tx.ok_or(ActivateError::MissingQueue(mux::TX_QUEUE))?;
+        // The event queue is never used: no transport reset events are sent.
+        let mut queues = ctx.queues;
+        let (rxq, rx_evt) = take_queue(&mut queues, mux::RX_QUEUE)?;
+        let (txq, tx_evt) = take_queue(&mut queues, mux::TX_QUEUE)?;
         let muxer_fd = lock(&self.muxer).as_raw_fd();
         let fds = vec![rx_evt.as_raw_fd(), tx_evt.as_raw_fd(), muxer_fd];
         let worker = Arc::new(Mutex::new(Worker {
@@ -150,14 +138,7 @@ impl VirtioDevice for Vsock {
             interrupt: ctx.interrupt,
             broken: false,
         }));
-        for fd in &fds {
-            if let Err(e) = ctx.event_loop.add(*fd, EventSet::IN, worker.clone()) {
-                for fd in &fds {
-                    ctx.event_loop.remove(*fd);
-                }
-                return Err(ActivateError::Events(e));
-            }
-        }
+        register_all(&ctx.event_loop, &fds, worker.clone())?;
         {
             let mut w = lock(&worker);
             w.tx();
@@ -168,10 +149,6 @@ impl VirtioDevice for Vsock {
     }
 
     fn reset(&mut self) {
-        if let Some((el, fds)) = self.active.take() {
-            for fd in fds {
-                el.remove(fd);
-            }
-        }
+        deregister(&mut self.active);
     }
 }
