@@ -787,6 +787,64 @@ async fn cri_pod_lifecycle() -> Result<()> {
         );
         eprintln!("stats of sleeper: {:?} {:?}", one.cpu, one.memory);
 
+        // Log rotation as kubelet does it: rename, ReopenContainerLog; no
+        // line is lost or written twice across the two files.
+        let ticker = create_start(
+            &mut rt,
+            &pod,
+            &pcfg,
+            container_config(
+                "ticker",
+                &image,
+                &[
+                    "sh",
+                    "-c",
+                    "i=0; while true; i=$((i+1)); do echo tick$i; sleep 0.1; done",
+                ],
+                "ticker/0.log",
+            ),
+        )
+        .await?;
+        let live_log = log_root.join("web/ticker/0.log");
+        let rotated = log_root.join("web/ticker/0.log.1");
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        std::fs::rename(&live_log, &rotated)?;
+        rt.reopen_container_log(cri::ReopenContainerLogRequest {
+            container_id: ticker.clone(),
+        })
+        .await
+        .context("ReopenContainerLog")?;
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        rt.stop_container(cri::StopContainerRequest {
+            container_id: ticker.clone(),
+            timeout: 0,
+        })
+        .await
+        .context("StopContainer ticker")?;
+        let old = parse_log(&std::fs::read_to_string(&rotated)?)?;
+        let new = parse_log(&std::fs::read_to_string(&live_log)?)?;
+        ensure!(
+            !old.is_empty() && !new.is_empty(),
+            "old {old:?} new {new:?}"
+        );
+        let ticks: Vec<String> = old.iter().chain(&new).map(|r| r.2.clone()).collect();
+        let want: Vec<String> = (1..=ticks.len()).map(|i| format!("tick{i}")).collect();
+        ensure!(ticks == want, "ticks across rotation: {ticks:?}");
+        eprintln!(
+            "rotation: {} records before, {} after",
+            old.len(),
+            new.len()
+        );
+        expect_err(
+            "ReopenContainerLog of an exited container",
+            rt.reopen_container_log(cri::ReopenContainerLogRequest {
+                container_id: ticker.clone(),
+            })
+            .await,
+            Code::FailedPrecondition,
+            &["not running"],
+        )?;
+
         // 6. StopContainer: SIGTERM honoured, SIGTERM ignored (PID 1) -> SIGKILL.
         let t = Instant::now();
         rt.stop_container(cri::StopContainerRequest {
@@ -832,7 +890,7 @@ async fn cri_pod_lifecycle() -> Result<()> {
         })
         .await
         .context("second StopContainer")?;
-        for c in [&c1, &chatty, &c2, &c3] {
+        for c in [&c1, &chatty, &ticker, &c2, &c3] {
             rt.remove_container(cri::RemoveContainerRequest {
                 container_id: c.to_string(),
             })
