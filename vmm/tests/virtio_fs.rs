@@ -6,12 +6,12 @@ mod common;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{guest_config, Asm, TempDir};
+use common::{guest_config, Asm, TempDir, VIRTIO_BAR};
 use husk_vmm::builder::launch;
 use husk_vmm::config::FsConfig;
 use husk_vmm::vstate::vcpu::VcpuStop;
 
-const BAR: u64 = 0xc000_4000;
+const BAR: u64 = VIRTIO_BAR;
 const DESC: u64 = 0x10_0000;
 const AVAIL: u64 = 0x10_1000;
 const USED: u64 = 0x10_2000;
@@ -64,20 +64,13 @@ fn guest_completes_fuse_init_with_virtiofsd() {
     }
 
     let mut asm = Asm::new();
-    asm.store8(BAR + 0x14, 0)
-        .store8(BAR + 0x14, 1)
-        .store8(BAR + 0x14, 3);
+    asm.virtio_reset_ack();
     asm.print("tag ").print_hex(BAR + 0x2000, 4).print("\n");
     asm.store32(BAR + 8, 1)
         .store32(BAR + 0xc, 1)
         .store8(BAR + 0x14, 0xb);
     // Request queue (1) only.
-    asm.store16(BAR + 0x16, 1)
-        .store16(BAR + 0x18, 8)
-        .store64(BAR + 0x20, DESC)
-        .store64(BAR + 0x28, AVAIL)
-        .store64(BAR + 0x30, USED)
-        .store16(BAR + 0x1c, 1)
+    asm.virtio_queue(1, DESC, AVAIL, USED)
         .store8(BAR + 0x14, 0xf)
         .print("st ")
         .print_hex(BAR + 0x14, 1)

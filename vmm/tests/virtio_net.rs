@@ -6,12 +6,12 @@ mod common;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{guest_config, Asm, TempDir};
+use common::{guest_config, Asm, TempDir, VIRTIO_BAR};
 use husk_vmm::builder::Vmm;
 use husk_vmm::config::NetConfig;
 use husk_vmm::vstate::vcpu::VcpuStop;
 
-const BAR: u64 = 0xc000_4000;
+const BAR: u64 = VIRTIO_BAR;
 const NOTIFY: u64 = BAR + 0x3000;
 const RX_DESC: u64 = 0x10_0000;
 const RX_AVAIL: u64 = 0x10_1000;
@@ -23,15 +23,6 @@ const RX_BUF: u64 = 0x11_0000;
 const TX_BUF: u64 = 0x12_0000;
 const ETHERTYPE: u16 = 0x88b5; // IEEE local experimental
 const GUEST_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x00, 0x00, 0x01];
-
-fn queue(asm: &mut Asm, idx: u16, desc: u64, avail: u64, used: u64) {
-    asm.store16(BAR + 0x16, idx)
-        .store16(BAR + 0x18, 8)
-        .store64(BAR + 0x20, desc)
-        .store64(BAR + 0x28, avail)
-        .store64(BAR + 0x30, used)
-        .store16(BAR + 0x1c, 1);
-}
 
 struct PacketSocket(i32);
 
@@ -124,17 +115,15 @@ fn guest_frames_cross_the_tap_both_ways() {
     let payload_in = b"husk host to guest..............";
 
     let mut asm = Asm::new();
-    asm.store8(BAR + 0x14, 0)
-        .store8(BAR + 0x14, 1)
-        .store8(BAR + 0x14, 3);
+    asm.virtio_reset_ack();
     asm.print("mac ").print_hex(BAR + 0x2000, 6).print("\n");
     asm.store32(BAR + 8, 0)
         .store32(BAR + 0xc, 1 << 5)
         .store32(BAR + 8, 1)
         .store32(BAR + 0xc, 1)
         .store8(BAR + 0x14, 0xb);
-    queue(&mut asm, 0, RX_DESC, RX_AVAIL, RX_USED);
-    queue(&mut asm, 1, TX_DESC, TX_AVAIL, TX_USED);
+    asm.virtio_queue(0, RX_DESC, RX_AVAIL, RX_USED)
+        .virtio_queue(1, TX_DESC, TX_AVAIL, TX_USED);
     asm.store8(BAR + 0x14, 0xf);
     for i in 0..2u64 {
         let d = RX_DESC + i * 16;

@@ -5,13 +5,9 @@
 
 mod common;
 
-use std::time::Duration;
+use common::{guest_config, run_to_reset, Asm, TempDir, VIRTIO_BAR};
 
-use common::{guest_config, Asm, TempDir};
-use husk_vmm::builder::launch;
-use husk_vmm::vstate::vcpu::VcpuStop;
-
-const BAR: u64 = 0xc000_4000; // slot 1, BAR size 0x4000
+const BAR: u64 = VIRTIO_BAR; // slot 1, BAR size 0x4000
 const DESC: u64 = 0x10_0000;
 const AVAIL: u64 = 0x10_1000;
 const USED: u64 = 0x10_2000;
@@ -56,9 +52,7 @@ fn guest_driver_uses_virtio_rng_and_malformed_chains_are_rejected() {
         .print_hex(SCRATCH, 4)
         .print("\n");
     // Device initialisation (virtio 1.x 3.1.1).
-    asm.store8(BAR + 0x14, 0)
-        .store8(BAR + 0x14, 1)
-        .store8(BAR + 0x14, 3);
+    asm.virtio_reset_ack();
     asm.store32(BAR, 1)
         .load32(BAR + 4)
         .store_eax(SCRATCH)
@@ -73,12 +67,7 @@ fn guest_driver_uses_virtio_rng_and_malformed_chains_are_rejected() {
         .print("st ")
         .print_hex(BAR + 0x14, 1)
         .print("\n");
-    asm.store16(BAR + 0x16, 0)
-        .store16(BAR + 0x18, 8)
-        .store64(BAR + 0x20, DESC)
-        .store64(BAR + 0x28, AVAIL)
-        .store64(BAR + 0x30, USED)
-        .store16(BAR + 0x1c, 1)
+    asm.virtio_queue(0, DESC, AVAIL, USED)
         .store8(BAR + 0x14, 0xf);
     // 1: a good request.
     desc(&mut asm, 0, BUF, 16, VIRTQ_DESC_F_WRITE);
@@ -107,12 +96,7 @@ fn guest_driver_uses_virtio_rng_and_malformed_chains_are_rejected() {
 
     let mut cfg = guest_config(&dir, &asm);
     cfg.devices.rng = true;
-    let mut vmm = launch(&cfg).expect("launch");
-    let out = vmm
-        .wait(Some(Duration::from_secs(120)))
-        .expect("guest did not finish within 120 s");
-    let log = std::fs::read_to_string(dir.path().join("serial.log")).unwrap();
-    assert_eq!(out.reason, VcpuStop::Reset, "log:\n{log}");
+    let (vmm, log) = run_to_reset(&dir, &cfg);
     let lines: Vec<&str> = log.lines().collect();
     assert_eq!(
         lines[0], "id f41a4410",

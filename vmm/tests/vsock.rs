@@ -7,12 +7,10 @@ use std::io::{Read, Write};
 use std::os::unix::net::UnixListener;
 use std::time::Duration;
 
-use common::{guest_config, Asm, TempDir};
-use husk_vmm::builder::launch;
+use common::{guest_config, run_to_reset, Asm, TempDir, VIRTIO_BAR};
 use husk_vmm::config::VsockConfig;
-use husk_vmm::vstate::vcpu::VcpuStop;
 
-const BAR: u64 = 0xc000_4000;
+const BAR: u64 = VIRTIO_BAR;
 const NOTIFY: u64 = BAR + 0x3000;
 // Queue 0 (rx) and 1 (tx) rings.
 const RX_DESC: u64 = 0x10_0000;
@@ -27,15 +25,6 @@ const HDR: u64 = 44;
 const GUEST_CID: u64 = 3;
 const GUEST_PORT: u32 = 1024;
 const HOST_PORT: u32 = 5000;
-
-fn queue(asm: &mut Asm, idx: u16, desc: u64, avail: u64, used: u64) {
-    asm.store16(BAR + 0x16, idx)
-        .store16(BAR + 0x18, 8)
-        .store64(BAR + 0x20, desc)
-        .store64(BAR + 0x28, avail)
-        .store64(BAR + 0x30, used)
-        .store16(BAR + 0x1c, 1);
-}
 
 /// Writes a vsock header at `at`.
 fn header(asm: &mut Asm, at: u64, op: u16, len: u32, flags: u32) {
@@ -93,14 +82,12 @@ fn guest_stream_to_host_listener_both_ways() {
     });
 
     let mut asm = Asm::new();
-    asm.store8(BAR + 0x14, 0)
-        .store8(BAR + 0x14, 1)
-        .store8(BAR + 0x14, 3);
+    asm.virtio_reset_ack();
     asm.store32(BAR + 8, 1)
         .store32(BAR + 0xc, 1)
         .store8(BAR + 0x14, 0xb);
-    queue(&mut asm, 0, RX_DESC, RX_AVAIL, RX_USED);
-    queue(&mut asm, 1, TX_DESC, TX_AVAIL, TX_USED);
+    asm.virtio_queue(0, RX_DESC, RX_AVAIL, RX_USED)
+        .virtio_queue(1, TX_DESC, TX_AVAIL, TX_USED);
     asm.store8(BAR + 0x14, 0xf);
     asm.print("cid ").print_hex(BAR + 0x2000, 8).print("\n");
     // Four device-writable RX buffers.
@@ -131,12 +118,7 @@ fn guest_stream_to_host_listener_both_ways() {
         guest_cid: GUEST_CID,
         uds_path: uds.clone(),
     });
-    let mut vmm = launch(&cfg).expect("launch");
-    let out = vmm
-        .wait(Some(Duration::from_secs(120)))
-        .expect("guest did not finish within 120 s");
-    let log = std::fs::read_to_string(dir.path().join("serial.log")).unwrap();
-    assert_eq!(out.reason, VcpuStop::Reset, "log:\n{log}");
+    let (vmm, log) = run_to_reset(&dir, &cfg);
     let lines: Vec<&str> = log.lines().collect();
     assert_eq!(lines[0], "cid 0300000000000000", "log:\n{log}");
     assert_eq!(

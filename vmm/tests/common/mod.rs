@@ -6,6 +6,10 @@
 use std::path::{Path, PathBuf};
 
 pub const COM1: u16 = 0x3f8;
+/// BAR0 of the virtio-pci device in slot 1, the one device a virtio test guest has; its
+/// modern layout (virtio 1.x, 4.1.4): common config at 0, notify at 0x3000, device config
+/// at 0x2000.
+pub const VIRTIO_BAR: u64 = 0xc000_4000;
 pub use husk_vmm::test_guest::LOAD_ADDR;
 /// Data blobs are placed this far after the code.
 const DATA_OFFSET: usize = 0x8000;
@@ -165,6 +169,24 @@ impl Asm {
         self.mov_rdi(addr).emit(&[0x0f, 0x01, 0x1f, 0x0f, 0x0b])
     }
 
+    /// Driver initialisation up to feature negotiation (virtio 1.x, 3.1.1): reset,
+    /// ACKNOWLEDGE, DRIVER.
+    pub fn virtio_reset_ack(&mut self) -> &mut Self {
+        self.store8(VIRTIO_BAR + 0x14, 0)
+            .store8(VIRTIO_BAR + 0x14, 1)
+            .store8(VIRTIO_BAR + 0x14, 3)
+    }
+
+    /// Sets up split queue `idx` (8 entries) on the given rings and enables it.
+    pub fn virtio_queue(&mut self, idx: u16, desc: u64, avail: u64, used: u64) -> &mut Self {
+        self.store16(VIRTIO_BAR + 0x16, idx)
+            .store16(VIRTIO_BAR + 0x18, 8)
+            .store64(VIRTIO_BAR + 0x20, desc)
+            .store64(VIRTIO_BAR + 0x28, avail)
+            .store64(VIRTIO_BAR + 0x30, used)
+            .store16(VIRTIO_BAR + 0x1c, 1)
+    }
+
     /// Resets the machine through the i8042 (how the VM ends), then halts.
     pub fn reset(&mut self) -> &mut Self {
         self.out8(0x64, 0xfe).emit(&[0xf4, 0xeb, 0xfd])
@@ -219,4 +241,23 @@ pub fn guest_config(dir: &TempDir, asm: &Asm) -> husk_vmm::config::VmConfig {
         hide_emulator_unsupported_cpuid: None,
         devices: Default::default(),
     }
+}
+
+/// Launches `cfg`, waits up to 120 s for the guest to reset the machine and returns the VM
+/// with the guest's serial log.
+pub fn run_to_reset(
+    dir: &TempDir,
+    cfg: &husk_vmm::config::VmConfig,
+) -> (husk_vmm::builder::Vmm, String) {
+    let mut vmm = husk_vmm::builder::launch(cfg).expect("launch");
+    let out = vmm
+        .wait(Some(std::time::Duration::from_secs(120)))
+        .expect("guest did not finish within 120 s");
+    let log = std::fs::read_to_string(dir.path().join("serial.log")).unwrap();
+    assert_eq!(
+        out.reason,
+        husk_vmm::vstate::vcpu::VcpuStop::Reset,
+        "log:\n{log}"
+    );
+    (vmm, log)
 }
