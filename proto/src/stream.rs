@@ -75,6 +75,15 @@ mod tests {
     use super::*;
     use crate::agent::{ProcessRef, ReadyNotice, StreamAccept, StreamHello, StreamKind};
 
+    /// Reads a `ReadyNotice` of at most `max` bytes from `wire`, which must fail; the error's kind.
+    async fn read_err(wire: &[u8], max: usize) -> io::ErrorKind {
+        let mut r = wire;
+        read_msg::<_, ReadyNotice>(&mut r, max)
+            .await
+            .unwrap_err()
+            .kind()
+    }
+
     #[tokio::test]
     async fn round_trip_and_raw_bytes_after_the_message_stay_unread() {
         let hello = StreamHello {
@@ -125,27 +134,15 @@ mod tests {
         // u64::MAX as a varint.
         let mut wire = vec![0xffu8; 9];
         wire.push(0x01);
-        let mut r = &wire[..];
-        let err = read_msg::<_, ReadyNotice>(&mut r, 1 << 20)
-            .await
-            .unwrap_err();
-        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+        assert_eq!(read_err(&wire, 1 << 20).await, io::ErrorKind::InvalidData);
     }
 
     #[tokio::test]
     async fn overlong_varint_is_invalid_data() {
         let wire = [0x80u8; 11];
-        let mut r = &wire[..];
-        let err = read_msg::<_, ReadyNotice>(&mut r, 1 << 20)
-            .await
-            .unwrap_err();
-        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+        assert_eq!(read_err(&wire, 1 << 20).await, io::ErrorKind::InvalidData);
         let wire = [0xffu8, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x02];
-        let mut r = &wire[..];
-        let err = read_msg::<_, ReadyNotice>(&mut r, 1 << 20)
-            .await
-            .unwrap_err();
-        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+        assert_eq!(read_err(&wire, 1 << 20).await, io::ErrorKind::InvalidData);
     }
 
     #[tokio::test]
@@ -157,9 +154,11 @@ mod tests {
         let mut wire = Vec::new();
         write_msg(&mut wire, &notice).await.unwrap();
         for cut in 0..wire.len() {
-            let mut r = &wire[..cut];
-            let err = read_msg::<_, ReadyNotice>(&mut r, 1024).await.unwrap_err();
-            assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof, "cut at {cut}");
+            assert_eq!(
+                read_err(&wire[..cut], 1024).await,
+                io::ErrorKind::UnexpectedEof,
+                "cut at {cut}"
+            );
         }
     }
 
@@ -167,8 +166,6 @@ mod tests {
     async fn garbage_body_is_invalid_data() {
         // Length 2, then a field with wire type 7 (invalid).
         let wire = [2u8, 0x0f, 0x00];
-        let mut r = &wire[..];
-        let err = read_msg::<_, ReadyNotice>(&mut r, 1024).await.unwrap_err();
-        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+        assert_eq!(read_err(&wire, 1024).await, io::ErrorKind::InvalidData);
     }
 }
