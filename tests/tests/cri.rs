@@ -208,6 +208,21 @@ fn parse_log(text: &str) -> Result<Vec<(String, String, String)>> {
     Ok(v)
 }
 
+/// The targets of a process's open file descriptors.
+fn open_fds(pid: u32) -> Result<Vec<String>> {
+    let mut v = Vec::new();
+    for e in std::fs::read_dir(format!("/proc/{pid}/fd"))? {
+        let e = e?;
+        v.push(
+            std::fs::read_link(e.path())
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
+        );
+    }
+    v.sort();
+    Ok(v)
+}
+
 fn meminfo_total_kib(out: &[u8]) -> Result<u64> {
     let text = String::from_utf8_lossy(out);
     text.lines()
@@ -472,6 +487,10 @@ async fn cri_pod_lifecycle() -> Result<()> {
         );
         // A second pull is quick and gives the same id.
         ensure!(pull(&mut img, &image).await? == image_ref, "second pull");
+
+        // huskd's open files before the pod, compared after its removal.
+        let huskd_pid = huskd.pid().context("huskd pid")?;
+        let fds_before = open_fds(huskd_pid)?;
 
         // 3. A pod.
         let pcfg = pod_config("web", &log_root.join("web"));
@@ -805,6 +824,11 @@ async fn cri_pod_lifecycle() -> Result<()> {
             ),
         )
         .await?;
+        // A container with stdin open (nobody attaches): cat blocks on it
+        // instead of seeing EOF.
+        let mut rcfg = container_config("reader", &image, &["cat"], "");
+        rcfg.stdin = true;
+        let reader = create_start(&mut rt, &pod, &pcfg, rcfg).await?;
         let live_log = log_root.join("web/ticker/0.log");
         let rotated = log_root.join("web/ticker/0.log.1");
         tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -821,6 +845,11 @@ async fn cri_pod_lifecycle() -> Result<()> {
         })
         .await
         .context("StopContainer ticker")?;
+        let st = container_status(&mut rt, &reader).await?;
+        ensure!(
+            st.state == cri::ContainerState::ContainerRunning as i32,
+            "cat with stdin open: {st:?}"
+        );
         let old = parse_log(&std::fs::read_to_string(&rotated)?)?;
         let new = parse_log(&std::fs::read_to_string(&live_log)?)?;
         ensure!(
@@ -890,7 +919,7 @@ async fn cri_pod_lifecycle() -> Result<()> {
         })
         .await
         .context("second StopContainer")?;
-        for c in [&c1, &chatty, &ticker, &c2, &c3] {
+        for c in [&c1, &chatty, &ticker, &reader, &c2, &c3] {
             rt.remove_container(cri::RemoveContainerRequest {
                 container_id: c.to_string(),
             })
@@ -939,6 +968,13 @@ async fn cri_pod_lifecycle() -> Result<()> {
             "{sandbox_dirs} sandbox dirs with one pod"
         );
         stop_remove_pod(&mut rt, &pod).await?;
+        let fds_after = open_fds(huskd_pid)?;
+        ensure!(
+            fds_after.len() <= fds_before.len(),
+            "huskd holds {} files after the pod's removal, {} before: {fds_after:?}",
+            fds_after.len(),
+            fds_before.len()
+        );
         rt.stop_pod_sandbox(cri::StopPodSandboxRequest {
             pod_sandbox_id: pod.clone(),
         })

@@ -52,6 +52,8 @@ pub struct LiveContainer {
     pub exit: watch::Receiver<Option<ExitInfo>>,
     /// `true` once stdout and stderr reached EOF and are in the log.
     pub io_done: watch::Receiver<bool>,
+    /// The container's stdin (`stdin: true`), held open while it exists.
+    pub stdin: Option<Arc<tokio::net::UnixStream>>,
 }
 
 /// Shared state of the CRI services.

@@ -763,19 +763,16 @@ async fn create_container(
             }
             let _ = io_tx.send(true);
         });
-        // CRI stdin (attach) is not served; keep the stream open so that a
-        // process reading stdin blocks as under other runtimes.
-        if let Some(stdin) = streams.stdin {
-            tokio::spawn(async move {
-                let _keep = stdin;
-                std::future::pending::<()>().await;
-            });
-        }
+        // CRI stdin (attach) is not served; the stream stays open (a
+        // process reading stdin blocks as under other runtimes) until the
+        // container is removed and its live entry dropped.
+        let stdin = streams.stdin.map(Arc::new);
         let (_tx, rx) = watch::channel(None);
         Ok(LiveContainer {
             log,
             exit: rx,
             io_done,
+            stdin,
         })
     }
     .await;
@@ -832,6 +829,7 @@ async fn start_container(h: &Arc<Husk>, id: &str) -> Result<(), Status> {
             log: live.log,
             exit: rx,
             io_done: live.io_done,
+            stdin: live.stdin,
         },
     );
     sandbox
