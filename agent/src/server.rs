@@ -1,8 +1,11 @@
 //! Listeners (vsock in the VM, unix sockets in host tests) and the ready
 //! notice.
 
+use std::convert::Infallible;
+use std::io;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -43,10 +46,42 @@ where
     tokio::spawn(async move { svc.handle_stream(Box::pin(conn)).await });
 }
 
-/// Backs off after accept errors (e.g. EMFILE) instead of spinning.
-async fn accept_failed(what: &str, e: std::io::Error) {
-    warn!("accept on {what}: {e}");
-    tokio::time::sleep(Duration::from_millis(100)).await;
+/// A listener the agent serves on: vsock in the VM, unix sockets in host tests.
+trait Listener {
+    type Conn;
+    fn poll_accept_conn(&self, cx: &mut std::task::Context<'_>) -> Poll<io::Result<Self::Conn>>;
+}
+
+impl Listener for tokio_vsock::VsockListener {
+    type Conn = tokio_vsock::VsockStream;
+    fn poll_accept_conn(&self, cx: &mut std::task::Context<'_>) -> Poll<io::Result<Self::Conn>> {
+        self.poll_accept(cx).map_ok(|(c, _)| c)
+    }
+}
+
+impl Listener for tokio::net::UnixListener {
+    type Conn = tokio::net::UnixStream;
+    fn poll_accept_conn(&self, cx: &mut std::task::Context<'_>) -> Poll<io::Result<Self::Conn>> {
+        self.poll_accept(cx).map_ok(|(c, _)| c)
+    }
+}
+
+/// Hands every connection `listener` accepts to `serve`, forever. Backs off
+/// after accept errors (e.g. EMFILE) instead of spinning.
+async fn accept_forever<L: Listener>(
+    listener: L,
+    what: &str,
+    serve: impl Fn(L::Conn),
+) -> Infallible {
+    loop {
+        match std::future::poll_fn(|cx| listener.poll_accept_conn(cx)).await {
+            Ok(c) => serve(c),
+            Err(e) => {
+                warn!("accept on {what}: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
 }
 
 pub async fn serve(svc: Arc<AgentService>, listen: Listen) -> Result<()> {
@@ -59,14 +94,9 @@ pub async fn serve(svc: Arc<AgentService>, listen: Listen) -> Result<()> {
             let stream = VsockListener::bind(VsockAddr::new(VMADDR_CID_ANY, STREAM_PORT))
                 .with_context(|| format!("binding vsock port {STREAM_PORT}"))?;
             let svc2 = Arc::clone(&svc);
-            tokio::spawn(async move {
-                loop {
-                    match stream.accept().await {
-                        Ok((c, _)) => serve_stream(&svc2, c),
-                        Err(e) => accept_failed("stream", e).await,
-                    }
-                }
-            });
+            tokio::spawn(accept_forever(stream, "stream", move |c| {
+                serve_stream(&svc2, c)
+            }));
             info!("serving on vsock ports {TTRPC_PORT} (ttrpc) and {STREAM_PORT} (streams)");
             tokio::spawn(async move {
                 for attempt in 1..=READY_ATTEMPTS {
@@ -84,12 +114,7 @@ pub async fn serve(svc: Arc<AgentService>, listen: Listen) -> Result<()> {
                     }
                 }
             });
-            loop {
-                match ttrpc.accept().await {
-                    Ok((c, _)) => serve_ttrpc(&server, c),
-                    Err(e) => accept_failed("ttrpc", e).await,
-                }
-            }
+            match accept_forever(ttrpc, "ttrpc", |c| serve_ttrpc(&server, c)).await {}
         }
         Listen::Unix(dir) => {
             use tokio::net::{UnixListener, UnixStream};
@@ -101,14 +126,9 @@ pub async fn serve(svc: Arc<AgentService>, listen: Listen) -> Result<()> {
             let ttrpc = bind("ttrpc.sock")?;
             let stream = bind("stream.sock")?;
             let svc2 = Arc::clone(&svc);
-            tokio::spawn(async move {
-                loop {
-                    match stream.accept().await {
-                        Ok((c, _)) => serve_stream(&svc2, c),
-                        Err(e) => accept_failed("stream", e).await,
-                    }
-                }
-            });
+            tokio::spawn(accept_forever(stream, "stream", move |c| {
+                serve_stream(&svc2, c)
+            }));
             info!("serving on {}/{{ttrpc,stream}}.sock", dir.display());
             let ready = dir.join("ready.sock");
             if ready.exists() {
@@ -117,12 +137,7 @@ pub async fn serve(svc: Arc<AgentService>, listen: Listen) -> Result<()> {
                     Err(e) => warn!("ready notice to {}: {e}", ready.display()),
                 }
             }
-            loop {
-                match ttrpc.accept().await {
-                    Ok((c, _)) => serve_ttrpc(&server, c),
-                    Err(e) => accept_failed("ttrpc", e).await,
-                }
-            }
+            match accept_forever(ttrpc, "ttrpc", |c| serve_ttrpc(&server, c)).await {}
         }
     }
 }
