@@ -1034,8 +1034,21 @@ async fn cri_pod_lifecycle() -> Result<()> {
                 ensure!(mem <= 256 * 1024, "default MemTotal {mem} kB");
                 small_mem = mem;
             }
-            // StopPodSandbox with a running container kills it.
-            stop_remove_pod(&mut rt, &pod).await?;
+            if handler == "big" {
+                // RemovePodSandbox of a running pod stops it first.
+                rt.remove_pod_sandbox(cri::RemovePodSandboxRequest {
+                    pod_sandbox_id: pod.clone(),
+                })
+                .await
+                .context("RemovePodSandbox of a Ready pod")?;
+                ensure!(
+                    list_pods(&mut rt, Default::default()).await?.is_empty(),
+                    "pod listed after RemovePodSandbox"
+                );
+            } else {
+                // StopPodSandbox with a running container kills it.
+                stop_remove_pod(&mut rt, &pod).await?;
+            }
             expect_err(
                 "ContainerStatus after RemovePodSandbox",
                 rt.container_status(cri::ContainerStatusRequest {
