@@ -272,6 +272,29 @@ impl Containers {
         Ok(b)
     }
 
+    /// The end of a create or exec: registers what the blocking libcontainer
+    /// build (`task`, named in a join error) started, then releases the fork
+    /// lock and kicks the reaper, which may have an exit to collect.
+    fn register_built(
+        &self,
+        guard: ForkGuard,
+        built: std::result::Result<anyhow::Result<(Pid, Option<OwnedFd>)>, tokio::task::JoinError>,
+        parent: ParentStdio,
+        cgroup: &Path,
+        task: std::fmt::Arguments<'_>,
+    ) -> Result<Arc<Process>> {
+        let result = match built {
+            Ok(Ok((pid, master))) => self
+                .register(&guard, pid, parent, master, cgroup)
+                .map_err(AgentError::internal),
+            Ok(Err(e)) => Err(AgentError::internal(e)),
+            Err(e) => Err(AgentError::Internal(format!("{task} failed: {e}"))),
+        };
+        drop(guard);
+        self.reaper.kick();
+        result
+    }
+
     /// Turns the created pid and the agent's stdio ends into a Process and
     /// registers its exit, under the fork lock.
     fn register(
@@ -393,17 +416,13 @@ impl Containers {
                 Ok((pid, master))
             })
             .await;
-        let result = match built {
-            Ok(Ok((pid, master))) => self
-                .register(&guard, pid, parent, master, &cgroup)
-                .map_err(AgentError::internal),
-            Ok(Err(e)) => Err(AgentError::internal(e)),
-            Err(e) => Err(AgentError::Internal(format!(
-                "create task of {id} failed: {e}"
-            ))),
-        };
-        drop(guard);
-        self.reaper.kick();
+        let result = self.register_built(
+            guard,
+            built,
+            parent,
+            &cgroup,
+            format_args!("create task of {id}"),
+        );
         let init = match result {
             Ok(p) => p,
             Err(e) => {
@@ -535,17 +554,13 @@ impl Containers {
                 Ok((pid, master))
             })
             .await;
-        let result = match built {
-            Ok(Ok((pid, master))) => self
-                .register(&guard, pid, parent, master, &c.cgroup)
-                .map_err(AgentError::internal),
-            Ok(Err(e)) => Err(AgentError::internal(e)),
-            Err(e) => Err(AgentError::Internal(format!(
-                "exec task of {id}/{exec_id} failed: {e}"
-            ))),
-        };
-        drop(guard);
-        self.reaper.kick();
+        let result = self.register_built(
+            guard,
+            built,
+            parent,
+            &c.cgroup,
+            format_args!("exec task of {id}/{exec_id}"),
+        );
         let _ = std::fs::remove_file(&process_file);
         let p = result?;
         let mut execs = lock(&c.execs);
