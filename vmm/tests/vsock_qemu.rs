@@ -18,6 +18,9 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+#[path = "guest/src/xorshift.rs"]
+mod xorshift;
+
 /// VMs are CPU hungry under TCG: run one at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
 static VM_SEQ: AtomicU32 = AtomicU32::new(0);
@@ -32,18 +35,6 @@ const MODULES: [&str; 4] = [
     "vmw_vsock_virtio_transport",
 ];
 
-fn xorshift_fill(state: &mut u64, buf: &mut [u8]) {
-    for chunk in buf.chunks_mut(8) {
-        let mut x = *state;
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        *state = x;
-        let b = x.to_le_bytes();
-        chunk.copy_from_slice(&b[..chunk.len()]);
-    }
-}
-
 /// The test data: 64 MiB of the xorshift stream the guest also generates (seed 42). Streams
 /// are checked byte for byte against it.
 const PATTERN_SEED: u64 = 42;
@@ -54,7 +45,7 @@ fn pattern() -> &'static [u8] {
     P.get_or_init(|| {
         let mut v = vec![0u8; PATTERN_LEN];
         let mut st = PATTERN_SEED;
-        xorshift_fill(&mut st, &mut v);
+        xorshift::fill(&mut st, &mut v);
         v
     })
 }

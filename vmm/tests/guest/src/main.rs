@@ -9,6 +9,8 @@
 //!
 //! No crates: a handful of libc calls are declared by hand so the test needs no registry.
 
+mod xorshift;
+
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::FromRawFd;
@@ -139,26 +141,13 @@ fn listen_echo(port: u32) -> Result<(), String> {
     Ok(())
 }
 
-/// The test's data stream: xorshift64, little-endian words.
-fn fill(state: &mut u64, buf: &mut [u8]) {
-    for chunk in buf.chunks_mut(8) {
-        let mut x = *state;
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        *state = x;
-        let b = x.to_le_bytes();
-        chunk.copy_from_slice(&b[..chunk.len()]);
-    }
-}
-
 fn send(port: u32, mut bytes: u64, seed: u64) -> Result<(), String> {
     let mut s = vsock_connect(HOST_CID, port)?;
     let mut state = seed;
     let mut buf = vec![0u8; 256 * 1024];
     while bytes > 0 {
         let n = (bytes as usize).min(buf.len());
-        fill(&mut state, &mut buf[..n]);
+        xorshift::fill(&mut state, &mut buf[..n]);
         s.write_all(&buf[..n]).map_err(|e| format!("send: {e}"))?;
         bytes -= n as u64;
     }
