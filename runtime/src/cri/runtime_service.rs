@@ -46,7 +46,20 @@ async fn traced<T>(
     container: &str,
     fut: impl std::future::Future<Output = Result<T, Status>>,
 ) -> Result<Response<T>, Status> {
-    let span = tracing::info_span!("cri", method, pod = %validation::printable(pod), container = %validation::printable(container));
+    // Empty until known: a field recorded later (the pod of a container
+    // call, a new id) would otherwise appear twice in the log line.
+    let span = tracing::info_span!(
+        "cri",
+        method,
+        pod = tracing::field::Empty,
+        container = tracing::field::Empty
+    );
+    if !pod.is_empty() {
+        span.record("pod", validation::printable(pod).as_str());
+    }
+    if !container.is_empty() {
+        span.record("container", validation::printable(container).as_str());
+    }
     let started = std::time::Instant::now();
     let r = fut.instrument(span.clone()).await;
     let _e = span.enter();
