@@ -200,6 +200,15 @@ impl Rig {
         }
     }
 
+    /// Polls and expects exactly one packet for the guest, of type `op_`; returns it.
+    #[track_caller]
+    fn poll_one(&mut self, op_: u16) -> (Header, Vec<u8>) {
+        let mut p = self.poll();
+        assert_eq!(p.len(), 1);
+        assert_eq!(p[0].0.op, op_);
+        p.remove(0)
+    }
+
     /// Runs host events and RX; returns the packets the guest received.
     fn poll(&mut self) -> Vec<(Header, Vec<u8>)> {
         self.mux.process_host_events();
@@ -277,11 +286,9 @@ fn host_initiated_handshake_and_data_both_ways() {
     let (mut c, hp) = r.host_connect(1024);
     c.write_all(b"ping").unwrap();
     r.offer_rx(4, 4096);
-    let p = r.poll();
-    assert_eq!(p.len(), 1);
-    assert_eq!(p[0].0.op, op::RW);
-    assert_eq!(p[0].1, b"ping");
-    assert_eq!((p[0].0.src_port, p[0].0.dst_port), (hp, 1024));
+    let p = r.poll_one(op::RW);
+    assert_eq!(p.1, b"ping");
+    assert_eq!((p.0.src_port, p.0.dst_port), (hp, 1024));
     r.send(hdr(op::RW, 1024, hp), b"pong", Layout::HeaderData);
     assert_eq!(read_n(&mut c, 4), b"pong");
     assert_eq!(r.mux.connection_count(), 1);
@@ -332,12 +339,10 @@ fn rx_packet_spread_over_several_descriptors() {
     r.rxq.add_desc_chains(&descs, idx).unwrap();
     r.rx_bufs[idx as usize] = (base, 160);
     r.rx_desc += 3;
-    let p = r.poll();
-    assert_eq!(p.len(), 1);
-    assert_eq!(p[0].0.op, op::RW);
-    assert_eq!(p[0].0.dst_port, 1024);
-    assert_eq!(p[0].0.src_port, hp);
-    assert_eq!(p[0].1, vec![0xab; 100]);
+    let p = r.poll_one(op::RW);
+    assert_eq!(p.0.dst_port, 1024);
+    assert_eq!(p.0.src_port, hp);
+    assert_eq!(p.1, vec![0xab; 100]);
 }
 
 #[test]
@@ -388,10 +393,8 @@ fn guest_credit_request_gets_update_and_packets_carry_fwd_cnt() {
     assert_eq!(read_n(&mut c, 1000), vec![5u8; 1000]);
     r.send(hdr(op::CREDIT_REQUEST, 1024, hp), &[], Layout::HeaderData);
     r.offer_rx(2, 4096);
-    let p = r.poll();
-    assert_eq!(p.len(), 1);
-    assert_eq!(p[0].0.op, op::CREDIT_UPDATE);
-    assert_eq!(p[0].0.fwd_cnt, 1000);
+    let p = r.poll_one(op::CREDIT_UPDATE);
+    assert_eq!(p.0.fwd_cnt, 1000);
 }
 
 #[test]
@@ -430,11 +433,9 @@ fn blocked_host_reader_buffers_then_flushes_and_updates_credit() {
         "unsolicited credit update once the guest's view ran low"
     );
     r.send(hdr(op::CREDIT_REQUEST, 1024, hp), &[], Layout::HeaderData);
-    let p = r.poll();
-    assert_eq!(p.len(), 1);
-    assert_eq!(p[0].0.op, op::CREDIT_UPDATE);
+    let p = r.poll_one(op::CREDIT_UPDATE);
     assert_eq!(
-        p[0].0.fwd_cnt as usize, sent,
+        p.0.fwd_cnt as usize, sent,
         "fwd_cnt counts bytes the host took"
     );
 }
@@ -464,10 +465,8 @@ fn guest_initiated_connect_and_refusal() {
     let l = UnixListener::bind(format!("{}_5000", r.uds().display())).unwrap();
     r.send(hdr(op::REQUEST, 40000, 5000), &[], Layout::HeaderData);
     r.offer_rx(4, 4096);
-    let p = r.poll();
-    assert_eq!(p.len(), 1);
-    assert_eq!(p[0].0.op, op::RESPONSE);
-    assert_eq!((p[0].0.src_port, p[0].0.dst_port), (5000, 40000));
+    let p = r.poll_one(op::RESPONSE);
+    assert_eq!((p.0.src_port, p.0.dst_port), (5000, 40000));
     let (mut s, _) = l.accept().unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     r.send(hdr(op::RW, 40000, 5000), b"hello host", Layout::Single);
@@ -477,10 +476,8 @@ fn guest_initiated_connect_and_refusal() {
     assert_eq!(p[0].1, b"hello guest");
     // Nobody at port 5001: RST.
     r.send(hdr(op::REQUEST, 40001, 5001), &[], Layout::HeaderData);
-    let p = r.poll();
-    assert_eq!(p.len(), 1);
-    assert_eq!(p[0].0.op, op::RST);
-    assert_eq!((p[0].0.src_port, p[0].0.dst_port), (5001, 40001));
+    let p = r.poll_one(op::RST);
+    assert_eq!((p.0.src_port, p.0.dst_port), (5001, 40001));
 }
 
 #[test]
@@ -490,10 +487,8 @@ fn half_close_in_both_directions_then_full_close() {
     r.offer_rx(8, 4096);
     // Host stops sending: guest gets SHUTDOWN SEND.
     c.shutdown(Shutdown::Write).unwrap();
-    let p = r.poll();
-    assert_eq!(p.len(), 1);
-    assert_eq!(p[0].0.op, op::SHUTDOWN);
-    assert_eq!(p[0].0.flags, shutdown::SEND);
+    let p = r.poll_one(op::SHUTDOWN);
+    assert_eq!(p.0.flags, shutdown::SEND);
     // The guest can still send.
     r.send(hdr(op::RW, 1024, hp), b"still here", Layout::HeaderData);
     assert_eq!(read_n(&mut c, 10), b"still here");
@@ -508,9 +503,7 @@ fn half_close_in_both_directions_then_full_close() {
     // Full shutdown from the guest: we answer RST and drop the connection.
     sh.flags = shutdown::SEND | shutdown::RCV;
     r.send(sh, &[], Layout::HeaderData);
-    let p = r.poll();
-    assert_eq!(p.len(), 1);
-    assert_eq!(p[0].0.op, op::RST);
+    r.poll_one(op::RST);
     assert_eq!(r.mux.connection_count(), 0);
 }
 
@@ -526,9 +519,7 @@ fn guest_rst_closes_host_socket() {
     r.offer_rx(4, 4096);
     r.send(hdr(op::RW, 1024, hp), b"late", Layout::HeaderData);
     r.send(hdr(op::RST, 1024, hp), &[], Layout::HeaderData);
-    let p = r.poll();
-    assert_eq!(p.len(), 1);
-    assert_eq!(p[0].0.op, op::RST);
+    r.poll_one(op::RST);
 }
 
 #[test]
@@ -550,9 +541,7 @@ fn refused_or_unanswered_connect_closes_client() {
     let p = r.poll();
     assert_eq!(p[0].0.op, op::REQUEST);
     std::thread::sleep(Duration::from_millis(400));
-    let p = r.poll();
-    assert_eq!(p.len(), 1);
-    assert_eq!(p[0].0.op, op::RST);
+    r.poll_one(op::RST);
     c.read_to_end(&mut rest).unwrap();
     assert!(rest.is_empty());
     // Garbage instead of CONNECT.
@@ -578,9 +567,7 @@ fn connection_limit_is_enforced() {
     assert!(c.read_to_end(&mut rest).map_or(true, |n| n == 0));
     let _l = UnixListener::bind(format!("{}_6000", r.uds().display())).unwrap();
     r.send(hdr(op::REQUEST, 41000, 6000), &[], Layout::HeaderData);
-    let p = r.poll();
-    assert_eq!(p.len(), 1);
-    assert_eq!(p[0].0.op, op::RST);
+    r.poll_one(op::RST);
     assert_eq!(r.mux.connection_count(), 2);
 }
 
