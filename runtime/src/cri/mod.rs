@@ -318,7 +318,16 @@ mod tests {
             .arg0_marker(&marker)
             .spawn()
             .unwrap();
-        let pids = processes_using(&marker);
+        // Until the child has exec'd, its cmdline is still this test
+        // binary's: wait (bounded) for the marker to show up.
+        let mut pids = processes_using(&marker);
+        for _ in 0..100 {
+            if !pids.is_empty() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            pids = processes_using(&marker);
+        }
         assert_eq!(pids, vec![child.id()]);
         kill_and_wait(&pids).await;
         let st = child.wait().unwrap();
