@@ -34,7 +34,7 @@ test: guest-image
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --release --workspace --all-targets -- -D warnings
 	HUSK_BIN_DIR=$(BIN_DIR) HUSK_GUEST_DIR=$(GUEST_DIR) \
-	  $(CARGO) test --release --workspace --exclude husk-tests
+	  $(CARGO) test --release --no-fail-fast --workspace --exclude husk-tests
 	# End-to-end tests boot real VMs: one at a time, the machine has 2 cores.
 	HUSK_BIN_DIR=$(BIN_DIR) HUSK_GUEST_DIR=$(GUEST_DIR) \
-	  $(CARGO) test --release -p husk-tests -- --test-threads=1
+	  $(CARGO) test --release --no-fail-fast -p husk-tests -- --test-threads=1
