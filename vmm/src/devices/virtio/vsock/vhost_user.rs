@@ -87,6 +87,23 @@ fn signal(vring: &VringRwLock<Mem>, event_idx: bool) -> io::Result<()> {
     vring.signal_used_queue()
 }
 
+/// Runs the muxer's `process` over `vring`'s queue and signals the guest if it used buffers.
+fn process_and_signal(
+    vring: &VringRwLock<Mem>,
+    event_idx: bool,
+    process: impl FnOnce(&mut virtio_queue::Queue) -> Result<bool, MuxerError>,
+) -> io::Result<()> {
+    let used = {
+        let mut st = vring.get_mut();
+        process(st.get_queue_mut())
+    };
+    match used {
+        Ok(true) => signal(vring, event_idx),
+        Ok(false) => Ok(()),
+        Err(e) => Err(io::Error::other(e)),
+    }
+}
+
 impl VhostUserBackend for VhostUserVsock {
     type Bitmap = ();
     type Vring = VringRwLock<Mem>;
@@ -163,30 +180,14 @@ impl VhostUserBackend for VhostUserVsock {
         };
         match device_event as usize {
             TX_QUEUE if queue_live(tx) => {
-                let used = {
-                    let mut st = tx.get_mut();
-                    inner.muxer.process_tx_queue(&*mem, st.get_queue_mut())
-                };
-                match used {
-                    Ok(true) => signal(tx, event_idx)?,
-                    Ok(false) => {}
-                    Err(e) => return Err(io::Error::other(e)),
-                }
+                process_and_signal(tx, event_idx, |q| inner.muxer.process_tx_queue(&*mem, q))?
             }
             _ => {}
         }
         // Every event can make RX packets pending (answers to TX, host data) or make room for
         // them (an RX kick).
         if inner.muxer.has_pending_rx() && queue_live(rx) {
-            let used = {
-                let mut st = rx.get_mut();
-                inner.muxer.process_rx_queue(&*mem, st.get_queue_mut())
-            };
-            match used {
-                Ok(true) => signal(rx, event_idx)?,
-                Ok(false) => {}
-                Err(e) => return Err(io::Error::other(e)),
-            }
+            process_and_signal(rx, event_idx, |q| inner.muxer.process_rx_queue(&*mem, q))?;
         }
         Ok(())
     }
