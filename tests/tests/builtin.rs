@@ -575,3 +575,112 @@ async fn sandbox_with_builtin_backend_reports_exit_and_timeout() -> Result<()> {
     }
     Ok(())
 }
+
+/// huskd restarts after a crash that left a husk-vmm running (it has its own
+/// session, so it survives huskd): opening huskd's state again (which runs
+/// the restart recovery) stops it through its control socket rather than
+/// SIGKILL, kills the rest (virtiofsd), and leaves no process, socket, pid
+/// file or sandbox directory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn huskd_restart_stops_a_leftover_husk_vmm_cleanly() -> Result<()> {
+    let _serial = SERIAL.lock().await;
+    init_tracing();
+    let paths = vmm_paths()?;
+    let virtiofsd =
+        husk_runtime::virtiofsd::find_virtiofsd(env_path("HUSK_VIRTIOFSD_BIN").as_deref())?;
+    let backend = Builtin::new(paths, &probe_accel());
+    let base = tempfile::Builder::new().prefix("hr").tempdir_in("/tmp")?;
+    let config = husk_runtime::cri::HuskdConfig {
+        root: base.path().join("root"),
+        state: base.path().join("state"),
+        listen: base.path().join("husk.sock"),
+        virtiofsd: virtiofsd.clone(),
+        ..Default::default()
+    };
+    // Where huskd puts sandbox directories; no pod record names this one
+    // (a crash while the pod started), which recovery must clean too.
+    let dir = config.state.join("sandboxes").join(unique_id("r"));
+    std::fs::create_dir_all(&dir)?;
+    let mut pids = Vec::new();
+    let r = restart_after_crash(&backend, config, &dir, &virtiofsd, &mut pids).await;
+    let _ = std::fs::remove_dir_all(&dir);
+    let clean = LeakProbe {
+        dir: dir.clone(),
+        pids,
+    }
+    .assert_clean();
+    r?;
+    clean
+}
+
+async fn restart_after_crash(
+    backend: &Builtin,
+    config: husk_runtime::cri::HuskdConfig,
+    dir: &Path,
+    virtiofsd: &Path,
+    pids: &mut Vec<(&'static str, u32)>,
+) -> Result<()> {
+    let files = BuiltinFiles::in_dir(dir);
+    let mut fx = fixture(dir, virtiofsd)?;
+    pids.push(("virtiofsd", fx.virtiofsd.pid()));
+    let vm = backend.launch(&fx.config).await?;
+    let pid = vm.pids()[0].1;
+    pids.push(("husk-vmm", pid));
+    // huskd "crashes": the handle is lost without a stop or a kill.
+    std::mem::forget(vm);
+    let st = control_request(&files.control, "status", Duration::from_secs(5)).await?;
+    ensure!(st["status"]["pid"] == pid, "{st}");
+    ensure!(
+        is_socket(&files.control) && files.pid.exists(),
+        "husk-vmm has no control socket or pid file to be found by"
+    );
+
+    let t = Instant::now();
+    let opened = husk_runtime::cri::Husk::open(config).await;
+    let took = t.elapsed();
+    eprintln!("huskd state reopened (recovery) in {took:?}");
+    // husk-vmm is still this test's (forgotten) child: its exit status says
+    // how it ended. A clean exit means the control socket stopped it; a
+    // SIGKILL would mean the generic clean-up got to it first.
+    let t = Instant::now();
+    let exit = loop {
+        match nix::sys::wait::waitpid(
+            nix::unistd::Pid::from_raw(pid as i32),
+            Some(nix::sys::wait::WaitPidFlag::WNOHANG),
+        )? {
+            nix::sys::wait::WaitStatus::StillAlive => {
+                if t.elapsed() > Duration::from_secs(2) {
+                    // Do not leave it running if recovery missed it.
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid as i32),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                    reap(pid);
+                    bail!("husk-vmm pid {pid} still runs after recovery");
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            st => break st,
+        }
+    };
+    let v = fx.virtiofsd.terminate(Duration::from_secs(2)).await?;
+    eprintln!("husk-vmm: {exit:?}; virtiofsd: {v}");
+    opened.context("reopening huskd's state")?;
+    ensure!(
+        exit == nix::sys::wait::WaitStatus::Exited(nix::unistd::Pid::from_raw(pid as i32), 0),
+        "husk-vmm ended with {exit:?}, not a clean shutdown through its control socket"
+    );
+    ensure!(
+        took < Duration::from_secs(4),
+        "recovery took {took:?}: the control socket was not obeyed"
+    );
+    for p in [&files.control, &files.pid, &fx.config.vsock.uds] {
+        ensure!(!p.exists(), "{} left after recovery", p.display());
+    }
+    ensure!(
+        !dir.exists(),
+        "sandbox directory {} left after recovery",
+        dir.display()
+    );
+    Ok(())
+}

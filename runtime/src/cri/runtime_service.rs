@@ -19,6 +19,7 @@ use super::spec::{self, GuestMount, SpecInputs};
 use super::status::{image_error, sandbox_error, state_error};
 use super::validation;
 use super::{now_ns, Husk, LiveContainer};
+use crate::hypervisor::builtin::{self, BuiltinFiles};
 use crate::logs::{copy_to_log, LogFile, Stream, DEFAULT_MAX_LINE};
 use crate::sandbox::{ExitInfo, Rootfs, Sandbox, SandboxConfig};
 use crate::state::{ContainerRecord, ContainerState, PodRecord, PodState, Resolved};
@@ -413,11 +414,33 @@ pub(crate) async fn stop_pod_inner(h: &Husk, pod_id: &str, reason: &str) {
     }
 }
 
-/// Kills processes a previous huskd left for a sandbox directory, then
+/// How long a husk-vmm left by a previous huskd gets to shut down through
+/// its control socket before it is killed.
+const ORPHAN_VMM_STOP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Stops processes a previous huskd left for a sandbox directory, then
 /// unmounts and removes the directory.
+///
+/// A husk-vmm (builtin backend, recognised by its `vm.json`) is asked to
+/// shut down through its control socket first: it outlives huskd by design
+/// (own session), and a clean exit lets it tear down its VM and remove its
+/// socket and pid file itself. Whatever still names the directory after
+/// that (virtiofsd, a husk-vmm that was not reachable, QEMU and husk-vsock)
+/// is SIGKILLed.
 async fn cleanup_orphan_dir(dir: &Path) {
     if dir.as_os_str().is_empty() {
         return;
+    }
+    if BuiltinFiles::in_dir(dir).config.exists() {
+        match builtin::stop_orphan(dir, ORPHAN_VMM_STOP_TIMEOUT).await {
+            Ok(Some(pid)) => {
+                tracing::info!(pid, dir = %dir.display(), "stopped a husk-vmm left from a previous huskd")
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, dir = %dir.display(), "stopping a leftover husk-vmm; killing what uses the directory")
+            }
+        }
     }
     let pids = super::processes_using(dir);
     if !pids.is_empty() {
@@ -1856,7 +1879,13 @@ pub fn runtime_status(h: &Husk, verbose: bool) -> cri::StatusResponse {
             .collect();
         let v = serde_json::json!({
             "accel": h.probe.accel.as_str(),
-            "accelReason": h.probe.reason,
+            // The default handler's backend says why it was chosen in its
+            // own words (the probe's reason is QEMU's wording).
+            "accelReason": h
+                .handlers
+                .get(super::DEFAULT_HANDLER)
+                .and_then(|x| x.hypervisor.as_ref().ok())
+                .map_or(h.probe.reason.as_str(), |hv| hv.description()),
             "usableHandlers": usable,
             "handlers": handlers,
             "virtiofsd": match &h.virtiofsd { Ok(p) => p.display().to_string(), Err(e) => e.to_string() },

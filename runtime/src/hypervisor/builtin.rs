@@ -268,6 +268,10 @@ impl Builtin {
             .stderr(log2)
             // Its log is quoted in errors: no terminal colour codes.
             .env("NO_COLOR", "1")
+            // ... and no error backtrace (RUST_BACKTRACE=1 in huskd's
+            // environment would give one), which would push the error itself
+            // out of the quoted tail. Panics keep RUST_BACKTRACE's setting.
+            .env("RUST_LIB_BACKTRACE", "0")
             .kill_on_drop(false);
         tracing::debug!(config = %json, "starting husk-vmm");
         let child = cmd.spawn().map_err(|source| SpawnError::Exec {
