@@ -1134,23 +1134,7 @@ async fn exec_sync(h: &Husk, req: cri::ExecSyncRequest) -> Result<cri::ExecSyncR
         .container_rootfs(&c.id)
         .map_err(|e| sandbox_error(&e))?;
     let user = spec::resolve_user(&c.config, &image, &rootfs)?;
-    let cwd = if !c.config.working_dir.is_empty() {
-        c.config.working_dir.clone()
-    } else {
-        image
-            .working_dir
-            .clone()
-            .filter(|w| !w.is_empty())
-            .unwrap_or_else(|| "/".into())
-    };
-    let process: oci_spec::runtime::Process = serde_json::from_value(serde_json::json!({
-        "terminal": false,
-        "user": {"uid": user.uid, "gid": user.gid, "additionalGids": user.additional_gids},
-        "args": req.cmd,
-        "env": spec::env(&c.config, &image),
-        "cwd": cwd,
-    }))
-    .map_err(|e| Status::internal(format!("building the exec process: {e}")))?;
+    let process = spec::exec_process(&c.config, &image, &user, &req.cmd)?;
     let exec_id = format!("exec-{}", &super::new_id()[..16]);
     let stdio = StdioConfig {
         stdin: false,

@@ -344,6 +344,66 @@ pub fn resources_json(r: &LinuxContainerResources) -> Value {
     Value::Object(out)
 }
 
+/// The container's process: owner, argv, env, cwd, capabilities, rlimits
+/// and no_new_privs. ExecSync processes get the same security settings as
+/// the container's main process (as containerd gives them), or an exec
+/// would run with every capability the agent holds.
+fn process_json(
+    c: &ContainerConfig,
+    image: &ImageConfig,
+    user: &ProcessUser,
+    args: Vec<String>,
+) -> Result<Value, Status> {
+    let sc = c.linux.as_ref().and_then(|l| l.security_context.as_ref());
+    let cwd = if !c.working_dir.is_empty() {
+        c.working_dir.clone()
+    } else {
+        image
+            .working_dir
+            .clone()
+            .filter(|w| !w.is_empty())
+            .unwrap_or_else(|| "/".into())
+    };
+    if !cwd.starts_with('/') {
+        return Err(Status::invalid_argument(format!(
+            "config.working_dir {:?} is not an absolute path",
+            super::validation::printable(&cwd)
+        )));
+    }
+    let caps = capabilities(c)?;
+    let no_new_privs = sc.is_some_and(|s| s.no_new_privs);
+    Ok(json!({
+        "terminal": c.tty,
+        "user": {
+            "uid": user.uid,
+            "gid": user.gid,
+            "additionalGids": user.additional_gids,
+        },
+        "args": args,
+        "env": env(c, image),
+        "cwd": cwd,
+        "capabilities": {
+            "bounding": caps, "effective": caps, "permitted": caps,
+        },
+        "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1048576u64, "soft": 1048576u64}],
+        "noNewPrivileges": no_new_privs,
+    }))
+}
+
+/// The OCI process of an ExecSync `cmd` in a container created from
+/// `config`: the container's process with `cmd` as argv and no terminal.
+pub fn exec_process(
+    config: &ContainerConfig,
+    image: &ImageConfig,
+    user: &ProcessUser,
+    cmd: &[String],
+) -> Result<oci_spec::runtime::Process, Status> {
+    let mut p = process_json(config, image, user, cmd.to_vec())?;
+    p["terminal"] = json!(false);
+    serde_json::from_value(p)
+        .map_err(|e| Status::internal(format!("building the exec process: {e}")))
+}
+
 /// Everything [`build`] needs besides the CRI config.
 #[derive(Debug)]
 pub struct SpecInputs<'a> {
@@ -361,39 +421,7 @@ pub fn build(inp: &SpecInputs<'_>) -> Result<oci_spec::runtime::Spec, Status> {
     let mut spec = serde_json::to_value(oci_spec::runtime::Spec::default())
         .map_err(|e| Status::internal(format!("default OCI spec: {e}")))?;
 
-    let cwd = if !c.working_dir.is_empty() {
-        c.working_dir.clone()
-    } else {
-        inp.image
-            .working_dir
-            .clone()
-            .filter(|w| !w.is_empty())
-            .unwrap_or_else(|| "/".into())
-    };
-    if !cwd.starts_with('/') {
-        return Err(Status::invalid_argument(format!(
-            "config.working_dir {:?} is not an absolute path",
-            super::validation::printable(&cwd)
-        )));
-    }
-    let caps = capabilities(c)?;
-    let no_new_privs = sc.is_some_and(|s| s.no_new_privs);
-    spec["process"] = json!({
-        "terminal": c.tty,
-        "user": {
-            "uid": inp.user.uid,
-            "gid": inp.user.gid,
-            "additionalGids": inp.user.additional_gids,
-        },
-        "args": argv(c, inp.image)?,
-        "env": env(c, inp.image),
-        "cwd": cwd,
-        "capabilities": {
-            "bounding": caps, "effective": caps, "permitted": caps,
-        },
-        "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1048576u64, "soft": 1048576u64}],
-        "noNewPrivileges": no_new_privs,
-    });
+    spec["process"] = process_json(c, inp.image, &inp.user, argv(c, inp.image)?)?;
     // No "hostname" (the default spec has one): the container shares the
     // VM's UTS namespace, named by the sandbox at boot, and an OCI runtime
     // refuses a hostname without a private UTS namespace.
@@ -621,5 +649,42 @@ mod tests {
             mounts: &[],
         };
         assert!(build(&inp).unwrap_err().message().contains("capabilities"));
+    }
+
+    #[test]
+    fn exec_gets_the_container_security() {
+        let c = ContainerConfig {
+            working_dir: "/w".into(),
+            tty: true,
+            linux: Some(LinuxContainerConfig {
+                security_context: Some(LinuxContainerSecurityContext {
+                    no_new_privs: true,
+                    capabilities: Some(Capability {
+                        drop_capabilities: vec!["CHOWN".into()],
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let user = ProcessUser {
+            uid: 7,
+            gid: 8,
+            additional_gids: vec![],
+        };
+        let p = exec_process(&c, &image(), &user, &["id".into()]).unwrap();
+        let v = serde_json::to_value(&p).unwrap();
+        assert_eq!(v["args"], json!(["id"]));
+        assert_eq!(v["terminal"], json!(false));
+        assert_eq!(v["cwd"], json!("/w"));
+        assert_eq!(v["noNewPrivileges"], json!(true));
+        assert_eq!(v["user"]["uid"], json!(7));
+        for set in ["bounding", "effective", "permitted"] {
+            let caps = v["capabilities"][set].as_array().unwrap();
+            assert!(!caps.contains(&json!("CAP_CHOWN")), "{set}: {caps:?}");
+            assert!(caps.contains(&json!("CAP_KILL")), "{set}: {caps:?}");
+        }
     }
 }
