@@ -1672,3 +1672,291 @@ async fn cri_crash_recovery() -> Result<()> {
     r?;
     end
 }
+
+/// Runs `cmd` in `id` and expects exit 0; returns stdout.
+async fn exec_ok(rt: &mut Rt, id: &str, cmd: &[&str]) -> Result<String> {
+    let r = exec(rt, id, cmd, 30)
+        .await
+        .with_context(|| format!("ExecSync {cmd:?} in {id}"))?;
+    ensure!(
+        r.exit_code == 0,
+        "ExecSync {cmd:?}: exit {} stdout {:?} stderr {:?}",
+        r.exit_code,
+        String::from_utf8_lossy(&r.stdout),
+        String::from_utf8_lossy(&r.stderr)
+    );
+    Ok(String::from_utf8_lossy(&r.stdout).into_owned())
+}
+
+/// Runs `cmd` in `id` and expects a non-zero exit; returns stderr.
+async fn exec_fails(rt: &mut Rt, id: &str, cmd: &[&str]) -> Result<String> {
+    let r = exec(rt, id, cmd, 30)
+        .await
+        .with_context(|| format!("ExecSync {cmd:?} in {id}"))?;
+    ensure!(
+        r.exit_code != 0,
+        "ExecSync {cmd:?} succeeded but must fail: stdout {:?}",
+        String::from_utf8_lossy(&r.stdout)
+    );
+    let err = String::from_utf8_lossy(&r.stderr).into_owned();
+    eprintln!(
+        "{cmd:?} failed as expected: exit {}: {}",
+        r.exit_code,
+        err.trim()
+    );
+    Ok(err)
+}
+
+/// The effective capability set of a process in the container (`self`:
+/// the exec'd process, `1`: the container's main process), from /proc.
+async fn cap_eff(rt: &mut Rt, id: &str, pid: &str) -> Result<u64> {
+    let status = exec_ok(rt, id, &["cat", &format!("/proc/{pid}/status")]).await?;
+    let hex = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .with_context(|| format!("no CapEff in {status:?}"))?;
+    Ok(u64::from_str_radix(hex.trim(), 16)?)
+}
+
+/// Issue 4 as kubelet drives it: volumes (emptyDir-like read-write,
+/// ConfigMap-like read-only and updated by the host), the pod's hosts,
+/// resolv.conf and hostname, the security context, and
+/// UpdateContainerResources seen in the guest's cgroup files. One pod, several
+/// containers: VM boots are the expensive part.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cri_mounts_security_and_resources() -> Result<()> {
+    const CAP_CHOWN: u64 = 1 << 0;
+    const CAP_NET_ADMIN: u64 = 1 << 12;
+    const CAP_SYS_ADMIN: u64 = 1 << 21;
+    let _serial = SERIAL.lock().await;
+    let s = setup()?;
+    let dirs = HuskdDirs::new(&s.env, &[s.registry.host().as_str()])?;
+    let vols = tempfile::tempdir()?;
+    let empty_dir = vols.path().join("empty-dir");
+    let config_map = vols.path().join("config-map");
+    std::fs::create_dir(&empty_dir)?;
+    std::fs::create_dir(&config_map)?;
+    std::fs::write(config_map.join("key"), "v1\n")?;
+    let huskd = Huskd::start(&dirs).await?;
+    let (mut rt, mut img) = huskd.clients().await?;
+    let image = s.image.clone();
+    let mut pcfg = pod_config("vols", &dirs.top.path().join("logs/vols"));
+    pcfg.hostname = "vols-host".into();
+    pcfg.dns_config = Some(cri::DnsConfig {
+        servers: vec!["10.96.0.10".into()],
+        searches: vec!["default.svc.cluster.local".into(), "cluster.local".into()],
+        options: vec!["ndots:5".into()],
+    });
+    let r = guarded(&huskd, async {
+        pull(&mut img, &image).await.context("PullImage")?;
+        let pod = run_pod(&mut rt, &pcfg, "").await?;
+
+        // Volumes, pod files, and later the resources.
+        let mut cfg = container_config("vols", &image, &["sleep", "3600"], "vols/0.log");
+        cfg.mounts = vec![
+            cri::Mount {
+                container_path: "/data".into(),
+                host_path: empty_dir.display().to_string(),
+                readonly: false,
+                ..Default::default()
+            },
+            cri::Mount {
+                container_path: "/config".into(),
+                host_path: config_map.display().to_string(),
+                readonly: true,
+                ..Default::default()
+            },
+        ];
+        let vols_c = create_start(&mut rt, &pod, &pcfg, cfg).await?;
+        exec_ok(&mut rt, &vols_c, &["sh", "-c", "echo from-guest > /data/out"]).await?;
+        let seen = std::fs::read_to_string(empty_dir.join("out"))
+            .context("the container's write in the read-write mount, on the host")?;
+        ensure!(seen == "from-guest\n", "host sees {seen:?}");
+        std::fs::write(empty_dir.join("in"), "from-host\n")?;
+        let got = exec_ok(&mut rt, &vols_c, &["cat", "/data/in"]).await?;
+        ensure!(got == "from-host\n", "{got:?}");
+        let got = exec_ok(&mut rt, &vols_c, &["cat", "/config/key"]).await?;
+        ensure!(got == "v1\n", "{got:?}");
+        exec_fails(&mut rt, &vols_c, &["sh", "-c", "echo x > /config/key"]).await?;
+        exec_fails(&mut rt, &vols_c, &["touch", "/config/new"]).await?;
+        ensure!(std::fs::read_to_string(config_map.join("key"))? == "v1\n");
+        ensure!(!config_map.join("new").exists());
+        // kubelet updates a ConfigMap volume by writing new files and
+        // renaming; the guest must see the new content.
+        std::fs::write(config_map.join(".key.tmp"), "v2\n")?;
+        std::fs::rename(config_map.join(".key.tmp"), config_map.join("key"))?;
+        let t = Instant::now();
+        loop {
+            let got = exec_ok(&mut rt, &vols_c, &["cat", "/config/key"]).await?;
+            if got == "v2\n" {
+                break;
+            }
+            ensure!(
+                t.elapsed() < Duration::from_secs(30),
+                "ConfigMap update not visible in the guest after 30 s: {got:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        eprintln!("ConfigMap update visible after {} ms", t.elapsed().as_millis());
+        let hosts = exec_ok(&mut rt, &vols_c, &["cat", "/etc/hosts"]).await?;
+        ensure!(
+            hosts.lines().any(|l| l.split_whitespace().eq(["127.0.0.1", "localhost"]))
+                && hosts
+                    .lines()
+                    .any(|l| l.split_whitespace().skip(1).any(|n| n == "vols-host")),
+            "/etc/hosts: {hosts:?}"
+        );
+        let resolv = exec_ok(&mut rt, &vols_c, &["cat", "/etc/resolv.conf"]).await?;
+        ensure!(
+            resolv
+                == "nameserver 10.96.0.10\nsearch default.svc.cluster.local cluster.local\noptions ndots:5\n",
+            "/etc/resolv.conf: {resolv:?}"
+        );
+        let hn = exec_ok(&mut rt, &vols_c, &["hostname"]).await?;
+        ensure!(hn == "vols-host\n", "hostname {hn:?}");
+        let hn = exec_ok(&mut rt, &vols_c, &["cat", "/etc/hostname"]).await?;
+        ensure!(hn == "vols-host\n", "/etc/hostname {hn:?}");
+
+        // run_as_user / run_as_group / readonly_rootfs.
+        let mut cfg = container_config("restricted", &image, &["sleep", "3600"], "restricted/0.log");
+        cfg.linux = Some(cri::LinuxContainerConfig {
+            security_context: Some(cri::LinuxContainerSecurityContext {
+                run_as_user: Some(cri::Int64Value { value: 1234 }),
+                run_as_group: Some(cri::Int64Value { value: 5678 }),
+                readonly_rootfs: true,
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        let restricted = create_start(&mut rt, &pod, &pcfg, cfg).await?;
+        ensure!(exec_ok(&mut rt, &restricted, &["id", "-u"]).await? == "1234\n");
+        ensure!(exec_ok(&mut rt, &restricted, &["id", "-g"]).await? == "5678\n");
+        let ps = exec_ok(&mut rt, &restricted, &["cat", "/proc/1/status"]).await?;
+        ensure!(
+            ps.lines().any(|l| l.split_whitespace().eq(["Uid:", "1234", "1234", "1234", "1234"]))
+                && ps
+                    .lines()
+                    .any(|l| l.split_whitespace().eq(["Gid:", "5678", "5678", "5678", "5678"])),
+            "the container's main process: {ps:?}"
+        );
+        let err = exec_fails(&mut rt, &restricted, &["touch", "/rootfs-write"]).await?;
+        ensure!(err.contains("Read-only file system"), "{err:?}");
+
+        // Capabilities: drop CHOWN, add NET_ADMIN (root in the container).
+        let mut cfg = container_config("caps", &image, &["sleep", "3600"], "caps/0.log");
+        cfg.linux = Some(cri::LinuxContainerConfig {
+            security_context: Some(cri::LinuxContainerSecurityContext {
+                capabilities: Some(cri::Capability {
+                    add_capabilities: vec!["NET_ADMIN".into()],
+                    drop_capabilities: vec!["CHOWN".into()],
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        let caps = create_start(&mut rt, &pod, &pcfg, cfg).await?;
+        // The main process and an exec'd one get the same set.
+        for pid in ["1", "self"] {
+            let eff = cap_eff(&mut rt, &caps, pid).await?;
+            ensure!(
+                eff & CAP_CHOWN == 0 && eff & CAP_NET_ADMIN != 0 && eff & CAP_SYS_ADMIN == 0,
+                "CapEff of /proc/{pid} {eff:#x}"
+            );
+        }
+        exec_ok(&mut rt, &caps, &["touch", "/tmp/f"]).await?;
+        let err = exec_fails(&mut rt, &caps, &["chown", "1:1", "/tmp/f"]).await?;
+        ensure!(err.contains("Operation not permitted"), "{err:?}");
+        let err = exec_fails(
+            &mut rt,
+            &caps,
+            &["sh", "-c", "mkdir -p /tmp/m && mount -t tmpfs tmpfs /tmp/m"],
+        )
+        .await?;
+        ensure!(
+            err.contains("permission denied") || err.contains("Operation not permitted"),
+            "mount without CAP_SYS_ADMIN: {err:?}"
+        );
+        // The default set keeps CHOWN: the drop above is what removed it.
+        let eff = cap_eff(&mut rt, &vols_c, "self").await?;
+        ensure!(eff & CAP_CHOWN != 0 && eff & CAP_NET_ADMIN == 0, "CapEff {eff:#x}");
+        exec_ok(&mut rt, &vols_c, &["sh", "-c", "touch /tmp/f && chown 1:1 /tmp/f"]).await?;
+
+        // Privileged: every capability, and mounting works inside the VM.
+        let mut cfg = container_config("privileged", &image, &["sleep", "3600"], "privileged/0.log");
+        cfg.linux = Some(cri::LinuxContainerConfig {
+            security_context: Some(cri::LinuxContainerSecurityContext {
+                privileged: true,
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        let privileged = create_start(&mut rt, &pod, &pcfg, cfg).await?;
+        let eff = cap_eff(&mut rt, &privileged, "self").await?;
+        ensure!(eff & CAP_SYS_ADMIN != 0 && eff & CAP_CHOWN != 0, "CapEff {eff:#x}");
+        exec_ok(
+            &mut rt,
+            &privileged,
+            &["sh", "-c", "mkdir -p /tmp/m && mount -t tmpfs tmpfs /tmp/m && echo ok > /tmp/m/x && grep -q ' /tmp/m tmpfs ' /proc/mounts"],
+        )
+        .await?;
+
+        // UpdateContainerResources reaches the container's cgroup in the guest.
+        let cg = exec_ok(&mut rt, &vols_c, &["cat", "/proc/self/cgroup"]).await?;
+        ensure!(cg == "0::/\n", "container sees cgroup {cg:?} (expected its own cgroup v2 namespace)");
+        let before = exec_ok(&mut rt, &vols_c, &["cat", "/sys/fs/cgroup/memory.max"]).await?;
+        eprintln!("memory.max before the update: {}", before.trim());
+        let res = cri::LinuxContainerResources {
+            memory_limit_in_bytes: 96 << 20,
+            cpu_shares: 512,
+            cpu_quota: 50_000,
+            cpu_period: 100_000,
+            ..Default::default()
+        };
+        rt.update_container_resources(cri::UpdateContainerResourcesRequest {
+            container_id: vols_c.clone(),
+            linux: Some(res.clone()),
+            windows: None,
+            annotations: Default::default(),
+        })
+        .await
+        .context("UpdateContainerResources")?;
+        let mem = exec_ok(&mut rt, &vols_c, &["cat", "/sys/fs/cgroup/memory.max"]).await?;
+        ensure!(mem == format!("{}\n", 96u64 << 20), "memory.max {mem:?}");
+        // Shares to cgroup v2 weight as runc >= 1.3.2 and crun >= 1.23
+        // convert them (1024 -> 100, 2 -> 1, 262144 -> 10000): 512 -> 59.
+        let l = 512f64.log2();
+        let expect = 10f64.powf((l * l + 125.0 * l) / 612.0 - 7.0 / 34.0).ceil() as u64;
+        ensure!(expect == 59, "weight formula gives {expect}");
+        let weight = exec_ok(&mut rt, &vols_c, &["cat", "/sys/fs/cgroup/cpu.weight"]).await?;
+        ensure!(weight == format!("{expect}\n"), "cpu.weight {weight:?}");
+        let max = exec_ok(&mut rt, &vols_c, &["cat", "/sys/fs/cgroup/cpu.max"]).await?;
+        ensure!(max == "50000 100000\n", "cpu.max {max:?}");
+        let st = container_status(&mut rt, &vols_c).await?;
+        let linux = st
+            .resources
+            .as_ref()
+            .and_then(|r| r.linux.as_ref())
+            .with_context(|| format!("ContainerStatus without resources: {st:?}"))?;
+        ensure!(
+            linux.memory_limit_in_bytes == 96 << 20
+                && linux.cpu_shares == 512
+                && linux.cpu_quota == 50_000
+                && linux.cpu_period == 100_000,
+            "ContainerStatus resources {linux:?}"
+        );
+        // The other containers keep their own cgroups.
+        let other = exec_ok(&mut rt, &caps, &["cat", "/sys/fs/cgroup/memory.max"]).await?;
+        ensure!(other == before, "memory.max of another container {other:?}");
+
+        stop_remove_pod(&mut rt, &pod).await?;
+        // The host directories outlive the pod, unmounted and intact.
+        ensure!(std::fs::read_to_string(empty_dir.join("out"))? == "from-guest\n");
+        ensure!(std::fs::read_to_string(config_map.join("key"))? == "v2\n");
+        Ok(())
+    })
+    .await;
+    let end = terminate_clean(huskd, &dirs).await;
+    r?;
+    end
+}
