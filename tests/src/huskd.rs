@@ -31,6 +31,18 @@ pub struct HuskdDirs {
 }
 
 impl HuskdDirs {
+    /// Fails unless no pod sandbox is left: nothing under the sandboxes
+    /// directory (processes, mounts, sockets), and no directory either.
+    pub fn assert_sandboxes_gone(&self) -> Result<()> {
+        let sandboxes = self.state.path().join("sandboxes");
+        assert_nothing_left(&sandboxes)?;
+        ensure!(
+            std::fs::read_dir(&sandboxes)?.count() == 0,
+            "sandbox dirs left"
+        );
+        Ok(())
+    }
+
     /// Writes the config. `insecure`: registries as `host:port`.
     pub fn new(env: &TestEnv, insecure: &[&str]) -> Result<Self> {
         let top = tempfile::Builder::new().prefix("husk-cri-").tempdir()?;

@@ -986,12 +986,7 @@ async fn cri_pod_lifecycle() -> Result<()> {
         .await
         .context("RemovePodSandbox twice")?;
         // huskd's own socket is in the state dir; the pods' things are not.
-        let sandboxes = dirs.state.path().join("sandboxes");
-        assert_nothing_left(&sandboxes)?;
-        ensure!(
-            std::fs::read_dir(&sandboxes)?.count() == 0,
-            "sandbox dirs left"
-        );
+        dirs.assert_sandboxes_gone()?;
 
         // 7. The second handler gives a bigger VM.
         let mut small_mem = 0;
@@ -1482,12 +1477,7 @@ async fn cri_vm_death() -> Result<()> {
         ensure!(list_containers(&mut rt, Default::default())
             .await?
             .is_empty());
-        let sandboxes = dirs.state.path().join("sandboxes");
-        assert_nothing_left(&sandboxes)?;
-        ensure!(
-            std::fs::read_dir(&sandboxes)?.count() == 0,
-            "sandbox dirs left"
-        );
+        dirs.assert_sandboxes_gone()?;
         Ok(())
     })
     .await;
@@ -1587,12 +1577,7 @@ async fn cri_concurrent_pods() -> Result<()> {
         ensure!(list_containers(&mut rt, Default::default())
             .await?
             .is_empty());
-        let sandboxes = dirs.state.path().join("sandboxes");
-        assert_nothing_left(&sandboxes)?;
-        ensure!(
-            std::fs::read_dir(&sandboxes)?.count() == 0,
-            "sandbox dirs left"
-        );
+        dirs.assert_sandboxes_gone()?;
         Ok(())
     })
     .await;
