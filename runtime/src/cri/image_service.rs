@@ -35,8 +35,13 @@ async fn traced<T>(
     r.map(Response::new)
 }
 
+/// The image reference of a request, "" when absent (for spans and checks).
+fn image_name(spec: Option<&cri::ImageSpec>) -> String {
+    spec.map(|s| s.image.clone()).unwrap_or_default()
+}
+
 fn image_spec_ref(spec: Option<&cri::ImageSpec>) -> Result<String, Status> {
-    let r = spec.map(|s| s.image.clone()).unwrap_or_default();
+    let r = image_name(spec);
     if r.is_empty() {
         return Err(Status::invalid_argument("image.image is empty"));
     }
@@ -135,11 +140,7 @@ impl ImageService for CriImages {
         req: Request<cri::ImageStatusRequest>,
     ) -> Result<Response<cri::ImageStatusResponse>, Status> {
         let req = req.into_inner();
-        let r = req
-            .image
-            .as_ref()
-            .map(|i| i.image.clone())
-            .unwrap_or_default();
+        let r = image_name(req.image.as_ref());
         traced("ImageStatus", &r, async {
             let r = image_spec_ref(req.image.as_ref())?;
             let img = self.husk.images.status(&r).map_err(|e| image_error(&e))?;
@@ -168,11 +169,7 @@ impl ImageService for CriImages {
         req: Request<cri::PullImageRequest>,
     ) -> Result<Response<cri::PullImageResponse>, Status> {
         let req = req.into_inner();
-        let r = req
-            .image
-            .as_ref()
-            .map(|i| i.image.clone())
-            .unwrap_or_default();
+        let r = image_name(req.image.as_ref());
         traced("PullImage", &r, async {
             let r = image_spec_ref(req.image.as_ref())?;
             let auth = req.auth.map(|a| RegistryAuth {
@@ -205,11 +202,7 @@ impl ImageService for CriImages {
         req: Request<cri::RemoveImageRequest>,
     ) -> Result<Response<cri::RemoveImageResponse>, Status> {
         let req = req.into_inner();
-        let r = req
-            .image
-            .as_ref()
-            .map(|i| i.image.clone())
-            .unwrap_or_default();
+        let r = image_name(req.image.as_ref());
         traced("RemoveImage", &r, async {
             let r = image_spec_ref(req.image.as_ref())?;
             let containers = self.husk.state.containers();
