@@ -43,6 +43,7 @@ async fn init_output_exit_code_and_removal() {
         sandbox_id: "sb1".into(),
         hostname: String::new(),
         share_tag: String::new(),
+        network: None,
     };
     assert_eq!(code(c.create_sandbox(again, T).await), Code::AlreadyExists);
 
@@ -506,6 +507,7 @@ async fn bad_requests_get_the_right_codes() {
             sandbox_id: "sb2".into(),
             hostname: String::new(),
             share_tag: String::new(),
+            network: None,
         },
         T,
     )

@@ -187,7 +187,7 @@ async fn container_runs_in_a_vm() {
         let t = Some(Duration::from_secs(60));
         eprintln!("{:?}", client.health(HealthRequest {}, t).await.unwrap());
         client
-            .create_sandbox(CreateSandboxRequest { sandbox_id: "vm1".into(), hostname: "vm1".into(), share_tag: "husk".into() }, t)
+            .create_sandbox(CreateSandboxRequest { sandbox_id: "vm1".into(), hostname: "vm1".into(), share_tag: "husk".into(), network: None }, t)
             .await
             .unwrap();
         let mut spec: serde_json::Value = serde_json::to_value(libcontainer::oci_spec::runtime::Spec::default()).unwrap();

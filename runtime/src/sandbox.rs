@@ -472,6 +472,7 @@ impl Sandbox {
                     sandbox_id: id.clone(),
                     hostname: config.hostname.clone(),
                     share_tag: SHARE_TAG.into(),
+                    network: None,
                 },
                 Some(config.rpc_timeout),
             )

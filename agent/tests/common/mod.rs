@@ -146,6 +146,7 @@ impl Agent {
                 sandbox_id: "sb1".into(),
                 hostname: "pod".into(),
                 share_tag: String::new(),
+                network: None,
             },
             T,
         )
