@@ -6,6 +6,7 @@ pub mod cgroup;
 pub mod container;
 pub mod error;
 pub mod logging;
+pub mod network;
 pub mod pid1;
 pub mod reaper;
 pub mod server;
