@@ -96,6 +96,9 @@ impl AgentService {
         if self.mode == Mode::Vm || !req.share_tag.is_empty() {
             spec::validate_share_tag(&req.share_tag)?;
         }
+        if let Some(network) = &req.network {
+            crate::network::validate(network)?;
+        }
         let mut sandbox = self.sandbox.lock().await;
         if let Some(s) = sandbox.as_ref() {
             return Err(AgentError::AlreadyExists(format!(
@@ -106,6 +109,11 @@ impl AgentService {
         let mut share_mounted = false;
         match self.mode {
             Mode::Vm => {
+                // Before the mount: a failure here leaves nothing that a
+                // retry would trip over (configuring is idempotent).
+                if let Some(network) = &req.network {
+                    crate::network::configure(network).await?;
+                }
                 let dir = Path::new(husk_proto::GUEST_SHARE_DIR);
                 std::fs::create_dir_all(dir).map_err(|e| {
                     AgentError::Internal(format!("creating {}: {e}", dir.display()))
@@ -131,7 +139,9 @@ impl AgentService {
                 }
             }
             Mode::Host => {
-                info!("not in a VM: the share is not mounted and the hostname is not set")
+                info!(
+                    "not in a VM: the share is not mounted, the hostname and the network are not set"
+                )
             }
         }
         info!(sandbox = req.sandbox_id, "sandbox created");
