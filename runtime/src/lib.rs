@@ -7,6 +7,7 @@ pub mod agent;
 pub mod config;
 pub mod hypervisor;
 pub mod mounts;
+pub mod network;
 pub mod process;
 pub mod sandbox;
 pub mod virtiofsd;

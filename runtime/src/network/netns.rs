@@ -1,0 +1,187 @@
+//! Pod network namespaces: created by `unshare(CLONE_NEWNET)` on a dedicated
+//! thread and kept alive by a bind mount of that thread's namespace file,
+//! the way `ip netns add` does it, but in husk's own directory.
+//!
+//! Nothing here ever switches the namespace of a tokio worker thread: every
+//! namespace change happens on a fresh `std::thread` that ends afterwards, so
+//! no later task can run in a pod's namespace by accident.
+
+use std::fs::{self, OpenOptions};
+use std::io;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use nix::errno::Errno;
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use nix::sched::{setns, unshare, CloneFlags};
+
+/// Serialises the check-and-bind-mount of the netns directory: two pods set
+/// up at once must not stack two bind mounts of the directory onto itself.
+static DIR_LOCK: Mutex<()> = Mutex::new(());
+
+/// Runs `f` on a new OS thread and awaits its result without blocking the
+/// async runtime. The thread is the only one that ever changes namespace.
+pub(crate) async fn on_fresh_thread<T, F>(name: &str, f: F) -> io::Result<T>
+where
+    T: Send + 'static,
+    F: FnOnce() -> T + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name(name.to_string())
+        .spawn(move || {
+            // The receiver only goes away if the caller's future was dropped;
+            // then nobody wants the result.
+            let _ = tx.send(f());
+        })?;
+    rx.await
+        .map_err(|_| io::Error::other("namespace thread panicked"))
+}
+
+/// Runs `f` on a fresh thread that has joined the network namespace bound
+/// at `netns`. Netlink and tun sockets created inside `f` belong to that
+/// namespace for their whole life.
+pub(crate) async fn run_in_netns<T, F>(netns: &Path, f: F) -> io::Result<T>
+where
+    T: Send + 'static,
+    F: FnOnce() -> T + Send + 'static,
+{
+    let netns = netns.to_path_buf();
+    on_fresh_thread("husk-netns", move || -> io::Result<T> {
+        let ns = fs::File::open(&netns)?;
+        setns(&ns, CloneFlags::CLONE_NEWNET).map_err(io::Error::from)?;
+        Ok(f())
+    })
+    .await?
+}
+
+/// Makes `dir` a mount point with shared propagation, bind-mounting it onto
+/// itself first when it is not one: a bind mount of an nsfs file below a
+/// directory that is merely part of a larger shared mount could otherwise
+/// propagate into, and be pinned by, other mount namespaces in ways the
+/// unmount does not follow. iproute2 prepares /run/netns the same way.
+fn prepare_dir(dir: &Path) -> io::Result<()> {
+    let _guard = DIR_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    fs::create_dir_all(dir)?;
+    let make_shared = || {
+        mount(
+            None::<&str>,
+            dir,
+            None::<&str>,
+            MsFlags::MS_SHARED | MsFlags::MS_REC,
+            None::<&str>,
+        )
+    };
+    if is_mount_point(dir)? {
+        return make_shared().map_err(io::Error::from);
+    }
+    mount(
+        Some(dir),
+        dir,
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None::<&str>,
+    )
+    .map_err(io::Error::from)?;
+    make_shared().map_err(io::Error::from)
+}
+
+/// Whether `path` is the mount point of some mount in our mount namespace.
+fn is_mount_point(path: &Path) -> io::Result<bool> {
+    let path = fs::canonicalize(path)?;
+    let info = fs::read_to_string("/proc/self/mountinfo")?;
+    Ok(info.lines().any(|line| {
+        line.split(' ')
+            .nth(4)
+            .is_some_and(|mp| Path::new(&unescape_mountinfo(mp)) == path)
+    }))
+}
+
+/// mountinfo escapes space, tab, newline and backslash as octal `\ooo`.
+fn unescape_mountinfo(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+            let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
+            out.push(v);
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Creates a new network namespace bound at `path` (inside `dir`). Fails
+/// with `AlreadyExists` when `path` exists, leaving it alone.
+pub(crate) async fn create(dir: &Path, path: &Path) -> io::Result<()> {
+    let dir = dir.to_path_buf();
+    let path: PathBuf = path.to_path_buf();
+    on_fresh_thread("husk-netns-new", move || -> io::Result<()> {
+        prepare_dir(&dir)?;
+        // The mount target; create_new refuses a leftover so that a failure
+        // here never removes a namespace some other pod still uses.
+        OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o444)
+            .open(&path)?;
+        let bind = || -> nix::Result<()> {
+            // Only this thread moves to the new namespace; it ends right
+            // after, and the bind mount keeps the namespace alive.
+            unshare(CloneFlags::CLONE_NEWNET)?;
+            mount(
+                Some("/proc/thread-self/ns/net"),
+                &path,
+                None::<&str>,
+                MsFlags::MS_BIND,
+                None::<&str>,
+            )
+        };
+        if let Err(e) = bind() {
+            let _ = fs::remove_file(&path);
+            return Err(e.into());
+        }
+        Ok(())
+    })
+    .await?
+}
+
+/// Unmounts (lazily, so a VMM that still holds it does not block us) and
+/// removes the namespace file. Absent or unmounted files are fine.
+pub(crate) fn remove(path: &Path) -> io::Result<()> {
+    match umount2(path, MntFlags::MNT_DETACH) {
+        Ok(()) | Err(Errno::EINVAL) | Err(Errno::ENOENT) => {}
+        Err(e) => return Err(e.into()),
+    }
+    match fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Whether `path` currently has a network namespace mounted on it.
+pub(crate) fn is_netns(path: &Path) -> bool {
+    nix::sys::statfs::statfs(path)
+        .map(|s| s.filesystem_type() == nix::sys::statfs::NSFS_MAGIC)
+        .unwrap_or(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mountinfo_escapes() {
+        assert_eq!(unescape_mountinfo("/a\\040b"), "/a b");
+        assert_eq!(unescape_mountinfo("/plain"), "/plain");
+        assert_eq!(unescape_mountinfo("/x\\134y"), "/x\\y");
+        assert_eq!(unescape_mountinfo("/trail\\04"), "/trail\\04");
+    }
+}
