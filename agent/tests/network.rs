@@ -492,6 +492,10 @@ fn validation_names_the_bad_field() {
             "network.routes[2].device",
         ),
         (|c| c.routes[2].device = "".into(), "network.routes[2]"),
+        (
+            |c| c.routes.push(route("0.0.0.0/0", "10.88.0.2", "eth0")),
+            "network.routes[4].destination",
+        ),
     ];
     validate(&pod_config()).unwrap();
     for (edit, field) in cases {
