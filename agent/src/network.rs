@@ -234,6 +234,22 @@ fn plan(cfg: &NetworkConfig) -> Result<Plan> {
             }
             _ => {}
         }
+        // Without a metric in the request, the kernel keeps one route per
+        // destination in the main table; a second one would fail with
+        // EEXIST, which must count as success for a repeated call, and so
+        // would vanish silently.
+        if let Some(other) = routes
+            .iter()
+            .find(|o: &&RouteSpec| o.destination == destination && o.prefix_len == prefix_len)
+        {
+            return Err(invalid(
+                &format!("{field}.destination"),
+                format!(
+                    "{} is also the destination of {} (routes have no metric, so one route per destination)",
+                    r.destination, other.field
+                ),
+            ));
+        }
         routes.push(RouteSpec {
             field,
             destination,
