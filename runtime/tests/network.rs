@@ -407,10 +407,12 @@ async fn traffic_goes_through_the_mirred_redirect_both_ways() {
     // bridge; the request enters eth0 and must come out of the tap.
     let host = UdpSocket::bind("0.0.0.0:0").unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let sender = {
         let host = host.try_clone().unwrap();
+        let stop = stop.clone();
         std::thread::spawn(move || {
-            while Instant::now() < deadline {
+            while Instant::now() < deadline && !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 let _ = host.send_to(b"to-pod", (pod_ip, 9999));
                 std::thread::sleep(Duration::from_millis(200));
             }
@@ -426,6 +428,7 @@ async fn traffic_goes_through_the_mirred_redirect_both_ways() {
     })
     .await
     .unwrap();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
     sender.join().unwrap();
     assert!(
         got,
@@ -473,7 +476,12 @@ async fn teardown_removes_everything_and_is_idempotent() {
         host_ip: String::new(),
     }];
     let req = env.request(1, ports.clone());
+    let t0 = Instant::now();
     let net = network::setup(&env.cfg, &req).await.unwrap();
+    eprintln!(
+        "setup with a hostPort mapping: {} ms",
+        t0.elapsed().as_millis()
+    );
     assert_eq!(net.port_mappings, ports);
     let ip = v4(&net).to_string();
     assert_eq!(env.allocations(), vec![ip.clone()]);
@@ -489,9 +497,14 @@ async fn teardown_removes_everything_and_is_idempotent() {
     // the tap must be deleted, not just go away with the namespace.
     let ns = open_ns(&net.netns);
     assert!(in_netns(&ns, || link_exists(TAP_NAME)));
+    let t1 = Instant::now();
     network::teardown(&env.cfg, &req.pod_id, Some(&net))
         .await
         .unwrap();
+    eprintln!(
+        "teardown with a hostPort mapping: {} ms",
+        t1.elapsed().as_millis()
+    );
     assert!(
         !in_netns(&ns, || link_exists(TAP_NAME)),
         "tap survived teardown"
