@@ -191,7 +191,8 @@ pub enum NetworkError {
         network: String,
         plugin: String,
         command: &'static str,
-        failure: PluginFailure,
+        /// Boxed: keeps `Result<_, NetworkError>` small.
+        failure: Box<PluginFailure>,
     },
     #[error("pod {pod_id}: CNI {command} of plugin {plugin} (network {network}) returned an unusable result: {reason}")]
     BadResult {
@@ -414,7 +415,7 @@ async fn setup_in_netns(
                 network: list.name.clone(),
                 plugin: plugin.clone(),
                 command: "ADD",
-                failure,
+                failure: Box::new(failure),
             })?;
         tracing::debug!(
             pod_id,
@@ -503,7 +504,7 @@ async fn cni_del(
                     network: list.name.clone(),
                     plugin,
                     command: "DEL",
-                    failure,
+                    failure: Box::new(failure),
                 };
                 if e.cni_code() == Some(3) {
                     tracing::info!(pod_id, error = %e, "CNI DEL: already gone");
