@@ -307,12 +307,17 @@ impl fmt::Display for PluginFailure {
                 }
                 stderr(f, err)
             }
-            PluginFailure::Exit { status, stderr: err } => {
+            PluginFailure::Exit {
+                status,
+                stderr: err,
+            } => {
                 write!(f, "exited with {status} without a CNI error")?;
                 stderr(f, err)
             }
             PluginFailure::Spawn(e) => write!(f, "could not be started: {e}"),
-            PluginFailure::Timeout(d) => write!(f, "killed after {} s without finishing", d.as_secs()),
+            PluginFailure::Timeout(d) => {
+                write!(f, "killed after {} s without finishing", d.as_secs())
+            }
         }
     }
 }
@@ -349,9 +354,14 @@ pub(crate) async fn exec_plugin(
     // portmap and friends look up iptables through PATH; a daemon started
     // with an empty environment would otherwise fail in the plugin.
     if std::env::var_os("PATH").is_none() {
-        cmd.env("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin");
+        cmd.env(
+            "PATH",
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        );
     }
-    let mut child = cmd.spawn().map_err(|e| PluginFailure::Spawn(e.to_string()))?;
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| PluginFailure::Spawn(e.to_string()))?;
     let data = serde_json::to_vec(stdin).map_err(|e| PluginFailure::Spawn(e.to_string()))?;
     let mut pipe = child.stdin.take();
     let run = async {
@@ -507,7 +517,9 @@ pub(crate) fn parse_result(result: &Value, ifname: &str) -> Result<ParsedResult,
                 .interfaces
                 .get(i)
                 .map(|iface| iface.name == ifname && !iface.sandbox.is_empty())
-                .ok_or_else(|| format!("ips entry names interface {i}, which the result does not list")),
+                .ok_or_else(|| {
+                    format!("ips entry names interface {i}, which the result does not list")
+                }),
         }
     };
     let mac = raw
@@ -528,7 +540,9 @@ pub(crate) fn parse_result(result: &Value, ifname: &str) -> Result<ParsedResult,
                 .parse()
                 .map_err(|_| format!("gateway {gw:?} is not an IP address"))?;
             if gw.is_ipv4() != addr.is_ipv4() {
-                return Err(format!("gateway {gw} does not match address family of {addr}"));
+                return Err(format!(
+                    "gateway {gw} does not match address family of {addr}"
+                ));
             }
             gateways.push(gw);
         }
@@ -571,7 +585,15 @@ pub(crate) fn parse_result(result: &Value, ifname: &str) -> Result<ParsedResult,
 pub(crate) fn describe_ports(p: &[PortMapping]) -> String {
     let v: BTreeMap<u16, String> = p
         .iter()
-        .map(|m| (m.host_port, format!("{}:{}->{}/{}", m.host_ip, m.host_port, m.container_port, m.protocol)))
+        .map(|m| {
+            (
+                m.host_port,
+                format!(
+                    "{}:{}->{}/{}",
+                    m.host_ip, m.host_port, m.container_port, m.protocol
+                ),
+            )
+        })
         .collect();
     v.into_values().collect::<Vec<_>>().join(",")
 }
@@ -588,7 +610,10 @@ mod tests {
     #[test]
     fn missing_dir_and_empty_dir_are_not_found() {
         let t = tempfile::tempdir().unwrap();
-        assert!(matches!(load(&t.path().join("nope")), Err(LoadError::NotFound)));
+        assert!(matches!(
+            load(&t.path().join("nope")),
+            Err(LoadError::NotFound)
+        ));
         std::fs::write(t.path().join("README"), "x").unwrap();
         std::fs::write(t.path().join("x.conf.bak"), "x").unwrap();
         assert!(matches!(load(t.path()), Err(LoadError::NotFound)));
@@ -643,12 +668,30 @@ mod tests {
     #[test]
     fn invalid_configs_are_rejected_with_reasons() {
         for (v, want) in [
-            (json!({"cniVersion": "1.0.0", "plugins": [{"type": "x"}]}), "name"),
-            (json!({"name": "n", "plugins": [{"type": "x"}]}), "cniVersion"),
-            (json!({"cniVersion": "0.2.0", "name": "n", "plugins": [{"type": "x"}]}), "not supported"),
-            (json!({"cniVersion": "1.0.0", "name": "n", "plugins": []}), "empty"),
-            (json!({"cniVersion": "1.0.0", "name": "n", "plugins": [{"a": 1}]}), "type"),
-            (json!({"cniVersion": "1.0.0", "name": "n", "plugins": [{"type": "../x"}]}), "invalid type"),
+            (
+                json!({"cniVersion": "1.0.0", "plugins": [{"type": "x"}]}),
+                "name",
+            ),
+            (
+                json!({"name": "n", "plugins": [{"type": "x"}]}),
+                "cniVersion",
+            ),
+            (
+                json!({"cniVersion": "0.2.0", "name": "n", "plugins": [{"type": "x"}]}),
+                "not supported",
+            ),
+            (
+                json!({"cniVersion": "1.0.0", "name": "n", "plugins": []}),
+                "empty",
+            ),
+            (
+                json!({"cniVersion": "1.0.0", "name": "n", "plugins": [{"a": 1}]}),
+                "type",
+            ),
+            (
+                json!({"cniVersion": "1.0.0", "name": "n", "plugins": [{"type": "../x"}]}),
+                "invalid type",
+            ),
         ] {
             let e = ConfList::from_json(v).unwrap_err();
             assert!(e.contains(want), "{e}");
@@ -732,15 +775,27 @@ mod tests {
         assert_eq!(r.mac.as_deref(), Some("0a:58:0a:01:00:05"));
         assert_eq!(
             r.addresses,
-            vec![("10.1.0.5".parse().unwrap(), 24), ("fd00::5".parse().unwrap(), 64)]
+            vec![
+                ("10.1.0.5".parse().unwrap(), 24),
+                ("fd00::5".parse().unwrap(), 64)
+            ]
         );
         assert_eq!(
             r.routes,
             vec![
-                RouteSpec { destination: "10.96.0.0/12".into(), gateway: None },
-                RouteSpec { destination: "::/0".into(), gateway: Some("fd00::1".parse().unwrap()) },
+                RouteSpec {
+                    destination: "10.96.0.0/12".into(),
+                    gateway: None
+                },
+                RouteSpec {
+                    destination: "::/0".into(),
+                    gateway: Some("fd00::1".parse().unwrap())
+                },
                 // Added: the result has the IPv4 gateway but no v4 default.
-                RouteSpec { destination: "0.0.0.0/0".into(), gateway: Some("10.1.0.1".parse().unwrap()) },
+                RouteSpec {
+                    destination: "0.0.0.0/0".into(),
+                    gateway: Some("10.1.0.1".parse().unwrap())
+                },
             ]
         );
         assert_eq!(r.dns.nameservers, vec!["10.96.0.10"]);
@@ -765,7 +820,10 @@ mod tests {
         assert_eq!(r.addresses, vec![("192.168.7.9".parse().unwrap(), 16)]);
         assert_eq!(
             r.routes,
-            vec![RouteSpec { destination: "0.0.0.0/0".into(), gateway: Some("192.168.0.1".parse().unwrap()) }]
+            vec![RouteSpec {
+                destination: "0.0.0.0/0".into(),
+                gateway: Some("192.168.0.1".parse().unwrap())
+            }]
         );
         assert_eq!(r.dns, DnsConfig::default());
         // No interface index: the address is the container's.
@@ -780,11 +838,26 @@ mod tests {
     fn bad_results_are_errors() {
         for (v, want) in [
             (json!({"cniVersion": "0.2.0", "ip4": {}}), "not supported"),
-            (json!({"cniVersion": "1.0.0", "ips": [{"address": "10.0.0.2"}]}), "CIDR"),
-            (json!({"cniVersion": "1.0.0", "ips": [{"address": "10.0.0.2/33"}]}), "prefix"),
-            (json!({"cniVersion": "1.0.0", "ips": [{"address": "10.0.0.2/8", "interface": 3}]}), "interface 3"),
-            (json!({"cniVersion": "1.0.0", "ips": [{"address": "10.0.0.2/8", "gateway": "fd00::1"}]}), "family"),
-            (json!({"cniVersion": "1.0.0", "routes": [{"dst": "x"}]}), "CIDR"),
+            (
+                json!({"cniVersion": "1.0.0", "ips": [{"address": "10.0.0.2"}]}),
+                "CIDR",
+            ),
+            (
+                json!({"cniVersion": "1.0.0", "ips": [{"address": "10.0.0.2/33"}]}),
+                "prefix",
+            ),
+            (
+                json!({"cniVersion": "1.0.0", "ips": [{"address": "10.0.0.2/8", "interface": 3}]}),
+                "interface 3",
+            ),
+            (
+                json!({"cniVersion": "1.0.0", "ips": [{"address": "10.0.0.2/8", "gateway": "fd00::1"}]}),
+                "family",
+            ),
+            (
+                json!({"cniVersion": "1.0.0", "routes": [{"dst": "x"}]}),
+                "CIDR",
+            ),
             (json!([1, 2]), "malformed"),
         ] {
             let e = parse_result(&v, "eth0").unwrap_err();
@@ -806,6 +879,9 @@ mod tests {
             status: "exit status: 1".into(),
             stderr: "boom\n".into(),
         };
-        assert_eq!(f.to_string(), "exited with exit status: 1 without a CNI error; stderr: boom");
+        assert_eq!(
+            f.to_string(),
+            "exited with exit status: 1 without a CNI error; stderr: boom"
+        );
     }
 }

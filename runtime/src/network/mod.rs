@@ -183,13 +183,16 @@ pub enum NetworkError {
         /// The directories searched, joined by ':'.
         dirs: String,
     },
-    #[error("pod {pod_id}: CNI {command} of plugin {plugin} (network {network}) failed: {failure}")]
+    #[error(
+        "pod {pod_id}: CNI {command} of plugin {plugin} (network {network}) failed: {failure}"
+    )]
     Plugin {
         pod_id: String,
         network: String,
         plugin: String,
         command: &'static str,
-        failure: PluginFailure,
+        /// Boxed: keeps `Result<_, NetworkError>` small.
+        failure: Box<PluginFailure>,
     },
     #[error("pod {pod_id}: CNI {command} of plugin {plugin} (network {network}) returned an unusable result: {reason}")]
     BadResult {
@@ -412,9 +415,14 @@ async fn setup_in_netns(
                 network: list.name.clone(),
                 plugin: plugin.clone(),
                 command: "ADD",
-                failure,
+                failure: Box::new(failure),
             })?;
-        tracing::debug!(pod_id, plugin, ms = t.elapsed().as_millis() as u64, "CNI ADD done");
+        tracing::debug!(
+            pod_id,
+            plugin,
+            ms = t.elapsed().as_millis() as u64,
+            "CNI ADD done"
+        );
         let bad = |reason: String| NetworkError::BadResult {
             pod_id: pod_id.to_string(),
             network: list.name.clone(),
@@ -431,15 +439,14 @@ async fn setup_in_netns(
     }
     let final_result = last_result.clone().unwrap_or(Value::Null);
     let last_plugin = list.plugin_type(list.plugins.len() - 1).to_string();
-    let parsed = cni::parse_result(&final_result, POD_IFNAME).map_err(|reason| {
-        NetworkError::BadResult {
+    let parsed =
+        cni::parse_result(&final_result, POD_IFNAME).map_err(|reason| NetworkError::BadResult {
             pod_id: pod_id.to_string(),
             network: list.name.clone(),
             plugin: last_plugin,
             command: "ADD",
             reason,
-        }
-    })?;
+        })?;
     let tap_err = |reason: String| NetworkError::Tap {
         pod_id: pod_id.to_string(),
         tap: TAP_NAME.to_string(),
@@ -497,7 +504,7 @@ async fn cni_del(
                     network: list.name.clone(),
                     plugin,
                     command: "DEL",
-                    failure,
+                    failure: Box::new(failure),
                 };
                 if e.cni_code() == Some(3) {
                     tracing::info!(pod_id, error = %e, "CNI DEL: already gone");
@@ -530,7 +537,10 @@ fn write_pending(path: &Path, rec: &PendingDel) -> std::io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir)?;
     let tmp = path.with_extension("json.tmp");
-    std::fs::write(&tmp, serde_json::to_vec(rec).map_err(std::io::Error::other)?)?;
+    std::fs::write(
+        &tmp,
+        serde_json::to_vec(rec).map_err(std::io::Error::other)?,
+    )?;
     std::fs::rename(&tmp, path)
 }
 
@@ -629,11 +639,12 @@ pub async fn teardown(
                             path: pending.clone(),
                             reason,
                         }),
-                    None => load_config(cfg, pod_id).map(|l| {
-                        (l, Vec::new(), cni::k8s_cni_args(pod_id, "", "", ""))
-                    }),
+                    None => load_config(cfg, pod_id)
+                        .map(|l| (l, Vec::new(), cni::k8s_cni_args(pod_id, "", "", ""))),
                 };
-                match source.and_then(|(l, p, a)| resolve_plugins(cfg, pod_id, &l).map(|b| (l, b, p, a))) {
+                match source
+                    .and_then(|(l, p, a)| resolve_plugins(cfg, pod_id, &l).map(|b| (l, b, p, a)))
+                {
                     Ok((list, bins, ports, cni_args)) => {
                         let inv = cni::Invocation {
                             container_id: pod_id,
@@ -728,6 +739,9 @@ mod tests {
         };
         let e = configured_network(&cfg).unwrap_err();
         assert!(e.is_not_configured());
-        assert_eq!(e.to_string(), "pod -: no CNI network config in /nonexistent/cni");
+        assert_eq!(
+            e.to_string(),
+            "pod -: no CNI network config in /nonexistent/cni"
+        );
     }
 }

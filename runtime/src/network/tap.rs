@@ -88,7 +88,12 @@ fn create_persistent(name: &str) -> io::Result<()> {
 /// frames with a virtio-net header. The fd keeps working from any thread.
 pub(crate) fn open(name: &str) -> io::Result<OwnedFd> {
     // Refuse to create a new, non-persistent tap when ours is missing.
-    if !std::path::Path::new("/sys/class/net").join(name).exists() {
+    // Not /sys/class/net: sysfs shows the namespace it was mounted in, and
+    // this thread is in the pod's.
+    let cname = std::ffi::CString::new(name)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in name"))?;
+    // SAFETY: a valid NUL-terminated string that outlives the call.
+    if unsafe { libc::if_nametoindex(cname.as_ptr()) } == 0 {
         return Err(io::Error::new(
             io::ErrorKind::NotFound,
             format!("no tap {name} in the pod network namespace"),
@@ -260,7 +265,8 @@ pub(crate) fn inspect(ifname: &str, tap: &str) -> Result<InspectResult, String> 
             let Some(l) = get_link(&h, name).await? else {
                 continue;
             };
-            out.links.push((name.to_string(), l.index, l.mtu.unwrap_or(0)));
+            out.links
+                .push((name.to_string(), l.index, l.mtu.unwrap_or(0)));
             let qdiscs: Vec<TcMessage> = h
                 .qdisc()
                 .get()
@@ -347,7 +353,10 @@ mod tests {
         assert!(ifreq("", libc::IFF_TAP).is_err());
         assert!(ifreq("0123456789abcdef", libc::IFF_TAP).is_err());
         assert!(ifreq("a\0b", libc::IFF_TAP).is_err());
-        assert_eq!(format_mac(&[0x0a, 0x58, 0, 1, 0xff, 0x10]), "0a:58:00:01:ff:10");
+        assert_eq!(
+            format_mac(&[0x0a, 0x58, 0, 1, 0xff, 0x10]),
+            "0a:58:00:01:ff:10"
+        );
         // In memory, big-endian: the bytes of ETH_P_ALL (0x0003) as on the wire.
         assert_eq!(PROTO_ALL.to_ne_bytes(), [0x00, 0x03]);
     }
