@@ -27,7 +27,9 @@ agent:
 guest-image: build
 	$(BIN_DIR)/husk-guest-image build --agent $(AGENT_BIN) --cache-dir $(GUEST_CACHE) --out $(GUEST_DIR)
 
+# A default pod network unless the host already has a CNI configuration.
 run: guest-image
+	./scripts/install-cni-config
 	exec $(BIN_DIR)/huskd
 
 test: guest-image

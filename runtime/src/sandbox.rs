@@ -25,8 +25,8 @@ use std::time::{Duration, Instant};
 
 use husk_proto::agent::{
     ContainerRef, ContainerStatsResponse, CreateContainerRequest, CreateSandboxRequest,
-    DestroySandboxRequest, ExecProcessRequest, HealthRequest, HealthResponse, ProcessRef,
-    ReadyNotice, RemoveContainerRequest, SignalProcessRequest, StdioConfig, StreamKind,
+    DestroySandboxRequest, ExecProcessRequest, HealthRequest, HealthResponse, NetworkConfig,
+    ProcessRef, ReadyNotice, RemoveContainerRequest, SignalProcessRequest, StdioConfig, StreamKind,
     WaitProcessResponse,
 };
 use husk_proto::GUEST_SHARE_DIR;
@@ -38,7 +38,7 @@ use crate::config::{
     require_file, GuestImage, MissingComponent, HINT_GUEST_IMAGE, HINT_INSTALL_DEPS,
 };
 use crate::hypervisor::{
-    HybridVsockConfig, Hypervisor, HypervisorError, VirtioFsConfig, Vm, VmConfig,
+    HybridVsockConfig, Hypervisor, HypervisorError, NetDeviceConfig, VirtioFsConfig, Vm, VmConfig,
 };
 use crate::mounts;
 use crate::process::ManagedChild;
@@ -77,6 +77,19 @@ pub struct SandboxConfig {
     /// during stop.
     pub stop_timeout: Duration,
     pub guest_cid: u32,
+    /// The pod network, already set up on the host; `None` gives the guest
+    /// loopback only.
+    pub network: Option<SandboxNetwork>,
+}
+
+/// A pod network as the sandbox needs it: the VM's virtio-net device and
+/// what the agent configures on the guest interface.
+#[derive(Debug, Clone)]
+pub struct SandboxNetwork {
+    pub device: NetDeviceConfig,
+    pub guest: NetworkConfig,
+    /// How long the host took to set the network up, for the timings.
+    pub setup_time: Duration,
 }
 
 impl SandboxConfig {
@@ -103,6 +116,7 @@ impl SandboxConfig {
             connect_timeout: Duration::from_secs(10),
             stop_timeout: Duration::from_secs(5),
             guest_cid: 3,
+            network: None,
         }
     }
 }
@@ -220,6 +234,10 @@ pub struct SandboxTimings {
     pub guest_boot_to_ready: Duration,
     /// Ready notice until CreateSandbox answered (ttrpc connect included).
     pub agent_setup: Duration,
+    /// The host's pod network set-up before the sandbox started (CNI ADD,
+    /// tap, redirect), as [`SandboxNetwork::setup_time`] reported it; not
+    /// part of `total`.
+    pub network_setup: Duration,
     pub total: Duration,
 }
 
@@ -390,6 +408,7 @@ impl Sandbox {
                 socket: fs_sock.clone(),
                 tag: SHARE_TAG.into(),
             }),
+            net: config.network.as_ref().map(|n| n.device.clone()),
             vsock: HybridVsockConfig {
                 uds: uds.clone(),
                 guest_cid: config.guest_cid,
@@ -472,7 +491,7 @@ impl Sandbox {
                     sandbox_id: id.clone(),
                     hostname: config.hostname.clone(),
                     share_tag: SHARE_TAG.into(),
-                    network: None,
+                    network: config.network.as_ref().map(|n| n.guest.clone()),
                 },
                 Some(config.rpc_timeout),
             )
@@ -494,6 +513,10 @@ impl Sandbox {
             guest_boot: ready_at.duration_since(launched_at),
             guest_boot_to_ready: Duration::from_millis(notice.boot_to_ready_ms),
             agent_setup: done.duration_since(ready_at),
+            network_setup: config
+                .network
+                .as_ref()
+                .map_or(Duration::ZERO, |n| n.setup_time),
             total: done.duration_since(t0),
         };
         tracing::info!(?timings, "sandbox started");

@@ -11,6 +11,7 @@ use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use tonic::transport::Channel;
 
+use crate::cni::TestCniNetwork;
 use crate::TestEnv;
 
 /// Guest memory and vCPUs of the `big` handler.
@@ -28,6 +29,8 @@ pub struct HuskdDirs {
     pub config: PathBuf,
     pub socket: PathBuf,
     pub log: PathBuf,
+    /// The pods' CNI network.
+    pub net: TestCniNetwork,
 }
 
 impl HuskdDirs {
@@ -40,7 +43,33 @@ impl HuskdDirs {
             std::fs::read_dir(&sandboxes)?.count() == 0,
             "sandbox dirs left"
         );
-        Ok(())
+        self.assert_networks_gone()
+    }
+
+    /// Fails unless no pod network is left: no network namespace under the
+    /// state dir, no IP allocated, no veth on the test bridge.
+    pub fn assert_networks_gone(&self) -> Result<()> {
+        let netns = self.state.path().join("netns");
+        // `.cni` holds huskd's records of set-up networks; it may stay,
+        // empty.
+        let records = std::fs::read_dir(netns.join(".cni"))
+            .map(|rd| rd.flatten().map(|e| e.file_name()).collect::<Vec<_>>())
+            .unwrap_or_default();
+        ensure!(records.is_empty(), "CNI records left: {records:?}");
+        let left: Vec<_> = std::fs::read_dir(&netns)
+            .map(|rd| {
+                rd.flatten()
+                    .map(|e| e.file_name())
+                    .filter(|n| n != ".cni")
+                    .collect()
+            })
+            .unwrap_or_default();
+        ensure!(
+            left.is_empty(),
+            "network namespaces left in {}: {left:?}",
+            netns.display()
+        );
+        self.net.assert_released()
     }
 
     /// Writes the config. `insecure`: registries as `host:port`.
@@ -53,9 +82,10 @@ impl HuskdDirs {
         let log = top.path().join("huskd.log");
         let kernel = &env.guest.kernel;
         let initrd = &env.guest.initrd;
+        let hv = &env.hypervisor_choice;
         let handler = |vcpus: u32, mem: u32| {
             format!(
-                "hypervisor = \"qemu\"\nvcpus = {vcpus}\nmemory_mib = {mem}\nkernel = {kernel:?}\ninitrd = {initrd:?}\n"
+                "hypervisor = {hv:?}\nvcpus = {vcpus}\nmemory_mib = {mem}\nkernel = {kernel:?}\ninitrd = {initrd:?}\n"
             )
         };
         let text = format!(
@@ -71,13 +101,15 @@ impl HuskdDirs {
             default = handler(1, 256),
             big = handler(BIG_VCPUS, BIG_MEMORY_MIB),
         );
-        std::fs::write(&config, text)?;
+        let net = TestCniNetwork::new(&top.path().join("cni"))?;
+        std::fs::write(&config, format!("{text}\n{}", net.toml()))?;
         Ok(Self {
             top,
             state,
             config,
             socket,
             log,
+            net,
         })
     }
 

@@ -8,6 +8,10 @@
 //! - `HUSK_VSOCK_BIN`, `HUSK_QEMU_BIN`, `HUSK_VIRTIOFSD_BIN`: explicit binaries
 //!   (else PATH, `HUSK_BIN_DIR` and the usual locations)
 //! - `HUSK_TEST_STATE_DIR` (default /run/husk/test-sandboxes)
+//! - `HUSK_TEST_HYPERVISOR`: the backend every sandbox and huskd handler of
+//!   the suite uses: `auto` (default: the builtin husk-vmm where the host
+//!   has hardware virtualization, QEMU otherwise), `qemu` or `builtin`
+//!   (which fails at once, naming the reason, on a host without VT-x/SVM).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -17,6 +21,7 @@ use husk_runtime::config::{GuestImage, DEFAULT_GUEST_DIR};
 use husk_runtime::hypervisor::{self, HypervisorChoice, QemuPaths};
 use husk_runtime::{Hypervisor, Sandbox, SandboxConfig};
 
+pub mod cni;
 pub mod cpio;
 pub mod huskd;
 pub mod registry;
@@ -31,6 +36,8 @@ fn env_path(name: &str) -> Option<PathBuf> {
 #[derive(Debug, Clone)]
 pub struct TestEnv {
     pub hypervisor: Arc<dyn Hypervisor>,
+    /// `HUSK_TEST_HYPERVISOR` as written in huskd handler configs.
+    pub hypervisor_choice: String,
     pub qemu: QemuPaths,
     pub guest: GuestImage,
     pub virtiofsd: PathBuf,
@@ -53,13 +60,30 @@ impl TestEnv {
         )?;
         let virtiofsd =
             husk_runtime::virtiofsd::find_virtiofsd(env_path("HUSK_VIRTIOFSD_BIN").as_deref())?;
+        let choice_name = std::env::var("HUSK_TEST_HYPERVISOR")
+            .ok()
+            .filter(|v| !v.is_empty())
+            .unwrap_or_else(|| "auto".into());
+        let choice: HypervisorChoice = choice_name
+            .parse()
+            .with_context(|| format!("HUSK_TEST_HYPERVISOR={choice_name:?}"))?;
         let q = qemu.clone();
-        let hypervisor: Arc<dyn Hypervisor> =
-            hypervisor::select(HypervisorChoice::Qemu, || Ok(q))?.into();
+        let hypervisor: Arc<dyn Hypervisor> = hypervisor::select(choice, || Ok(q))
+            .with_context(|| format!("HUSK_TEST_HYPERVISOR={choice_name}"))?
+            .into();
+        // Said once per test binary, so a log shows which backend ran.
+        static SAID: std::sync::Once = std::sync::Once::new();
+        SAID.call_once(|| {
+            eprintln!(
+                "husk tests: HUSK_TEST_HYPERVISOR={choice_name}: {}",
+                hypervisor.description()
+            )
+        });
         let state_dir =
             env_path("HUSK_TEST_STATE_DIR").unwrap_or_else(|| "/run/husk/test-sandboxes".into());
         Ok(Self {
             hypervisor,
+            hypervisor_choice: choice_name,
             qemu,
             guest,
             virtiofsd,

@@ -129,6 +129,11 @@ async fn serve(config: HuskdConfig) -> anyhow::Result<()> {
     let _ = std::fs::remove_file(&listen);
     // Pod VMs are huskd's children and cannot outlive it: stop them cleanly.
     husk.shutdown().await;
+    match husk_runtime::network::release_netns_dir(&husk.cni) {
+        Ok(true) => tracing::debug!("no pod network left: netns directory released"),
+        Ok(false) => {}
+        Err(e) => tracing::warn!(error = %e, "releasing the netns directory"),
+    }
     tracing::info!("huskd stopped");
     r.context("serving gRPC")
 }

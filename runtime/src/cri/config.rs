@@ -60,6 +60,18 @@ max_concurrent_downloads = 3
 # "registry.k8s.io" = ["http://127.0.0.1:5000"]
 [registry.mirrors]
 
+# Pod networking through CNI. Every pod gets its own network namespace,
+# set up by the plugins of the network configured here, and its VM's
+# virtio-net device is wired to the CNI interface. Pods asking for the host
+# network are refused: a VM cannot share the host's network stack.
+[cni]
+# Network configurations; the lexicographically first *.conflist, *.conf or
+# *.json file is used, as kubelet's runtimes do.
+conf_dir = "/etc/cni/net.d"
+
+# Directories searched in order for plugin binaries.
+bin_dirs = ["/opt/cni/bin", "/usr/lib/cni"]
+
 # Runtime handlers (Kubernetes RuntimeClass handler names). "husk" is the
 # default, also used for an empty runtime_handler; add more as
 # [handlers.NAME] tables with the same keys.
@@ -102,7 +114,24 @@ pub struct HuskdConfig {
     pub husk_vsock: PathBuf,
     pub sandbox_ready_timeout_secs: u64,
     pub registry: RegistryConfig,
+    pub cni: CniSection,
     pub handlers: BTreeMap<String, HandlerConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CniSection {
+    pub conf_dir: PathBuf,
+    pub bin_dirs: Vec<PathBuf>,
+}
+
+impl Default for CniSection {
+    fn default() -> Self {
+        Self {
+            conf_dir: "/etc/cni/net.d".into(),
+            bin_dirs: vec!["/opt/cni/bin".into(), "/usr/lib/cni".into()],
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -160,6 +189,7 @@ impl Default for HuskdConfig {
             husk_vsock: PathBuf::new(),
             sandbox_ready_timeout_secs: 60,
             registry: RegistryConfig::default(),
+            cni: CniSection::default(),
             handlers: BTreeMap::from([(DEFAULT_HANDLER.to_string(), HandlerConfig::default())]),
         }
     }
@@ -250,11 +280,22 @@ impl HuskdConfig {
     /// Checks every key; the error is (dotted key, what is wrong).
     pub fn validate(&self) -> Result<(), (String, String)> {
         let err = |k: &str, m: String| Err((k.to_string(), m));
-        for (key, p) in [
+        let bin_dir_keys: Vec<String> = (0..self.cni.bin_dirs.len())
+            .map(|i| format!("cni.bin_dirs[{i}]"))
+            .collect();
+        let mut paths = vec![
             ("root", &self.root),
             ("state", &self.state),
             ("listen", &self.listen),
-        ] {
+            ("cni.conf_dir", &self.cni.conf_dir),
+        ];
+        paths.extend(
+            bin_dir_keys
+                .iter()
+                .map(String::as_str)
+                .zip(self.cni.bin_dirs.iter()),
+        );
+        for (key, p) in paths {
             if !p.is_absolute() {
                 return err(key, format!("{} is not an absolute path", p.display()));
             }

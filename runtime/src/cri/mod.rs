@@ -8,6 +8,7 @@
 pub mod client;
 pub mod config;
 pub mod image_service;
+pub mod pod_network;
 pub mod runtime_service;
 pub mod spec;
 pub mod status;
@@ -64,6 +65,8 @@ pub struct Husk {
     pub probe: AccelProbe,
     pub handlers: BTreeMap<String, Handler>,
     pub virtiofsd: Result<PathBuf, MissingComponent>,
+    /// Where pod networks come from.
+    pub cni: crate::network::CniConfig,
     sandboxes: Mutex<HashMap<String, Arc<Sandbox>>>,
     live: Mutex<HashMap<String, LiveContainer>>,
     /// Serializes lifecycle calls on one pod (and its containers).
@@ -147,7 +150,13 @@ impl Husk {
         if let Err(e) = &virtiofsd {
             tracing::warn!(error = %e, "virtiofsd not found; pods cannot start");
         }
+        let cni = crate::network::CniConfig {
+            conf_dir: config.cni.conf_dir.clone(),
+            bin_dirs: config.cni.bin_dirs.clone(),
+            netns_dir: config.state.join("netns"),
+        };
         let husk = Arc::new(Self {
+            cni,
             config,
             state,
             images,
@@ -159,6 +168,7 @@ impl Husk {
             pod_locks: Mutex::new(HashMap::new()),
         });
         runtime_service::recover(&husk).await;
+        runtime_service::recover_networks(&husk).await;
         Ok((husk, report))
     }
 

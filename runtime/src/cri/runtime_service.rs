@@ -18,9 +18,10 @@ use tracing::Instrument;
 use super::spec::{self, GuestMount, SpecInputs};
 use super::status::{image_error, sandbox_error, state_error};
 use super::validation;
-use super::{now_ns, Husk, LiveContainer};
+use super::{now_ns, pod_network, Husk, LiveContainer};
 use crate::hypervisor::builtin::{self, BuiltinFiles};
 use crate::logs::{copy_to_log, LogFile, Stream, DEFAULT_MAX_LINE};
+use crate::network::{self, PodNetwork};
 use crate::sandbox::{ExitInfo, Rootfs, Sandbox, SandboxConfig};
 use crate::state::{ContainerRecord, ContainerState, PodRecord, PodState, Resolved};
 
@@ -266,6 +267,7 @@ pub(crate) async fn run_pod(
         .config
         .ok_or_else(|| Status::invalid_argument("config is missing"))?;
     let meta = check_pod_config(&config)?.clone();
+    pod_network::refuse_host_network(&config)?;
     let Some((handler_name, handler_cfg)) = h.config.handler(&req.runtime_handler) else {
         return Err(Status::invalid_argument(format!(
             "runtime_handler {:?} is not configured; known handlers: {}",
@@ -303,9 +305,16 @@ pub(crate) async fn run_pod(
 
     let id = super::new_id();
     record_pod_field(&id);
+    let net_req = pod_network::request(&id, &config)?;
     let lock = h.pod_lock(&id);
     let _g = lock.lock().await;
+    // The network comes first: the VMM starts inside the pod's namespace.
+    let t_net = std::time::Instant::now();
+    let net = network::setup(&h.cni, &net_req)
+        .await
+        .map_err(|e| pod_network::network_error(&id, &e))?;
     let mut sc = SandboxConfig::new(id.clone(), hypervisor.clone(), guest, virtiofsd);
+    sc.network = Some(pod_network::sandbox_network(&net, t_net.elapsed()));
     sc.hostname = hostname.clone();
     sc.vcpus = vcpus;
     sc.memory_mib = memory_mib;
@@ -313,8 +322,13 @@ pub(crate) async fn run_pod(
     sc.state_dir = h.sandbox_state_dir();
     sc.ready_timeout = Duration::from_secs(h.config.sandbox_ready_timeout_secs);
     let created_at_ns = now_ns();
-    let sandbox = Sandbox::start(sc).await.map_err(|e| sandbox_error(&e))?;
-    let sandbox = Arc::new(sandbox);
+    let sandbox = match Sandbox::start(sc).await {
+        Ok(sb) => Arc::new(sb),
+        Err(e) => {
+            release_network(h, &id, Some(&net)).await;
+            return Err(sandbox_error(&e));
+        }
+    };
 
     let finish = async {
         write_pod_files(sandbox.share_dir(), &config, &hostname)
@@ -335,6 +349,7 @@ pub(crate) async fn run_pod(
                 .collect(),
             sandbox_dir: sandbox.dir().to_path_buf(),
             reason: String::new(),
+            network: Some(net.clone()),
         };
         h.state.put_pod(rec).map_err(|e| state_error(&e))
     };
@@ -343,6 +358,7 @@ pub(crate) async fn run_pod(
         if let Err(e) = sandbox.stop().await {
             tracing::error!(error = %e, "stopping a sandbox whose creation failed");
         }
+        release_network(h, &id, Some(&net)).await;
         return Err(s);
     }
     let t = sandbox.timings();
@@ -352,6 +368,7 @@ pub(crate) async fn run_pod(
         memory_mib,
         total_ms = t.total.as_millis() as u64,
         guest_boot_ms = t.guest_boot.as_millis() as u64,
+        ips = ?net.pod_ips(),
         "pod sandbox ready"
     );
     h.insert_sandbox(sandbox);
@@ -403,6 +420,9 @@ pub(crate) async fn stop_pod_inner(h: &Husk, pod_id: &str, reason: &str) {
             }
         }
     }
+    // After the VM: its VMM holds the tap open until it exits.
+    let net = h.state.pod(pod_id).and_then(|p| p.network);
+    release_network(h, pod_id, net.as_ref()).await;
     if let Err(e) = h.state.update_pod(pod_id, |p| {
         p.state = PodState::NotReady;
         if p.reason.is_empty() {
@@ -411,6 +431,42 @@ pub(crate) async fn stop_pod_inner(h: &Husk, pod_id: &str, reason: &str) {
         p.pids.clear();
     }) {
         tracing::error!(error = %e, "persisting the stopped pod");
+    }
+}
+
+/// Releases pod networks that a previous huskd left behind: a network
+/// namespace file exists exactly while a pod's network is set up, so one
+/// without a ready pod is left from a crash (between CNI ADD and the pod
+/// record, or in the middle of a stop) or from a VM lost with huskd.
+pub(crate) async fn recover_networks(h: &Husk) {
+    let Ok(rd) = std::fs::read_dir(&h.cni.netns_dir) else {
+        return;
+    };
+    for e in rd.flatten() {
+        // Dot entries are the network module's own (its record dir).
+        let Some(pod_id) = e
+            .file_name()
+            .to_str()
+            .filter(|n| !n.starts_with('.'))
+            .map(str::to_owned)
+        else {
+            continue;
+        };
+        let rec = h.state.pod(&pod_id);
+        if rec.as_ref().is_some_and(|p| p.state == PodState::Ready) {
+            continue;
+        }
+        tracing::warn!(pod = %pod_id, "releasing a pod network left by a previous huskd");
+        release_network(h, &pod_id, rec.as_ref().and_then(|p| p.network.as_ref())).await;
+    }
+}
+
+/// CNI DEL and the namespace, tap and filters gone. Never fails: a network
+/// that cannot be released is logged, and RemovePodSandbox (or the next
+/// huskd start) tries again; CNI DEL is idempotent.
+pub(crate) async fn release_network(h: &Husk, pod_id: &str, net: Option<&PodNetwork>) {
+    if let Err(e) = network::teardown(&h.cni, pod_id, net).await {
+        tracing::error!(error = %e, "releasing the pod network");
     }
 }
 
@@ -1052,6 +1108,20 @@ fn container_status_of(
 }
 
 /// `timings`: how the live VM's start was spent (absent after a restart).
+/// The pod's IPs while it is ready: the first is the primary (IPv4 when
+/// the CNI result has both families, as kubelet expects).
+fn pod_network_status(p: &PodRecord) -> cri::PodSandboxNetworkStatus {
+    let ips: Vec<String> = match (&p.network, p.state) {
+        (Some(n), PodState::Ready) => n.pod_ips().iter().map(|ip| ip.to_string()).collect(),
+        _ => Vec::new(),
+    };
+    let mut it = ips.into_iter();
+    cri::PodSandboxNetworkStatus {
+        ip: it.next().unwrap_or_default(),
+        additional_ips: it.map(|ip| cri::PodIp { ip }).collect(),
+    }
+}
+
 fn pod_status_of(
     p: &PodRecord,
     verbose: bool,
@@ -1062,7 +1132,7 @@ fn pod_status_of(
         metadata: p.config.metadata.clone(),
         state: pod_state_cri(p.state),
         created_at: p.created_at_ns,
-        network: Some(cri::PodSandboxNetworkStatus::default()),
+        network: Some(pod_network_status(p)),
         linux: Some(cri::LinuxPodSandboxStatus {
             namespaces: Some(cri::Namespace {
                 options: p
@@ -1095,6 +1165,7 @@ fn pod_status_of(
                     "guestBoot": ms(t.guest_boot),
                     "guestBootToReady": ms(t.guest_boot_to_ready),
                     "agentSetup": ms(t.agent_setup),
+                    "networkSetup": ms(t.network_setup),
                     "total": ms(t.total),
                 })
             }),
@@ -1317,6 +1388,7 @@ impl RuntimeService for CriRuntime {
                     h.drop_live(&c.id);
                 }
                 cleanup_orphan_dir(&p.sandbox_dir).await;
+                release_network(h, &p.id, p.network.as_ref()).await;
                 h.state.remove_pod(&p.id).map_err(|e| state_error(&e))?;
             }
             h.forget_pod_lock(&p.id);
@@ -1816,12 +1888,20 @@ pub fn runtime_status(h: &Husk, verbose: bool) -> cri::StatusResponse {
             },
             message: runtime_msg,
         },
-        cri::RuntimeCondition {
-            r#type: "NetworkReady".into(),
-            status: false,
-            reason: "NoPodNetwork".into(),
-            message: "husk does not set up pod networking yet; pods run without network interfaces"
-                .into(),
+        match network::configured_network(&h.cni) {
+            Ok(name) => cri::RuntimeCondition {
+                r#type: "NetworkReady".into(),
+                status: true,
+                reason: "CniConfigured".into(),
+                message: format!("CNI network {name:?}"),
+            },
+            // kubelet's own reason for this state, as containerd reports it.
+            Err(e) => cri::RuntimeCondition {
+                r#type: "NetworkReady".into(),
+                status: false,
+                reason: "NetworkPluginNotReady".into(),
+                message: e.to_string(),
+            },
         },
     ];
     let mut runtime_handlers: Vec<cri::RuntimeHandler> = h

@@ -142,6 +142,11 @@ pub fn vmm_config(
         .iter()
         .map(|f| serde_json::json!({"tag": f.tag, "socket": f.socket}))
         .collect();
+    let net: Vec<serde_json::Value> = config
+        .net
+        .iter()
+        .map(|n| serde_json::json!({"tap": n.tap, "mac": n.mac}))
+        .collect();
     Ok(serde_json::json!({
         "id": config.id,
         "kernel": config.kernel,
@@ -159,6 +164,7 @@ pub fn vmm_config(
                 "uds_path": config.vsock.uds,
             },
             "fs": fs,
+            "net": net,
         },
     }))
 }
@@ -273,6 +279,11 @@ impl Builtin {
             // out of the quoted tail. Panics keep RUST_BACKTRACE's setting.
             .env("RUST_LIB_BACKTRACE", "0")
             .kill_on_drop(false);
+        if let Some(net) = &config.net {
+            super::exec_in_netns(&mut cmd, &net.netns).map_err(|e| {
+                HypervisorError::io(format!("open network namespace {}", net.netns.display()), e)
+            })?;
+        }
         tracing::debug!(config = %json, "starting husk-vmm");
         let child = cmd.spawn().map_err(|source| SpawnError::Exec {
             name: "husk-vmm",
@@ -627,6 +638,7 @@ mod tests {
                 socket: "/s/fs.sock".into(),
                 tag: "husk-share".into(),
             }),
+            net: None,
             vsock: HybridVsockConfig {
                 uds: "/s/vsock".into(),
                 guest_cid: 3,
@@ -674,9 +686,20 @@ mod tests {
                 "rng": true,
                 "vsock": {"guest_cid": 3, "uds_path": "/s/vsock"},
                 "fs": [{"tag": "husk-share", "socket": "/s/fs.sock"}],
+                "net": [],
             },
         });
         assert_eq!(j, want);
+        let mut n = cfg();
+        n.net = Some(super::super::NetDeviceConfig {
+            netns: "/run/husk/netns/sb1".into(),
+            tap: "tap0_husk".into(),
+            mac: "0a:58:0a:01:00:05".into(),
+        });
+        assert_eq!(
+            vmm_config(&n, &files, "").unwrap()["devices"]["net"],
+            serde_json::json!([{"tap": "tap0_husk", "mac": "0a:58:0a:01:00:05"}])
+        );
         let mut c = cfg();
         c.virtio_fs = None;
         c.vcpus = 300;

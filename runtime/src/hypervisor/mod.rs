@@ -13,7 +13,7 @@ pub mod qemu;
 pub mod qmp;
 
 use std::io;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
 use std::str::FromStr;
 use std::time::{Duration, Instant};
@@ -40,6 +40,8 @@ pub struct VmConfig {
     pub kernel_params: Vec<String>,
     /// The virtio-fs device; `None` boots without a share.
     pub virtio_fs: Option<VirtioFsConfig>,
+    /// The pod network's virtio-net device; `None` boots with loopback only.
+    pub net: Option<NetDeviceConfig>,
     pub vsock: HybridVsockConfig,
     /// Guest serial console output goes here.
     pub console_log: PathBuf,
@@ -52,6 +54,21 @@ pub struct VmConfig {
 pub struct VirtioFsConfig {
     pub socket: PathBuf,
     pub tag: String,
+}
+
+/// A virtio-net device backed by a tap in the pod's network namespace.
+///
+/// The VMM process itself runs in that namespace (it opens the tap by
+/// name there), as Kata's does: only the VMM's network view changes, its
+/// unix sockets are paths and keep working across namespaces.
+#[derive(Debug, Clone)]
+pub struct NetDeviceConfig {
+    /// The bind-mounted network namespace file.
+    pub netns: PathBuf,
+    /// The tap's name inside `netns`.
+    pub tap: String,
+    /// The guest interface's MAC, "aa:bb:cc:dd:ee:ff".
+    pub mac: String,
 }
 
 /// The Firecracker-style hybrid vsock the backend must serve.
@@ -87,6 +104,26 @@ impl VmConfig {
                 self.vsock.uds.display()
             ));
         }
+        if let Some(net) = &self.net {
+            if net.tap.is_empty()
+                || net.tap.len() > 15
+                || !net
+                    .tap
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+            {
+                return bad(format!(
+                    "tap name {:?} must be 1 to 15 letters, digits, '_' or '-'",
+                    net.tap
+                ));
+            }
+            if !valid_mac(&net.mac) {
+                return bad(format!(
+                    "MAC {:?} is not of the form aa:bb:cc:dd:ee:ff",
+                    net.mac
+                ));
+            }
+        }
         for p in self.kernel_params.iter() {
             if p.is_empty() || p.contains(char::is_whitespace) {
                 return bad(format!(
@@ -96,6 +133,33 @@ impl VmConfig {
         }
         Ok(())
     }
+}
+
+fn valid_mac(mac: &str) -> bool {
+    let parts: Vec<&str> = mac.split(':').collect();
+    parts.len() == 6
+        && parts
+            .iter()
+            .all(|p| p.len() == 2 && p.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+/// Makes `cmd` join the network namespace at `netns` between fork and
+/// exec, so the VMM opens its tap there.
+pub(crate) fn exec_in_netns(cmd: &mut tokio::process::Command, netns: &Path) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let ns = std::fs::File::open(netns)?;
+    // SAFETY: the closure runs in the forked child before exec and calls only
+    // setns(2), which is async-signal-safe; `ns` is moved into the closure,
+    // so its fd stays open until the command is dropped (after spawn).
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    Ok(())
 }
 
 /// A VM backend (QEMU or the builtin husk-vmm).

@@ -174,6 +174,17 @@ pub fn qemu_args(
             fs.tag
         ));
     }
+    if let Some(net) = &config.net {
+        // vhost=off: the host has no /dev/vhost-net (ENVIRONMENT.md); QEMU
+        // moves the packets itself.
+        push("-netdev");
+        push(&format!(
+            "tap,id=net0,ifname={},script=no,downscript=no,vhost=off",
+            net.tap
+        ));
+        push("-device");
+        push(&format!("virtio-net-device,netdev=net0,mac={}", net.mac));
+    }
     push("-chardev");
     push(&format!(
         "socket,id=vsock0,path={}",
@@ -278,7 +289,14 @@ impl Qemu {
         );
         tracing::debug!(?args, "starting qemu");
         let log = config.sandbox_dir.join("qemu.log");
-        let qemu = ManagedChild::spawn("qemu", &self.paths.qemu, &args, &log)?;
+        let mut cmd = tokio::process::Command::new(&self.paths.qemu);
+        cmd.args(&args);
+        if let Some(net) = &config.net {
+            super::exec_in_netns(&mut cmd, &net.netns).map_err(|e| {
+                HypervisorError::io(format!("open network namespace {}", net.netns.display()), e)
+            })?;
+        }
+        let qemu = ManagedChild::spawn_command("qemu", &self.paths.qemu, cmd, &log)?;
         let launched_at = Instant::now();
         tracing::info!(
             qemu = qemu.pid(),
@@ -410,6 +428,7 @@ mod tests {
                 socket: "/s/fs.sock".into(),
                 tag: "husk".into(),
             }),
+            net: None,
             vsock: HybridVsockConfig {
                 uds: "/s/vsock".into(),
                 guest_cid: 3,
@@ -458,6 +477,39 @@ mod tests {
         }
         // The command line is a single argument.
         assert_eq!(a.last().unwrap(), &OsString::from(cmdline));
+        assert!(!s.contains("-netdev"), "{s}");
+    }
+
+    #[test]
+    fn net_device_is_a_tap_without_vhost() {
+        let mut c = cfg();
+        c.net = Some(super::super::NetDeviceConfig {
+            netns: "/run/husk/netns/sb1".into(),
+            tap: "tap0_husk".into(),
+            mac: "0a:58:0a:01:00:05".into(),
+        });
+        c.validate().unwrap();
+        let a = qemu_args(
+            &c,
+            Accel::Tcg,
+            Path::new("/q/qboot.rom"),
+            &QemuSockets::in_dir(&c.sandbox_dir),
+            "",
+        );
+        let s = joined(&a);
+        let want = "-netdev tap,id=net0,ifname=tap0_husk,script=no,downscript=no,vhost=off -device virtio-net-device,netdev=net0,mac=0a:58:0a:01:00:05";
+        assert!(s.contains(want), "missing {want:?} in {s}");
+        for (tap, mac) in [
+            ("tap0_husk,x", "0a:58:0a:01:00:05"),
+            ("a_tap_name_too_long", "0a:58:0a:01:00:05"),
+            ("tap0", "0a:58:0a:01:00"),
+            ("tap0", "0a:58:0a:01:00:zz"),
+        ] {
+            let n = c.net.as_mut().unwrap();
+            n.tap = tap.into();
+            n.mac = mac.into();
+            assert!(c.validate().is_err(), "{tap} {mac} accepted");
+        }
     }
 
     #[test]

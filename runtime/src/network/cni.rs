@@ -555,7 +555,14 @@ pub(crate) fn parse_result(result: &Value, ifname: &str) -> Result<ParsedResult,
                 g.parse::<IpAddr>()
                     .map_err(|_| format!("route gw {g:?} is not an IP address"))?,
             ),
-            None => None,
+            // CNI: "if omitted, a default gateway is assumed (as determined
+            // by the plugin)"; the plugins (bridge, ptp) install such a
+            // route through the IPAM gateway of the route's family, so the
+            // guest must too, or its default route would be on-link.
+            None => gateways
+                .iter()
+                .copied()
+                .find(|g| g.is_ipv4() == dst.is_ipv4()),
         };
         routes.push(RouteSpec {
             destination: format!("{dst}/{len}"),
@@ -783,9 +790,10 @@ mod tests {
         assert_eq!(
             r.routes,
             vec![
+                // No gw: through the IPAM gateway of its family.
                 RouteSpec {
                     destination: "10.96.0.0/12".into(),
-                    gateway: None
+                    gateway: Some("10.1.0.1".parse().unwrap())
                 },
                 RouteSpec {
                     destination: "::/0".into(),

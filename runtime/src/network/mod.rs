@@ -236,6 +236,18 @@ impl NetworkError {
 }
 
 /// Where the namespace of `pod_id` is bind-mounted.
+/// At a clean exit: when no pod network is left, the netns directory's own
+/// mount and the directory go too (a huskd with pods keeps them, as those
+/// pods outlive it). Returns whether it released them.
+pub fn release_netns_dir(cfg: &CniConfig) -> Result<bool, NetworkError> {
+    netns::release_dir(&cfg.netns_dir).map_err(|e| NetworkError::Netns {
+        pod_id: String::new(),
+        path: cfg.netns_dir.clone(),
+        op: "release the netns directory",
+        source: e,
+    })
+}
+
 pub fn netns_path(cfg: &CniConfig, pod_id: &str) -> PathBuf {
     cfg.netns_dir.join(pod_id)
 }

@@ -87,6 +87,32 @@ fn prepare_dir(dir: &Path) -> io::Result<()> {
     make_shared().map_err(io::Error::from)
 }
 
+/// Undoes [`prepare_dir`] once no pod network is left in `dir`: unmounts
+/// its self-bind (lazily) and removes it with the empty record directory,
+/// so that a huskd without pods leaves no mount behind. Returns whether it
+/// did; a namespace still present keeps everything.
+pub(crate) fn release_dir(dir: &Path) -> io::Result<bool> {
+    let _guard = DIR_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let entries = match fs::read_dir(dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    for e in entries {
+        let e = e?;
+        let records = e.file_name() == ".cni" && fs::read_dir(e.path())?.next().is_none();
+        if !records {
+            return Ok(false);
+        }
+    }
+    if is_mount_point(dir)? {
+        umount2(dir, MntFlags::MNT_DETACH)?;
+    }
+    let _ = fs::remove_dir(dir.join(".cni"));
+    fs::remove_dir(dir)?;
+    Ok(true)
+}
+
 /// Whether `path` is the mount point of some mount in our mount namespace.
 fn is_mount_point(path: &Path) -> io::Result<bool> {
     let path = fs::canonicalize(path)?;

@@ -52,6 +52,10 @@ pub struct PodRecord {
     /// Why the pod is NotReady, when huskd knows.
     #[serde(default)]
     pub reason: String,
+    /// The pod network as CNI set it up; kept after stop so that
+    /// RemovePodSandbox (and a huskd restart) can release it again.
+    #[serde(default)]
+    pub network: Option<crate::network::PodNetwork>,
 }
 
 /// What huskd remembers about a container.
@@ -401,6 +405,7 @@ mod tests {
             pids: vec![("qemu".into(), 1234)],
             sandbox_dir: "/run/husk/sandboxes/x".into(),
             reason: String::new(),
+            network: None,
         }
     }
 

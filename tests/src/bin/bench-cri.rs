@@ -120,15 +120,17 @@ async fn main() -> Result<()> {
             let host_setup = ms_f(&tm["hostSetup"])?;
             let boot = ms_f(&tm["guestBoot"])?;
             let agent = ms_f(&tm["agentSetup"])?;
+            let net = ms_f(&tm["networkSetup"])?;
             let own = ms_f(&tm["guestBootToReady"])?;
             let sandbox_total = ms_f(&tm["total"])?;
             s.add("  host set-up (until the VMM was exec'd)", host_setup);
             s.add("  guest boot (VMM exec -> agent ready)", boot);
             s.add("    guest's own CLOCK_BOOTTIME at ready", own);
             s.add("  agent set-up (CreateSandbox)", agent);
+            s.add("  pod network set-up (CNI ADD, tap, tc)", net);
             s.add(
                 "  huskd around the sandbox (records, files, gRPC)",
-                run.saturating_sub(sandbox_total),
+                run.saturating_sub(sandbox_total + net),
             );
             s.add(
                 "  host-side total (RunPodSandbox - guest boot)",
@@ -234,6 +236,7 @@ async fn main() -> Result<()> {
         "  guest boot (VMM exec -> agent ready)",
         "    guest's own CLOCK_BOOTTIME at ready",
         "  agent set-up (CreateSandbox)",
+        "  pod network set-up (CNI ADD, tap, tc)",
         "  huskd around the sandbox (records, files, gRPC)",
         "  host-side total (RunPodSandbox - guest boot)",
         "CreateContainer",
