@@ -3,7 +3,9 @@
 //!
 //! Each stream of a process is a [`Slot`]. Attaching a connection to a slot
 //! replaces (aborts) the previous connection's copy task; what the process
-//! wrote and nobody read yet stays in the pipe for the next connection.
+//! wrote and nobody read yet stays in the pipe for the next connection, and
+//! output the agent already read but a dead connection did not accept (the
+//! host runtime restarted) is kept and sent first on the next connection.
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
@@ -72,6 +74,9 @@ pub struct Slot {
     /// A pty master is shared by stdin and stdout: closing "stdin" must not
     /// close it.
     is_tty: bool,
+    /// Output read from the process that no connection has accepted yet.
+    /// Shared with the copy task so that aborting the task loses nothing.
+    pending: Arc<Mutex<Vec<u8>>>,
     task: tokio::sync::Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -81,6 +86,7 @@ impl Slot {
             dir,
             fd: Arc::new(Mutex::new(Some(fd))),
             is_tty,
+            pending: Default::default(),
             task: Default::default(),
         }
     }
@@ -108,9 +114,10 @@ impl Slot {
         }
         let fd = Arc::clone(&self.fd);
         let is_tty = self.is_tty;
+        let pending = Arc::clone(&self.pending);
         *task = Some(match self.dir {
             Direction::Out => tokio::spawn(async move {
-                copy_out(&fd, &mut conn, is_tty).await;
+                copy_out(&fd, &pending, &mut conn, is_tty).await;
             }),
             Direction::In => tokio::spawn(async move {
                 copy_in(&fd, &mut conn, is_tty).await;
@@ -128,10 +135,33 @@ impl Slot {
 }
 
 /// process -> host until the process's end reaches EOF, then close the
-/// connection. A dead connection just ends the task; the pipe keeps the rest.
-async fn copy_out(slot: &Mutex<Option<Fd>>, conn: &mut BoxConn, is_tty: bool) {
+/// connection. A dead connection just ends the task: the pipe keeps what was
+/// not read, `pending` what was read but not accepted by the connection.
+async fn copy_out(
+    slot: &Mutex<Option<Fd>>,
+    pending: &Mutex<Vec<u8>>,
+    conn: &mut BoxConn,
+    is_tty: bool,
+) {
+    let lock =
+        |m: &Mutex<Vec<u8>>| -> Vec<u8> { m.lock().unwrap_or_else(|p| p.into_inner()).clone() };
     let mut buf = vec![0u8; 32 * 1024];
     loop {
+        // Flush what a previous connection (or this one) left. `pending` only
+        // shrinks by what the connection accepted, so it is exact at every
+        // await point (where the task may be aborted).
+        loop {
+            let out = lock(pending);
+            if out.is_empty() {
+                break;
+            }
+            match conn.write(&out).await {
+                Ok(n) if n > 0 => {
+                    pending.lock().unwrap_or_else(|p| p.into_inner()).drain(..n);
+                }
+                _ => return,
+            }
+        }
         let Some(fd) = Slot::current(slot) else { break };
         let n = match read_fd(&fd, &mut buf).await {
             Ok(n) => n,
@@ -146,9 +176,10 @@ async fn copy_out(slot: &Mutex<Option<Fd>>, conn: &mut BoxConn, is_tty: bool) {
             slot.lock().unwrap_or_else(|p| p.into_inner()).take();
             break;
         }
-        if conn.write_all(&buf[..n]).await.is_err() {
-            return;
-        }
+        pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend_from_slice(&buf[..n]);
     }
     let _ = conn.shutdown().await;
 }

@@ -1,20 +1,28 @@
 //! Child processes the runtime owns (QEMU, virtiofsd, husk-vsock).
 //!
-//! Every child gets its own process group so that a helper that forks
-//! (virtiofsd in some sandbox modes) is killed as a whole, its stdout and
-//! stderr go to a log file in the sandbox directory, and it is always killed
-//! and reaped: explicitly through [`ManagedChild::kill`], or by `Drop` as a
-//! last resort.
+//! Every child gets its own session (and so its own process group) so that
+//! a helper that forks (virtiofsd in some sandbox modes) is killed as a
+//! whole and a terminal's SIGINT/SIGHUP meant for huskd never reaches it,
+//! its stdout and stderr go to a log file in the sandbox directory, and it
+//! is killed and reaped: explicitly through [`ManagedChild::kill`], or by
+//! `Drop` as a last resort, unless it was handed over with
+//! [`ManagedChild::detach`] (huskd exiting while its pod VMs keep running).
+//!
+//! [`AdoptedProcess`] is the other side: a process a previous huskd started,
+//! found again by pid and start time, waited for through a pidfd.
 
 use std::ffi::OsStr;
 use std::fs::OpenOptions;
 use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
+use serde::{Deserialize, Serialize};
+use tokio::io::unix::AsyncFd;
 use tokio::process::{Child, Command};
 
 /// Why a child could not be started.
@@ -37,6 +45,8 @@ pub struct ManagedChild {
     pid: u32,
     child: Child,
     status: Option<ExitStatus>,
+    /// Handed over: `Drop` leaves it running.
+    detached: bool,
 }
 
 impl ManagedChild {
@@ -80,8 +90,12 @@ impl ManagedChild {
         cmd.stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
-            .process_group(0)
             .kill_on_drop(false);
+        // SAFETY: setsid is async-signal-safe and touches no memory of the
+        // parent; it is all that runs between fork and exec here.
+        unsafe {
+            cmd.pre_exec(|| nix::unistd::setsid().map(drop).map_err(io::Error::from));
+        }
         let child = cmd.spawn().map_err(|source| SpawnError::Exec {
             name,
             program: program.to_path_buf(),
@@ -98,7 +112,20 @@ impl ManagedChild {
             pid,
             child,
             status: None,
+            detached: false,
         })
+    }
+
+    /// Forgets the child without signalling it: it keeps running after this
+    /// handle (and huskd) is gone, for a later huskd to adopt.
+    pub fn detach(mut self) {
+        self.detached = true;
+        tracing::debug!(name = self.name, pid = self.pid, "detached");
+    }
+
+    /// The child's pid and start time, recorded to adopt it later.
+    pub fn identity(&self, role: &str) -> Option<ProcessIdentity> {
+        ProcessIdentity::of(role, self.pid)
     }
 
     pub fn name(&self) -> &'static str {
@@ -188,7 +215,7 @@ impl ManagedChild {
 
 impl Drop for ManagedChild {
     fn drop(&mut self) {
-        if self.status.is_some() {
+        if self.status.is_some() || self.detached {
             return;
         }
         // Not reaped: kill the group now. Reaping needs a wait; a short
@@ -206,6 +233,290 @@ impl Drop for ManagedChild {
             pid = self.pid,
             "killed child not reaped in Drop"
         );
+    }
+}
+
+/// A process as recorded at launch: the pid plus its start time (clock ticks
+/// after boot, /proc/<pid>/stat field 22), which tells the same process from
+/// a later one that got the pid again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessIdentity {
+    pub role: String,
+    pub pid: u32,
+    pub start_time: u64,
+}
+
+impl ProcessIdentity {
+    /// The identity of the live process `pid`; `None` if it is gone.
+    pub fn of(role: &str, pid: u32) -> Option<Self> {
+        Some(Self {
+            role: role.into(),
+            pid,
+            start_time: proc_start_time(pid)?,
+        })
+    }
+}
+
+/// Field 22 (starttime) of /proc/<pid>/stat; `None` if the process is gone
+/// or already a zombie (it has exited; only its parent's wait is missing).
+pub fn proc_start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may contain spaces and ')': split after
+    // its last ')'. Fields from 3 on follow.
+    let rest = stat.rsplit_once(')')?.1;
+    let mut f = rest.split_whitespace();
+    let state = f.next()?;
+    if state == "Z" || state == "X" {
+        return None;
+    }
+    // rest starts at field 3 (state): starttime (22) is the 20th from there.
+    f.nth(18)?.parse().ok()
+}
+
+/// Why a recorded process cannot be adopted.
+#[derive(Debug, thiserror::Error)]
+pub enum AdoptError {
+    #[error("{role} (pid {pid}) is no longer running")]
+    Gone { role: String, pid: u32 },
+    #[error("pid {pid} is now another process than the recorded {role} (start time {found} != {recorded})")]
+    Reused {
+        role: String,
+        pid: u32,
+        recorded: u64,
+        found: u64,
+    },
+    #[error("pidfd_open({pid}) for {role}: {source}")]
+    Pidfd {
+        role: String,
+        pid: u32,
+        source: io::Error,
+    },
+}
+
+/// A process a previous huskd started (not our child): waited for through a
+/// pidfd and signalled through it, so a reused pid is never hit.
+#[derive(Debug)]
+pub struct AdoptedProcess {
+    role: &'static str,
+    pid: u32,
+    pidfd: AsyncFd<OwnedFd>,
+    exited: bool,
+    killed: bool,
+    detached: bool,
+}
+
+impl AdoptedProcess {
+    /// Opens a pidfd for the recorded process and checks, after opening it
+    /// (from then on the pid cannot move to another process under us), that
+    /// it is still the one recorded. Must run inside a tokio runtime.
+    pub fn adopt(role: &'static str, rec: &ProcessIdentity) -> Result<Self, AdoptError> {
+        let gone = || AdoptError::Gone {
+            role: role.into(),
+            pid: rec.pid,
+        };
+        if rec.pid == 0 || rec.pid > i32::MAX as u32 {
+            return Err(gone());
+        }
+        // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1;
+        // no memory is passed.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, rec.pid as libc::pid_t, 0) };
+        if fd < 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::ESRCH) {
+                return Err(gone());
+            }
+            return Err(AdoptError::Pidfd {
+                role: role.into(),
+                pid: rec.pid,
+                source: e,
+            });
+        }
+        // SAFETY: the syscall just returned this fd and nothing else owns it.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+        let found = proc_start_time(rec.pid).ok_or_else(gone)?;
+        if found != rec.start_time {
+            return Err(AdoptError::Reused {
+                role: role.into(),
+                pid: rec.pid,
+                recorded: rec.start_time,
+                found,
+            });
+        }
+        // SAFETY: the AsyncFd owns the OwnedFd, so the fd stays open and
+        // refers to this pidfd for the AsyncFd's whole life.
+        let pidfd = unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }
+            .map_err(|source| AdoptError::Pidfd {
+            role: role.into(),
+            pid: rec.pid,
+            source: source.into(),
+        })?;
+        let mut p = Self {
+            role,
+            pid: rec.pid,
+            pidfd,
+            exited: false,
+            killed: false,
+            detached: false,
+        };
+        if p.has_exited() {
+            return Err(gone());
+        }
+        Ok(p)
+    }
+
+    pub fn role(&self) -> &'static str {
+        self.role
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// Whether the process has exited (a pidfd polls readable then), without
+    /// blocking.
+    pub fn has_exited(&mut self) -> bool {
+        if self.exited {
+            return true;
+        }
+        let mut pfd = libc::pollfd {
+            fd: self.pidfd.get_ref().as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd, timeout 0 (no blocking).
+        let n = unsafe { libc::poll(&mut pfd, 1, 0) };
+        if n > 0 && pfd.revents != 0 {
+            self.exited = true;
+        }
+        self.exited
+    }
+
+    /// The status reported for the process. It is not our child, so its real
+    /// exit status went to its new parent: a SIGKILL when we killed it,
+    /// success otherwise.
+    pub fn status(&self) -> ExitStatus {
+        use std::os::unix::process::ExitStatusExt;
+        ExitStatus::from_raw(if self.killed { libc::SIGKILL } else { 0 })
+    }
+
+    /// Waits until the process has exited.
+    pub async fn wait(&mut self) -> io::Result<ExitStatus> {
+        while !self.exited {
+            let mut g = self.pidfd.readable().await?;
+            g.clear_ready();
+            self.has_exited();
+        }
+        Ok(self.status())
+    }
+
+    /// Waits at most `timeout`; `None` while it still runs.
+    pub async fn wait_timeout(&mut self, timeout: Duration) -> io::Result<Option<ExitStatus>> {
+        match tokio::time::timeout(timeout, self.wait()).await {
+            Ok(r) => r.map(Some),
+            Err(_) => Ok(None),
+        }
+    }
+
+    /// Sends `sig` through the pidfd (no-op once it has exited).
+    pub fn signal(&mut self, sig: Signal) {
+        if self.has_exited() {
+            return;
+        }
+        if sig == Signal::SIGKILL {
+            self.killed = true;
+        }
+        // SAFETY: pidfd_send_signal(pidfd, sig, NULL info, 0 flags) reads no
+        // memory of ours; the fd is a pidfd we own.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_pidfd_send_signal,
+                self.pidfd.get_ref().as_raw_fd(),
+                sig as libc::c_int,
+                std::ptr::null::<libc::siginfo_t>(),
+                0,
+            )
+        };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::ESRCH) {
+                tracing::warn!(role = self.role, pid = self.pid, %e, "pidfd_send_signal failed");
+            }
+        }
+    }
+
+    /// SIGKILLs the process, waits for it and sweeps its process group (it
+    /// was started as a session leader, see [`ManagedChild`]).
+    pub async fn kill(&mut self) -> io::Result<ExitStatus> {
+        self.signal(Signal::SIGKILL);
+        let s = self.wait().await?;
+        let _ = killpg(Pid::from_raw(self.pid as i32), Signal::SIGKILL);
+        Ok(s)
+    }
+
+    /// SIGTERM, up to `grace` for a clean exit, then SIGKILL.
+    pub async fn terminate(&mut self, grace: Duration) -> io::Result<ExitStatus> {
+        self.signal(Signal::SIGTERM);
+        if let Some(s) = self.wait_timeout(grace).await? {
+            return Ok(s);
+        }
+        tracing::warn!(
+            role = self.role,
+            pid = self.pid,
+            "did not exit on SIGTERM, killing"
+        );
+        self.kill().await
+    }
+
+    /// Forgets the process without signalling it.
+    pub fn detach(mut self) {
+        self.detached = true;
+    }
+}
+
+impl Drop for AdoptedProcess {
+    fn drop(&mut self) {
+        // Same last resort as ManagedChild: a handle dropped without
+        // stop/kill/detach takes its process with it.
+        if !self.detached && !self.has_exited() {
+            self.signal(Signal::SIGKILL);
+        }
+    }
+}
+
+/// A helper process of a sandbox: started by this huskd or adopted.
+#[derive(Debug)]
+pub enum Helper {
+    Child(ManagedChild),
+    Adopted(AdoptedProcess),
+}
+
+impl Helper {
+    pub fn pid(&self) -> u32 {
+        match self {
+            Helper::Child(c) => c.pid(),
+            Helper::Adopted(a) => a.pid(),
+        }
+    }
+
+    pub async fn terminate(&mut self, grace: Duration) -> io::Result<ExitStatus> {
+        match self {
+            Helper::Child(c) => c.terminate(grace).await,
+            Helper::Adopted(a) => a.terminate(grace).await,
+        }
+    }
+
+    pub async fn kill(&mut self) -> io::Result<ExitStatus> {
+        match self {
+            Helper::Child(c) => c.kill().await,
+            Helper::Adopted(a) => a.kill().await,
+        }
+    }
+
+    pub fn detach(self) {
+        match self {
+            Helper::Child(c) => c.detach(),
+            Helper::Adopted(a) => a.detach(),
+        }
     }
 }
 
@@ -299,6 +610,87 @@ mod tests {
             assert_eq!(state, "Z", "grandchild still alive: {stat}");
         }
         assert!(std::fs::read_to_string(&log).unwrap().contains("started"));
+    }
+
+    fn alive(pid: u32) -> bool {
+        proc_start_time(pid).is_some()
+    }
+
+    /// A detached child survives its handle in its own session; a later
+    /// "huskd" adopts it by pid and start time, sees it run, kills it
+    /// through the pidfd and notices the exit.
+    #[tokio::test]
+    async fn detach_then_adopt_and_kill() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = ManagedChild::spawn(
+            "sleep",
+            Path::new("/bin/sleep"),
+            ["100"],
+            &dir.path().join("l"),
+        )
+        .unwrap();
+        let pid = c.pid();
+        // Its own session: huskd's terminal and session leave it alone.
+        assert_eq!(
+            nix::unistd::getsid(Some(Pid::from_raw(pid as i32)))
+                .unwrap()
+                .as_raw(),
+            pid as i32
+        );
+        let id = c.identity("sleep").unwrap();
+        assert_eq!(id.pid, pid);
+        c.detach();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(alive(pid), "detached child was killed");
+
+        // Another start time: a reused pid is refused.
+        let wrong = ProcessIdentity {
+            start_time: id.start_time + 1,
+            ..id.clone()
+        };
+        assert!(matches!(
+            AdoptedProcess::adopt("sleep", &wrong),
+            Err(AdoptError::Reused { .. })
+        ));
+        let mut a = AdoptedProcess::adopt("sleep", &id).unwrap();
+        assert!(!a.has_exited());
+        assert!(a
+            .wait_timeout(Duration::from_millis(50))
+            .await
+            .unwrap()
+            .is_none());
+        let st = a.kill().await.unwrap();
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(st.signal(), Some(libc::SIGKILL));
+        assert!(a.has_exited());
+        // It was our child after all (this test is its parent): reap it, then
+        // it is gone for good and cannot be adopted.
+        let _ = nix::sys::wait::waitpid(Pid::from_raw(pid as i32), None);
+        assert!(!alive(pid));
+        assert!(matches!(
+            AdoptedProcess::adopt("sleep", &id),
+            Err(AdoptError::Gone { .. })
+        ));
+    }
+
+    /// An adopted process that exits on its own is noticed through the pidfd.
+    #[tokio::test]
+    async fn adopted_exit_is_noticed() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = ManagedChild::spawn(
+            "sleep",
+            Path::new("/bin/sleep"),
+            ["0.3"],
+            &dir.path().join("l"),
+        )
+        .unwrap();
+        let pid = c.pid();
+        let id = c.identity("sleep").unwrap();
+        c.detach();
+        let mut a = AdoptedProcess::adopt("sleep", &id).unwrap();
+        let st = a.wait_timeout(Duration::from_secs(10)).await.unwrap();
+        assert!(st.is_some_and(|s| s.success()));
+        let _ = nix::sys::wait::waitpid(Pid::from_raw(pid as i32), None);
     }
 
     #[tokio::test]

@@ -20,6 +20,7 @@
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex as StdMutex};
 use std::time::{Duration, Instant};
 
@@ -37,11 +38,13 @@ use crate::agent::{AgentConn, AgentError, ReadyListener};
 use crate::config::{
     require_file, GuestImage, MissingComponent, HINT_GUEST_IMAGE, HINT_INSTALL_DEPS,
 };
+use crate::hypervisor::adopted::{adopt_role, AdoptVmError};
 use crate::hypervisor::{
-    HybridVsockConfig, Hypervisor, HypervisorError, NetDeviceConfig, VirtioFsConfig, Vm, VmConfig,
+    AdoptedVm, HybridVsockConfig, Hypervisor, HypervisorError, NetDeviceConfig, VirtioFsConfig, Vm,
+    VmConfig, VmControl,
 };
 use crate::mounts;
-use crate::process::ManagedChild;
+use crate::process::{Helper, ManagedChild, ProcessIdentity};
 use crate::virtiofsd::{spawn_virtiofsd, VirtiofsdError};
 
 /// Default parent of sandbox directories.
@@ -173,6 +176,8 @@ pub enum SandboxError {
     },
     #[error("sandbox {id} is stopped")]
     Stopped { id: String },
+    #[error("sandbox {id}: cannot adopt: {why}")]
+    Adopt { id: String, why: String },
     #[error("sandbox {id}: mounts left under {dir}: {mounts:?}; not removing the directory")]
     MountsLeft {
         id: String,
@@ -221,6 +226,32 @@ pub enum Rootfs {
     InShare,
     /// Bind-mount this host directory there (unmounted on removal/stop).
     Bind(PathBuf),
+}
+
+/// The backend of a sandbox to adopt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AdoptBackend {
+    Qemu,
+    Builtin,
+}
+
+/// What [`Sandbox::adopt`] needs: the pod record's view of the sandbox.
+#[derive(Debug, Clone)]
+pub struct AdoptConfig {
+    pub id: String,
+    /// The sandbox directory (sockets and share inside, as at start).
+    pub dir: PathBuf,
+    pub backend: AdoptBackend,
+    /// As recorded at start ([`Sandbox::processes`]).
+    pub processes: Vec<ProcessIdentity>,
+    /// The hypervisor description recorded at start.
+    pub hypervisor: String,
+    /// Each step: control socket, agent connect, Health.
+    pub timeout: Duration,
+    pub rpc_timeout: Duration,
+    /// Kept for later stream connections (as [`SandboxConfig::connect_timeout`]).
+    pub connect_timeout: Duration,
+    pub stop_timeout: Duration,
 }
 
 /// How long each phase of [`Sandbox::start`] took.
@@ -273,7 +304,7 @@ impl From<WaitProcessResponse> for ExitInfo {
 #[derive(Debug)]
 struct Running {
     vm: Box<dyn Vm>,
-    virtiofsd: ManagedChild,
+    virtiofsd: Helper,
 }
 
 /// A running pod sandbox. Methods take `&self`; share it with `Arc`.
@@ -292,9 +323,14 @@ pub struct Sandbox {
     ready: ReadyNotice,
     timings: SandboxTimings,
     pids: Vec<(&'static str, u32)>,
+    /// The same processes with their start times, recorded to adopt them
+    /// after a huskd restart.
+    processes: Vec<ProcessIdentity>,
     running: tokio::sync::Mutex<Option<Running>>,
     /// Containers whose rootfs this sandbox bind-mounted.
     bound: StdMutex<HashSet<String>>,
+    /// Handed over to a later huskd: `Drop` leaves the directory.
+    detached: AtomicBool,
 }
 
 /// Cleans up a half-started sandbox on every early return of `start`.
@@ -507,6 +543,12 @@ impl Sandbox {
         let mut pids = vm.pids();
         let virtiofsd = guard.virtiofsd.take().expect("virtiofsd started above");
         pids.push(("virtiofsd", virtiofsd.pid()));
+        // Our children are not reaped before this, so each pid is still the
+        // process launched.
+        let processes = pids
+            .iter()
+            .filter_map(|(role, pid)| ProcessIdentity::of(role, *pid))
+            .collect();
         let vm = guard.vm.take().expect("vm launched above");
         let timings = SandboxTimings {
             host_setup: launched_at.duration_since(t0),
@@ -531,9 +573,99 @@ impl Sandbox {
             ready: notice,
             timings,
             pids,
-            running: tokio::sync::Mutex::new(Some(Running { vm, virtiofsd })),
+            processes,
+            running: tokio::sync::Mutex::new(Some(Running {
+                vm,
+                virtiofsd: Helper::Child(virtiofsd),
+            })),
             bound: StdMutex::new(HashSet::new()),
+            detached: AtomicBool::new(false),
         })
+    }
+
+    /// Takes over a sandbox a previous huskd started: checks that the
+    /// recorded VMM and helper processes are still those processes (pid and
+    /// start time), connects to the agent through the hybrid vsock socket
+    /// and calls Health. Nothing is stopped on failure: the caller decides.
+    pub async fn adopt(config: AdoptConfig) -> Result<Sandbox, SandboxError> {
+        validate_id("sandbox id", &config.id)?;
+        let span = tracing::info_span!("sandbox_adopt", sandbox = %config.id);
+        let id = config.id.clone();
+        let err = move |why: String| SandboxError::Adopt {
+            id: id.clone(),
+            why,
+        };
+        async {
+            let dir = config.dir.clone();
+            let control = match config.backend {
+                AdoptBackend::Qemu => VmControl::Qmp(dir.join("qmp.sock")),
+                AdoptBackend::Builtin => VmControl::HuskVmm {
+                    files: crate::hypervisor::builtin::BuiltinFiles::in_dir(&dir),
+                    vsock_uds: dir.join("vsock"),
+                },
+            };
+            let vm = AdoptedVm::adopt(&config.id, control, &config.processes, config.timeout)
+                .await
+                .map_err(|e| err(e.to_string()))?;
+            let virtiofsd = adopt_role(&config.processes, "virtiofsd")
+                .map_err(|e: AdoptVmError| err(e.to_string()))?;
+            let agent = tokio::time::timeout(
+                config.timeout,
+                AgentConn::connect(&dir.join("vsock"), config.connect_timeout),
+            )
+            .await
+            .map_err(|_| err(format!("agent not reached within {:?}", config.timeout)))?
+            .map_err(|e| err(format!("connecting to the agent: {e}")))?;
+            let health = agent
+                .client()
+                .health(HealthRequest {}, Some(config.timeout))
+                .await
+                .map_err(|e| err(format!("agent Health: {e}")))?;
+            let mut pids = vm.pids();
+            pids.push(("virtiofsd", virtiofsd.pid()));
+            tracing::info!(agent_version = %health.agent_version, guest_uptime_ms = health.uptime_ms, ?pids, "sandbox adopted");
+            Ok(Sandbox {
+                id: config.id.clone(),
+                share_dir: dir.join("share"),
+                dir,
+                agent,
+                rpc_timeout: config.rpc_timeout,
+                stop_timeout: config.stop_timeout,
+                hypervisor: config.hypervisor,
+                ready: ReadyNotice {
+                    agent_version: health.agent_version,
+                    boot_to_ready_ms: 0,
+                },
+                timings: SandboxTimings::default(),
+                pids,
+                processes: config.processes,
+                running: tokio::sync::Mutex::new(Some(Running {
+                    vm: Box::new(vm),
+                    virtiofsd: Helper::Adopted(virtiofsd),
+                })),
+                bound: StdMutex::new(HashSet::new()),
+                detached: AtomicBool::new(false),
+            })
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Leaves the VM and its helpers running and the directory in place,
+    /// and forgets them: huskd is exiting and a later one adopts the
+    /// sandbox ([`adopt`](Self::adopt)). The agent connection closes when
+    /// the sandbox is dropped.
+    pub async fn detach(&self) {
+        self.detached.store(true, Ordering::SeqCst);
+        if let Some(r) = self.running.lock().await.take() {
+            r.vm.detach();
+            r.virtiofsd.detach();
+        }
+    }
+
+    /// (role, pid, start time) of every host process of this sandbox.
+    pub fn processes(&self) -> &[ProcessIdentity] {
+        &self.processes
     }
 
     pub fn id(&self) -> &str {
@@ -927,6 +1059,9 @@ impl Sandbox {
 
 impl Drop for Sandbox {
     fn drop(&mut self) {
+        if self.detached.load(Ordering::SeqCst) {
+            return;
+        }
         if let Some(r) = self.running.get_mut().take() {
             tracing::warn!(sandbox = %self.id, "sandbox dropped without stop(); killing it");
             // ManagedChild's Drop SIGKILLs each process group.

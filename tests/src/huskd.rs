@@ -116,6 +116,40 @@ impl HuskdDirs {
     pub fn root(&self) -> PathBuf {
         self.top.path().join("root")
     }
+
+    /// SIGKILLs every process that names the state dir (pod VMs outlive
+    /// huskd by design, so a test that failed before removing its pods
+    /// leaves them) and unmounts what is left under it. Returns what it
+    /// killed.
+    pub fn kill_leftovers(&self) -> Vec<String> {
+        let dir = self.state.path();
+        let left = processes_mentioning(dir);
+        for l in &left {
+            if let Some(pid) = l.split(':').next().and_then(|p| p.parse::<i32>().ok()) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !processes_mentioning(dir).is_empty() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = husk_runtime::mounts::unmount_all_under(dir);
+        left
+    }
+}
+
+impl Drop for HuskdDirs {
+    /// Runs after the test's huskd is gone (declared after the dirs, so
+    /// dropped first): nothing of its pods may outlive the test.
+    fn drop(&mut self) {
+        let left = self.kill_leftovers();
+        if !left.is_empty() {
+            eprintln!("killed pod processes left by the test: {left:?}");
+        }
+    }
 }
 
 /// The huskd binary: `HUSK_HUSKD_BIN`, else the husk binary directories.
@@ -135,7 +169,8 @@ pub fn huskd_bin() -> Result<PathBuf> {
 }
 
 /// A running huskd. Tests stop it with [`Huskd::terminate`] to check
-/// the clean path; dropping it terminates it as well.
+/// the clean path; dropping it terminates it as well. Pod VMs outlive huskd
+/// (the next huskd adopts them): [`HuskdDirs`] kills what is left.
 #[derive(Debug)]
 pub struct Huskd {
     child: Option<Child>,
@@ -207,7 +242,7 @@ impl Huskd {
         lines[lines.len().saturating_sub(n)..].join("\n")
     }
 
-    /// SIGKILL (a crash): huskd gets no chance to stop its VMs.
+    /// SIGKILL (a crash): huskd gets no chance to clean anything up.
     pub fn kill(&mut self) -> Result<()> {
         let mut c = self.child.take().context("huskd is not running")?;
         c.kill()?;
@@ -243,7 +278,7 @@ impl Huskd {
 }
 
 impl Drop for Huskd {
-    /// SIGTERM first so that huskd stops its VMs; SIGKILL after 30 s.
+    /// SIGTERM first so that huskd exits cleanly; SIGKILL after 30 s.
     fn drop(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = nix::sys::signal::kill(

@@ -762,3 +762,98 @@ async fn cri_suite_backend_is_stated() -> Result<()> {
     ensure!(st.success(), "huskd exited with {st}");
     Ok(())
 }
+
+/// The builtin backend's side of a huskd restart (issue 5): a launched
+/// husk-vmm outlives its detached handle; a later huskd adopts it by pid and
+/// start time (a wrong start time, as after pid reuse, is refused without
+/// signalling anything) and by the control socket's `status`, sees it run,
+/// and shuts it down through the control socket, which removes its files.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn husk_vmm_detach_and_adopt() -> Result<()> {
+    let _serial = SERIAL.lock().await;
+    init_tracing();
+    let paths = vmm_paths()?;
+    let virtiofsd =
+        husk_runtime::virtiofsd::find_virtiofsd(env_path("HUSK_VIRTIOFSD_BIN").as_deref())?;
+    let backend = Builtin::new(paths, &probe_accel());
+    let base = tempfile::Builder::new().prefix("ha").tempdir_in("/tmp")?;
+    let dir = base.path().join(unique_id("a"));
+    std::fs::create_dir_all(&dir)?;
+    let mut pids = Vec::new();
+    let r = detach_and_adopt(&backend, &dir, &virtiofsd, &mut pids).await;
+    let _ = std::fs::remove_dir_all(&dir);
+    let clean = LeakProbe {
+        dir: dir.clone(),
+        pids,
+    }
+    .assert_clean();
+    r?;
+    clean
+}
+
+async fn detach_and_adopt(
+    backend: &Builtin,
+    dir: &Path,
+    virtiofsd: &Path,
+    pids: &mut Vec<(&'static str, u32)>,
+) -> Result<()> {
+    use husk_runtime::hypervisor::{AdoptedVm, VmControl};
+    use husk_runtime::process::ProcessIdentity;
+    let files = BuiltinFiles::in_dir(dir);
+    let mut fx = fixture(dir, virtiofsd)?;
+    pids.push(("virtiofsd", fx.virtiofsd.pid()));
+    let vm = backend.launch(&fx.config).await?;
+    let pid = vm.pids()[0].1;
+    pids.push(("husk-vmm", pid));
+    let ids: Vec<ProcessIdentity> = vm
+        .pids()
+        .iter()
+        .filter_map(|(role, p)| ProcessIdentity::of(role, *p))
+        .collect();
+    ensure!(ids.len() == 1, "{ids:?}");
+    vm.detach();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    ensure!(
+        alive(pid) && is_socket(&files.control) && files.pid.exists(),
+        "husk-vmm did not outlive its detached handle with its files"
+    );
+    let control = VmControl::HuskVmm {
+        files: files.clone(),
+        vsock_uds: fx.config.vsock.uds.clone(),
+    };
+    let mut wrong = ids.clone();
+    wrong[0].start_time += 1;
+    match AdoptedVm::adopt(
+        "builtin-e2e",
+        control.clone(),
+        &wrong,
+        Duration::from_secs(2),
+    )
+    .await
+    {
+        Ok(_) => bail!("adopted a husk-vmm whose start time does not match"),
+        Err(e) => eprintln!("refused as it should be: {e}"),
+    }
+    ensure!(alive(pid), "a refused adoption signalled the process");
+    let t = Instant::now();
+    let mut vm = AdoptedVm::adopt("builtin-e2e", control, &ids, Duration::from_secs(2)).await?;
+    eprintln!("husk-vmm adopted in {:?}", t.elapsed());
+    ensure!(vm.pids() == vec![("husk-vmm", pid)], "{:?}", vm.pids());
+    ensure!(vm.try_exit()?.is_none(), "adopted husk-vmm reported exited");
+    let t = Instant::now();
+    let st = vm.shutdown(Duration::from_secs(6)).await?;
+    let took = t.elapsed();
+    eprintln!("adopted husk-vmm shut down in {took:?}: {st}");
+    // SIGKILL would come only after half the timeout.
+    ensure!(
+        st.success() && took < Duration::from_secs(3),
+        "not stopped through the control socket: {st} after {took:?}"
+    );
+    ensure!(vm.try_exit()?.is_some());
+    reap(pid);
+    for p in [&files.control, &files.pid, &fx.config.vsock.uds] {
+        ensure!(!p.exists(), "{} left after shutdown", p.display());
+    }
+    fx.virtiofsd.terminate(Duration::from_secs(2)).await?;
+    Ok(())
+}

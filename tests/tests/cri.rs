@@ -1321,11 +1321,13 @@ async fn cri_restart_keeps_records() -> Result<()> {
         Ok(())
     })
     .await;
-    // SIGTERM with the pod running: its VM goes with huskd.
-    let end = terminate_clean(huskd, &dirs).await;
+    // SIGTERM with the pod running leaves its VM running; it dies while
+    // huskd is down, so the next huskd cannot adopt it.
+    let end = terminate_leaving_vms(huskd, &dirs).await;
     r?;
     end?;
     let (image_ref, pod, c) = ids.context("ids")?;
+    kill_vmm(&dirs)?;
 
     let huskd = Huskd::start(&dirs).await?;
     let (mut rt, mut img) = huskd.clients().await?;
@@ -1586,9 +1588,10 @@ async fn cri_concurrent_pods() -> Result<()> {
     end
 }
 
-/// huskd killed with SIGKILL while a pod runs: the restarted huskd reaps
-/// the VM processes left behind, shows the records (pod NotReady,
-/// container EXITED) and can stop and remove them.
+/// huskd killed with SIGKILL while a pod runs and the pod's QEMU killed
+/// while huskd is down: the restarted huskd does not adopt the pod, reaps
+/// the helpers left behind (husk-vsock, virtiofsd), shows the records (pod
+/// NotReady, container EXITED) and can stop and remove them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cri_crash_recovery() -> Result<()> {
     let _serial = SERIAL.lock().await;
@@ -1617,10 +1620,11 @@ async fn cri_crash_recovery() -> Result<()> {
     r?;
     let (pod, c) = ids.context("ids")?;
     let left = husk_tests::huskd::processes_mentioning(dirs.state.path());
-    eprintln!(
-        "after SIGKILL of huskd: {} processes of the pod left",
-        left.len()
+    ensure!(
+        left.len() == 3,
+        "after SIGKILL of huskd the pod's qemu, husk-vsock and virtiofsd run on: {left:?}"
     );
+    kill_vmm(&dirs)?;
 
     let huskd = Huskd::start(&dirs).await?;
     let (mut rt, _) = huskd.clients().await?;
@@ -1650,6 +1654,374 @@ async fn cri_crash_recovery() -> Result<()> {
             std::fs::read_dir(&sandboxes)?.count() == 0,
             "sandbox dirs left"
         );
+        Ok(())
+    })
+    .await;
+    let end = terminate_clean(huskd, &dirs).await;
+    r?;
+    end
+}
+
+/// SIGTERM; huskd exits 0 and removes its socket, but (by design) leaves
+/// its pod VMs running for the next huskd.
+async fn terminate_leaving_vms(mut huskd: Huskd, dirs: &HuskdDirs) -> Result<()> {
+    let st = huskd.terminate(Duration::from_secs(60)).await?;
+    ensure!(
+        st.success(),
+        "huskd exited with {st} on SIGTERM\n{}",
+        huskd.log_tail(40)
+    );
+    ensure!(
+        !dirs.socket.exists(),
+        "huskd left its socket {}",
+        dirs.socket.display()
+    );
+    Ok(())
+}
+
+/// SIGKILLs the QEMU of the (single) pod under `dirs` while huskd is down.
+fn kill_vmm(dirs: &HuskdDirs) -> Result<()> {
+    let left = husk_tests::huskd::processes_mentioning(dirs.state.path());
+    let qemu: Vec<i32> = left
+        .iter()
+        .filter(|l| l.contains("qemu-system"))
+        .filter_map(|l| l.split(':').next()?.parse().ok())
+        .collect();
+    ensure!(qemu.len() == 1, "one qemu expected: {left:?}");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(qemu[0]),
+        nix::sys::signal::Signal::SIGKILL,
+    )?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    // Not our child: gone once init reaped it, or a zombie until then.
+    let dead = |pid: i32| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| {
+                s.rsplit(')')
+                    .next()
+                    .unwrap_or("")
+                    .trim_start()
+                    .starts_with('Z')
+            })
+            .unwrap_or(true)
+    };
+    while !dead(qemu[0]) {
+        ensure!(Instant::now() < deadline, "qemu {} did not die", qemu[0]);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+/// The counter of `counter` lines ("n <i>") in a CRI log, checked to count
+/// 0, 1, 2, ... without a gap or a repeat.
+fn counter_lines(path: &Path) -> Result<u64> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("{}", path.display()))?;
+    let mut want = 0u64;
+    for (stream, tag, msg) in parse_log(&text)? {
+        ensure!(stream == "stdout" && tag == "F", "{stream} {tag} {msg}");
+        let n: u64 = msg
+            .strip_prefix("n ")
+            .and_then(|n| n.parse().ok())
+            .with_context(|| format!("not a counter line: {msg:?}"))?;
+        ensure!(
+            n == want,
+            "counter line {n} where {want} was due: lines lost or repeated across a restart\n{text}"
+        );
+        want += 1;
+    }
+    Ok(want)
+}
+
+/// Waits until the counter log has at least `n` lines (checking it on the way).
+async fn wait_counter(path: &Path, n: u64, timeout: Duration) -> Result<u64> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let got = counter_lines(path)?;
+        if got >= n {
+            return Ok(got);
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "counter log at {got} lines, {n} expected within {timeout:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// One restart of [`cri_restart_adopts_running_pod`]: triggers `quitter`
+/// (it exits with `code` 0.5 s later, while huskd is down), stops huskd
+/// (SIGTERM or, `crash`, SIGKILL), waits 1 s and starts a new huskd, which
+/// must have adopted the pod before it serves.
+#[allow(clippy::too_many_arguments)]
+async fn adopt_round(
+    mut huskd: Huskd,
+    dirs: &HuskdDirs,
+    crash: bool,
+    pod: &str,
+    counter: &str,
+    quitter: &str,
+    code: i32,
+    counter_log: &Path,
+) -> Result<Huskd> {
+    let how = if crash { "SIGKILL" } else { "SIGTERM" };
+    let (mut rt, _) = huskd.clients().await?;
+    exec_ok(&mut rt, quitter, &["touch", "/tmp/go"]).await?;
+    drop(rt);
+    let before = counter_lines(counter_log)?;
+    if crash {
+        huskd.kill()?;
+    } else {
+        terminate_leaving_vms(huskd, dirs).await?;
+    }
+    let left = husk_tests::huskd::processes_mentioning(dirs.state.path());
+    ensure!(
+        left.len() == 3,
+        "after {how} of huskd the pod's qemu, husk-vsock and virtiofsd run on: {left:?}"
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let t = Instant::now();
+    let huskd = Huskd::start(dirs).await?;
+    eprintln!(
+        "after {how}: huskd start to serving with 1 adopted pod: {} ms",
+        t.elapsed().as_millis()
+    );
+    let (mut rt, _) = huskd.clients().await?;
+    let r = async {
+        // The first List is already right.
+        let pods = list_pods(&mut rt, Default::default()).await?;
+        ensure!(
+            pods.len() == 1
+                && pods[0].id == pod
+                && pods[0].state == cri::PodSandboxState::SandboxReady as i32,
+            "pods after {how}: {pods:?}"
+        );
+        let st = container_status(&mut rt, counter).await?;
+        ensure!(
+            st.state == cri::ContainerState::ContainerRunning as i32,
+            "{st:?}"
+        );
+        let out = exec_ok(&mut rt, counter, &["echo", "adopted"]).await?;
+        ensure!(out == "adopted\n", "{out:?}");
+        // Exited while huskd was down: the real exit code.
+        let qs = wait_exited(&mut rt, quitter, Duration::from_secs(10)).await?;
+        ensure!(
+            qs.exit_code == code && qs.reason == "Error",
+            "quitter after {how}: {qs:?}"
+        );
+        // The log continues: what was written while huskd was down (about
+        // 7 lines), then more, without a gap or a repeat.
+        let got = wait_counter(counter_log, before + 15, Duration::from_secs(30)).await?;
+        eprintln!("after {how}: counter log {before} -> {got} lines, continuous");
+        Ok(())
+    }
+    .await;
+    if r.is_err() {
+        eprintln!("--- huskd log ---\n{}", huskd.log_tail(80));
+    }
+    r.map(|()| huskd)
+}
+
+/// Pod VMs outlive huskd (issues 4, 5): after SIGTERM and after SIGKILL of
+/// huskd the next huskd adopts the running pod: same id, Ready; its
+/// container Running, ExecSync works, its log continues without a lost or
+/// repeated line; a container that exited while huskd was down reports its
+/// real exit code; a Created container stays Created and starts. Stop and
+/// remove leave nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cri_restart_adopts_running_pod() -> Result<()> {
+    let _serial = SERIAL.lock().await;
+    let s = setup()?;
+    let dirs = HuskdDirs::new(&s.env, &[s.registry.host().as_str()])?;
+    let huskd = Huskd::start(&dirs).await?;
+    let (mut rt, mut img) = huskd.clients().await?;
+    let log_dir = dirs.top.path().join("logs/adopt");
+    let counter_log = log_dir.join("counter/0.log");
+    let image = s.image.clone();
+    let pcfg = pod_config("adopt", &log_dir);
+    let mut ids = None;
+    let r = guarded(&huskd, async {
+        pull(&mut img, &image).await.context("PullImage")?;
+        let pod = run_pod(&mut rt, &pcfg, "").await?;
+        let counter = create_start(
+            &mut rt,
+            &pod,
+            &pcfg,
+            container_config(
+                "counter",
+                &image,
+                &[
+                    "sh",
+                    "-c",
+                    "i=0; while true; do echo n $i; i=$((i+1)); sleep 0.15; done",
+                ],
+                "counter/0.log",
+            ),
+        )
+        .await?;
+        let mut quitters = Vec::new();
+        for code in [7, 9] {
+            let cmd =
+                format!("while [ ! -e /tmp/go ]; do sleep 0.05; done; sleep 0.5; exit {code}");
+            quitters.push(
+                create_start(
+                    &mut rt,
+                    &pod,
+                    &pcfg,
+                    container_config(
+                        &format!("quit{code}"),
+                        &image,
+                        &["sh", "-c", &cmd],
+                        &format!("quit{code}/0.log"),
+                    ),
+                )
+                .await?,
+            );
+        }
+        let late = rt
+            .create_container(cri::CreateContainerRequest {
+                pod_sandbox_id: pod.clone(),
+                config: Some(container_config(
+                    "late",
+                    &image,
+                    &["sh", "-c", "echo late-start; exec sleep 3600"],
+                    "late/0.log",
+                )),
+                sandbox_config: Some(pcfg.clone()),
+            })
+            .await
+            .context("CreateContainer late")?
+            .into_inner()
+            .container_id;
+        wait_counter(&counter_log, 5, Duration::from_secs(30)).await?;
+        ids = Some((pod, counter, quitters, late));
+        Ok(())
+    })
+    .await;
+    if let Err(e) = r {
+        drop(huskd);
+        return Err(e);
+    }
+    let (pod, counter, quitters, late) = ids.context("ids")?;
+    let huskd = adopt_round(
+        huskd,
+        &dirs,
+        false,
+        &pod,
+        &counter,
+        &quitters[0],
+        7,
+        &counter_log,
+    )
+    .await?;
+    let huskd = adopt_round(
+        huskd,
+        &dirs,
+        true,
+        &pod,
+        &counter,
+        &quitters[1],
+        9,
+        &counter_log,
+    )
+    .await?;
+    let (mut rt, _) = huskd.clients().await?;
+    let r = guarded(&huskd, async {
+        // Created before two restarts, never started: still Created, and
+        // its re-attached output reaches its log once started.
+        let st = container_status(&mut rt, &late).await?;
+        ensure!(
+            st.state == cri::ContainerState::ContainerCreated as i32,
+            "{st:?}"
+        );
+        rt.start_container(cri::StartContainerRequest {
+            container_id: late.clone(),
+        })
+        .await
+        .context("StartContainer late, after two restarts")?;
+        let late_log = log_dir.join("late/0.log");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !std::fs::read_to_string(&late_log)
+            .unwrap_or_default()
+            .contains("stdout F late-start")
+        {
+            ensure!(
+                Instant::now() < deadline,
+                "late container's output not in its log"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        stop_remove_pod(&mut rt, &pod).await?;
+        let cs = list_containers(&mut rt, Default::default()).await?;
+        ensure!(
+            cs.iter()
+                .all(|c| c.state == cri::ContainerState::ContainerExited as i32),
+            "{cs:?}"
+        );
+        counter_lines(&counter_log)?;
+        dirs.assert_sandboxes_gone()?;
+        Ok(())
+    })
+    .await;
+    let end = terminate_clean(huskd, &dirs).await;
+    r?;
+    end
+}
+
+/// Start-to-serving time of a huskd that adopts three pods (printed), and
+/// all three Ready and usable afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cri_restart_adopts_three_pods() -> Result<()> {
+    let _serial = SERIAL.lock().await;
+    let s = setup()?;
+    let dirs = HuskdDirs::new(&s.env, &[s.registry.host().as_str()])?;
+    let huskd = Huskd::start(&dirs).await?;
+    let (mut rt, mut img) = huskd.clients().await?;
+    let image = s.image.clone();
+    let mut made = Vec::new();
+    let r = guarded(&huskd, async {
+        pull(&mut img, &image).await.context("PullImage")?;
+        for name in ["a", "b", "c"] {
+            let pcfg = pod_config(name, &dirs.top.path().join("logs").join(name));
+            let pod = run_pod(&mut rt, &pcfg, "").await?;
+            let c = create_start(
+                &mut rt,
+                &pod,
+                &pcfg,
+                container_config("sleeper", &image, &["sleep", "3600"], "sleeper/0.log"),
+            )
+            .await?;
+            made.push((pod, c));
+        }
+        Ok(())
+    })
+    .await;
+    if let Err(e) = r {
+        drop(huskd);
+        return Err(e);
+    }
+    terminate_leaving_vms(huskd, &dirs).await?;
+    let t = Instant::now();
+    let huskd = Huskd::start(&dirs).await?;
+    eprintln!(
+        "huskd start to serving with 3 adopted pods: {} ms",
+        t.elapsed().as_millis()
+    );
+    let (mut rt, _) = huskd.clients().await?;
+    let r = guarded(&huskd, async {
+        let pods = list_pods(&mut rt, Default::default()).await?;
+        ensure!(
+            pods.len() == 3
+                && pods
+                    .iter()
+                    .all(|p| p.state == cri::PodSandboxState::SandboxReady as i32),
+            "{pods:?}"
+        );
+        for (pod, c) in &made {
+            let out = exec_ok(&mut rt, c, &["echo", "ok"]).await?;
+            ensure!(out == "ok\n", "{out:?}");
+            stop_remove_pod(&mut rt, pod).await?;
+        }
+        dirs.assert_sandboxes_gone()?;
         Ok(())
     })
     .await;

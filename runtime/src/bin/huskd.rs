@@ -110,8 +110,8 @@ async fn serve(config: HuskdConfig) -> anyhow::Result<()> {
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let shutdown = async move {
         tokio::select! {
-            _ = sigterm.recv() => tracing::info!("SIGTERM: shutting down"),
-            _ = sigint.recv() => tracing::info!("SIGINT: shutting down"),
+            _ = sigterm.recv() => tracing::info!("SIGTERM: shutting down, leaving pod VMs running"),
+            _ = sigint.recv() => tracing::info!("SIGINT: shutting down, leaving pod VMs running"),
         }
     };
     let runtime = RuntimeServiceServer::new(CriRuntime { husk: husk.clone() })
@@ -127,13 +127,15 @@ async fn serve(config: HuskdConfig) -> anyhow::Result<()> {
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
         .await;
     let _ = std::fs::remove_file(&listen);
-    // Pod VMs are huskd's children and cannot outlive it: stop them cleanly.
-    husk.shutdown().await;
+    // Pod VMs outlive huskd (like containerd's shims): they keep running and
+    // the next huskd adopts them. Their processes are in their own sessions,
+    // so neither a terminal's SIGINT nor huskd's exit reaches them.
+    husk.detach_all().await;
     match husk_runtime::network::release_netns_dir(&husk.cni) {
         Ok(true) => tracing::debug!("no pod network left: netns directory released"),
         Ok(false) => {}
         Err(e) => tracing::warn!(error = %e, "releasing the netns directory"),
     }
-    tracing::info!("huskd stopped");
+    tracing::info!("huskd stopped; pod VMs left running for the next huskd");
     r.context("serving gRPC")
 }

@@ -101,7 +101,8 @@ pub enum HuskError {
 
 impl Husk {
     /// Opens the stores, resolves each handler's hypervisor and reconciles
-    /// records from a previous run (see [`runtime_service::recover`]).
+    /// records from a previous run: pod VMs still running are adopted (see
+    /// [`runtime_service::recover`]).
     pub async fn open(config: HuskdConfig) -> Result<(Arc<Self>, LoadReport), HuskError> {
         for d in [&config.root, &config.state, &config.state.join("sandboxes")] {
             std::fs::create_dir_all(d).map_err(|source| HuskError::Dir {
@@ -226,8 +227,20 @@ impl Husk {
         Self::lock_map(&self.pod_locks).remove(pod_id);
     }
 
-    /// Stops every live sandbox (huskd shutdown): VMs are children of
-    /// huskd and cannot outlive it.
+    /// Leaves every live sandbox running and forgets it (huskd exits): the
+    /// VMs, their helpers and their state on disk stay for the next huskd
+    /// to adopt, as containerd's shims outlive containerd.
+    pub async fn detach_all(&self) {
+        let all: Vec<Arc<Sandbox>> = Self::lock_map(&self.sandboxes)
+            .drain()
+            .map(|(_, sb)| sb)
+            .collect();
+        for sb in all {
+            sb.detach().await;
+        }
+    }
+
+    /// Stops every live sandbox.
     pub async fn shutdown(&self) {
         let all: Vec<Arc<Sandbox>> = Self::lock_map(&self.sandboxes).values().cloned().collect();
         for sb in all {

@@ -22,7 +22,7 @@ use super::{now_ns, pod_network, Husk, LiveContainer};
 use crate::hypervisor::builtin::{self, BuiltinFiles};
 use crate::logs::{copy_to_log, LogFile, Stream, DEFAULT_MAX_LINE};
 use crate::network::{self, PodNetwork};
-use crate::sandbox::{ExitInfo, Rootfs, Sandbox, SandboxConfig};
+use crate::sandbox::{AdoptBackend, AdoptConfig, ExitInfo, Rootfs, Sandbox, SandboxConfig};
 use crate::state::{ContainerRecord, ContainerState, PodRecord, PodState, Resolved};
 
 /// Most output ExecSync keeps per stream (as containerd).
@@ -350,6 +350,7 @@ pub(crate) async fn run_pod(
             sandbox_dir: sandbox.dir().to_path_buf(),
             reason: String::new(),
             network: Some(net.clone()),
+            processes: sandbox.processes().to_vec(),
         };
         h.state.put_pod(rec).map_err(|e| state_error(&e))
     };
@@ -429,6 +430,7 @@ pub(crate) async fn stop_pod_inner(h: &Husk, pod_id: &str, reason: &str) {
             p.reason = reason.into();
         }
         p.pids.clear();
+        p.processes.clear();
     }) {
         tracing::error!(error = %e, "persisting the stopped pod");
     }
@@ -519,13 +521,58 @@ async fn cleanup_orphan_dir(dir: &Path) {
     }
 }
 
-/// Startup reconciliation: VMs do not survive huskd (they are its
-/// children), so pods recorded Ready are marked NotReady and their
-/// containers Exited, leftover processes and directories are cleaned, and
-/// the records stay so that kubelet sees them and stops/removes them.
+/// How long adopting one pod may take in all (process checks, agent
+/// connect and Health, stream re-attach); pods are adopted concurrently, so
+/// this bounds how long a restarted huskd waits before serving.
+const ADOPT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Each step of an adoption (control socket, agent connect, Health).
+const ADOPT_STEP_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Startup reconciliation. Pod VMs outlive huskd: each pod recorded Ready
+/// is adopted ([`adopt_pod`]) if its recorded processes still run and its
+/// agent answers. Pods that cannot be adopted are marked NotReady and their
+/// containers Exited (SandboxLost), leftover processes and directories are
+/// cleaned, and the records stay so that kubelet sees them and
+/// stops/removes them.
 pub(crate) async fn recover(h: &Arc<Husk>) {
+    let mut tasks = tokio::task::JoinSet::new();
+    for p in h.state.pods() {
+        if p.state != PodState::Ready {
+            continue;
+        }
+        let h = h.clone();
+        tasks.spawn(async move {
+            let t0 = std::time::Instant::now();
+            let r = match tokio::time::timeout(ADOPT_TIMEOUT, adopt_pod(&h, &p)).await {
+                Ok(r) => r,
+                Err(_) => Err(format!("not adopted within {ADOPT_TIMEOUT:?}")),
+            };
+            (p.id, r, t0.elapsed())
+        });
+    }
+    let mut lost: HashMap<String, String> = HashMap::new();
+    while let Some(r) = tasks.join_next().await {
+        match r {
+            Ok((id, Ok(()), took)) => {
+                tracing::info!(pod = %id, took_ms = took.as_millis() as u64, "pod VM adopted")
+            }
+            Ok((id, Err(why), _)) => {
+                tracing::warn!(pod = %id, %why, "pod VM not adopted; marking it NotReady");
+                lost.insert(id, why);
+            }
+            Err(e) => tracing::error!(error = %e, "a pod adoption task failed"),
+        }
+    }
+    let adopted = |pod_id: &str| h.sandbox(pod_id).is_some();
     for c in h.state.containers() {
+        if adopted(&c.pod_id) {
+            continue;
+        }
         if matches!(c.state, ContainerState::Running | ContainerState::Created) {
+            let message = match lost.get(&c.pod_id) {
+                Some(why) => format!("the pod VM was lost when huskd restarted: {why}"),
+                None => "the pod VM was lost when huskd restarted".to_string(),
+            };
             let _ = h.state.update_container(&c.id, |r| {
                 r.state = ContainerState::Exited;
                 r.exit_code = if c.state == ContainerState::Running {
@@ -535,7 +582,7 @@ pub(crate) async fn recover(h: &Arc<Husk>) {
                 };
                 r.finished_at_ns = now_ns();
                 r.reason = REASON_LOST.into();
-                r.message = "the pod VM was lost when huskd restarted".into();
+                r.message = message;
             });
         }
         // Rootfs overlays and bind mounts live under the sandbox directory,
@@ -557,12 +604,19 @@ pub(crate) async fn recover(h: &Arc<Husk>) {
         .map(|p| p.sandbox_dir.clone())
         .collect();
     for p in h.state.pods() {
+        if adopted(&p.id) {
+            continue;
+        }
         if p.state == PodState::Ready {
-            tracing::warn!(pod = %p.id, "pod VM lost with the previous huskd; marking it NotReady");
+            let reason = match lost.get(&p.id) {
+                Some(why) => format!("the pod VM was lost when huskd restarted: {why}"),
+                None => "the pod VM was lost when huskd restarted".to_string(),
+            };
             let _ = h.state.update_pod(&p.id, |r| {
                 r.state = PodState::NotReady;
-                r.reason = "the pod VM was lost when huskd restarted".into();
+                r.reason = reason;
                 r.pids.clear();
+                r.processes.clear();
             });
         }
         cleanup_orphan_dir(&p.sandbox_dir).await;
@@ -583,6 +637,86 @@ pub(crate) async fn recover(h: &Arc<Husk>) {
             let _ = h.images.release_rootfs(&m.container_id);
         }
     }
+}
+
+/// Takes over a pod whose VM a previous huskd started ([`Sandbox::adopt`])
+/// and re-creates its containers' live state: the output streams of Running
+/// and Created containers are attached again (the agent replaces the old
+/// connection; output written meanwhile waits in the pipe) and appended to
+/// the same CRI log, and Running containers get their exit watcher again.
+/// All fallible steps come first: the sandbox and containers become live
+/// only when everything worked. On error (or when the caller's timeout drops
+/// this future) the half-adopted sandbox is dropped, which kills its
+/// processes; the caller cleans up the rest.
+async fn adopt_pod(h: &Arc<Husk>, p: &PodRecord) -> Result<(), String> {
+    if p.processes.is_empty() {
+        return Err("the record has no process identities (written by an older huskd)".into());
+    }
+    let backend = if p.processes.iter().any(|x| x.role == "husk-vmm") {
+        AdoptBackend::Builtin
+    } else {
+        AdoptBackend::Qemu
+    };
+    let sandbox = Sandbox::adopt(AdoptConfig {
+        id: p.id.clone(),
+        dir: p.sandbox_dir.clone(),
+        backend,
+        processes: p.processes.clone(),
+        hypervisor: p.hypervisor.clone(),
+        timeout: ADOPT_STEP_TIMEOUT,
+        // As SandboxConfig::new's defaults, which RunPodSandbox keeps.
+        rpc_timeout: Duration::from_secs(30),
+        connect_timeout: Duration::from_secs(10),
+        stop_timeout: Duration::from_secs(5),
+    })
+    .await
+    .map_err(|e| e.to_string())?;
+    let sandbox = Arc::new(sandbox);
+    let mut lives = Vec::new();
+    for c in h.state.containers_of(&p.id) {
+        if !matches!(c.state, ContainerState::Running | ContainerState::Created) {
+            continue;
+        }
+        let log = if c.log_path.as_os_str().is_empty() {
+            None
+        } else {
+            Some(LogFile::open(&c.log_path).map_err(|e| {
+                format!(
+                    "container {}: opening log {}: {e}",
+                    c.id,
+                    c.log_path.display()
+                )
+            })?)
+        };
+        let stdio = StdioConfig {
+            stdin: c.config.stdin,
+            terminal: c.config.tty,
+        };
+        let live = attach_output(&sandbox, &c.id, stdio, log)
+            .await
+            .map_err(|s| {
+                format!(
+                    "container {}: re-attaching its output: {}",
+                    c.id,
+                    s.message()
+                )
+            })?;
+        lives.push((c, live));
+    }
+    // From here on nothing fails or waits.
+    h.insert_sandbox(sandbox.clone());
+    for (c, mut live) in lives {
+        if c.state == ContainerState::Running {
+            let (tx, rx) = watch::channel(None);
+            live.exit = rx;
+            let io_done = live.io_done.clone();
+            h.set_live(&c.id, live);
+            watch_exit(h.clone(), sandbox.clone(), &c, io_done, tx);
+        } else {
+            h.set_live(&c.id, live);
+        }
+    }
+    Ok(())
 }
 
 /// Unmounts a container's CRI bind mounts and its rootfs, and removes its
@@ -822,50 +956,7 @@ async fn create_container(
             .await
             .map_err(|e| sandbox_error(&e))?;
         agent_created = true;
-        let streams = sandbox
-            .attach_stdio(&id, "", stdio)
-            .await
-            .map_err(|e| sandbox_error(&e))?;
-        // Output goes to the log from now on; without a log it is drained
-        // so that the process never blocks on a full pipe.
-        let outs = [
-            (Stream::Stdout, Some(streams.stdout)),
-            (Stream::Stderr, streams.stderr),
-        ];
-        let mut copiers = Vec::new();
-        for (kind, s) in outs {
-            let Some(s) = s else { continue };
-            copiers.push(match &log {
-                Some(l) => {
-                    let l = l.clone();
-                    tokio::spawn(async move {
-                        copy_to_log(s, kind, l, DEFAULT_MAX_LINE).await;
-                    })
-                }
-                None => tokio::spawn(async move {
-                    let mut s = s;
-                    let _ = tokio::io::copy(&mut s, &mut tokio::io::sink()).await;
-                }),
-            });
-        }
-        let (io_tx, io_done) = watch::channel(false);
-        tokio::spawn(async move {
-            for c in copiers {
-                let _ = c.await;
-            }
-            let _ = io_tx.send(true);
-        });
-        // CRI stdin (attach) is not served; the stream stays open (a
-        // process reading stdin blocks as under other runtimes) until the
-        // container is removed and its live entry dropped.
-        let stdin = streams.stdin.map(Arc::new);
-        let (_tx, rx) = watch::channel(None);
-        Ok(LiveContainer {
-            log,
-            exit: rx,
-            io_done,
-            stdin,
-        })
+        attach_output(&sandbox, &id, stdio, log).await
     }
     .await;
 
@@ -886,6 +977,61 @@ async fn create_container(
     }
     h.set_live(&id, live);
     Ok(cri::CreateContainerResponse { container_id: id })
+}
+
+/// Attaches the init process's streams and copies its output to the CRI log
+/// (appending: after a huskd restart the same file continues). Without a
+/// log the output is drained so that the process never blocks on a full
+/// pipe. The exit channel of the result is a placeholder until the exit
+/// watcher ([`watch_exit`]) replaces it.
+async fn attach_output(
+    sandbox: &Sandbox,
+    id: &str,
+    stdio: StdioConfig,
+    log: Option<LogFile>,
+) -> Result<LiveContainer, Status> {
+    let streams = sandbox
+        .attach_stdio(id, "", stdio)
+        .await
+        .map_err(|e| sandbox_error(&e))?;
+    let outs = [
+        (Stream::Stdout, Some(streams.stdout)),
+        (Stream::Stderr, streams.stderr),
+    ];
+    let mut copiers = Vec::new();
+    for (kind, s) in outs {
+        let Some(s) = s else { continue };
+        copiers.push(match &log {
+            Some(l) => {
+                let l = l.clone();
+                tokio::spawn(async move {
+                    copy_to_log(s, kind, l, DEFAULT_MAX_LINE).await;
+                })
+            }
+            None => tokio::spawn(async move {
+                let mut s = s;
+                let _ = tokio::io::copy(&mut s, &mut tokio::io::sink()).await;
+            }),
+        });
+    }
+    let (io_tx, io_done) = watch::channel(false);
+    tokio::spawn(async move {
+        for c in copiers {
+            let _ = c.await;
+        }
+        let _ = io_tx.send(true);
+    });
+    // CRI stdin (attach) is not served; the stream stays open (a
+    // process reading stdin blocks as under other runtimes) until the
+    // container is removed and its live entry dropped.
+    let stdin = streams.stdin.map(Arc::new);
+    let (_tx, rx) = watch::channel(None);
+    Ok(LiveContainer {
+        log,
+        exit: rx,
+        io_done,
+        stdin,
+    })
 }
 
 async fn start_container(h: &Arc<Husk>, id: &str) -> Result<(), Status> {
@@ -914,7 +1060,7 @@ async fn start_container(h: &Arc<Husk>, id: &str) -> Result<(), Status> {
             c.id
         )));
     };
-    let mut io_done = live.io_done.clone();
+    let io_done = live.io_done.clone();
     h.set_live(
         &c.id,
         LiveContainer {
@@ -934,7 +1080,20 @@ async fn start_container(h: &Arc<Husk>, id: &str) -> Result<(), Status> {
             r.started_at_ns = now_ns();
         })
         .map_err(|e| state_error(&e))?;
-    let h2 = h.clone();
+    watch_exit(h.clone(), sandbox, &c, io_done, tx);
+    Ok(())
+}
+
+/// Waits (WaitProcess) for the container's init process in the background,
+/// then records the exit and sends it on `tx`. WaitProcess answers at once
+/// for a process that exited while huskd was down.
+fn watch_exit(
+    h2: Arc<Husk>,
+    sandbox: Arc<Sandbox>,
+    c: &ContainerRecord,
+    mut io_done: watch::Receiver<bool>,
+    tx: watch::Sender<Option<ExitInfo>>,
+) {
     let cid = c.id.clone();
     let span = tracing::info_span!("container_wait", pod = %c.pod_id, container = %c.id);
     tokio::spawn(
@@ -988,7 +1147,6 @@ async fn start_container(h: &Arc<Husk>, id: &str) -> Result<(), Status> {
         }
         .instrument(span),
     );
-    Ok(())
 }
 
 async fn stop_container(h: &Husk, id: &str, timeout_s: i64) -> Result<(), Status> {

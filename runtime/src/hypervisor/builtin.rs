@@ -304,6 +304,7 @@ impl Builtin {
             files,
             vsock_uds: config.vsock.uds.clone(),
             launched_at,
+            detached: false,
         };
         // On error `vm` is dropped, which kills husk-vmm.
         vm.wait_until_running(CONTROL_SOCKET_TIMEOUT).await?;
@@ -350,6 +351,8 @@ pub struct BuiltinVm {
     files: BuiltinFiles,
     vsock_uds: PathBuf,
     launched_at: Instant,
+    /// Handed over to a later huskd: `Drop` leaves it running.
+    detached: bool,
 }
 
 impl BuiltinVm {
@@ -600,10 +603,17 @@ impl Vm for BuiltinVm {
         self.remove_files();
         Ok(s)
     }
+
+    fn detach(mut self: Box<Self>) {
+        self.detached = true;
+    }
 }
 
 impl Drop for BuiltinVm {
     fn drop(&mut self) {
+        if self.detached {
+            return;
+        }
         if self.status.is_none() {
             // Dropped without shutdown/kill (a failed or cancelled start, a
             // sandbox dropped without stop): kill it now, like every other

@@ -7,6 +7,7 @@
 //! it likes (QEMU: through the husk-vsock vhost-user backend it starts; the
 //! builtin husk-vmm in-process, so no husk-vsock runs with it).
 
+pub mod adopted;
 pub mod builtin;
 pub mod probe;
 pub mod qemu;
@@ -20,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use crate::process::{SpawnError, WaitSocketError};
 
+pub use adopted::{AdoptedVm, VmControl};
 pub use builtin::{Builtin, BuiltinPaths};
 pub use probe::{probe_accel, Accel, AccelProbe};
 pub use qemu::{Qemu, QemuPaths};
@@ -191,6 +193,9 @@ pub trait Vm: Send + std::fmt::Debug {
     async fn shutdown(&mut self, timeout: Duration) -> Result<ExitStatus, HypervisorError>;
     /// Kills the VMM and its helpers at once.
     async fn kill(&mut self) -> Result<ExitStatus, HypervisorError>;
+    /// Forgets the VMM and its helpers without stopping them: huskd exits
+    /// and a later huskd adopts them ([`AdoptedVm`]).
+    fn detach(self: Box<Self>);
 }
 
 /// Which backend to use.

@@ -409,6 +409,12 @@ impl Vm for QemuVm {
             .map_err(|e| HypervisorError::io("kill husk-vsock", e))?;
         Ok(status)
     }
+
+    fn detach(self: Box<Self>) {
+        let this = *self;
+        this.qemu.detach();
+        this.vsock.detach();
+    }
 }
 
 #[cfg(test)]

@@ -16,6 +16,8 @@ use k8s_cri::v1::{ContainerConfig, PodSandboxConfig};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+use crate::process::ProcessIdentity;
+
 /// Pod sandbox state as CRI knows it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum PodState {
@@ -56,6 +58,11 @@ pub struct PodRecord {
     /// RemovePodSandbox (and a huskd restart) can release it again.
     #[serde(default)]
     pub network: Option<crate::network::PodNetwork>,
+    /// The VM's host processes with their start times, to adopt them after
+    /// a huskd restart (empty in records of older huskd versions: such a
+    /// pod is not adopted).
+    #[serde(default)]
+    pub processes: Vec<ProcessIdentity>,
 }
 
 /// What huskd remembers about a container.
@@ -406,6 +413,11 @@ mod tests {
             sandbox_dir: "/run/husk/sandboxes/x".into(),
             reason: String::new(),
             network: None,
+            processes: vec![ProcessIdentity {
+                role: "qemu".into(),
+                pid: 1234,
+                start_time: 99,
+            }],
         }
     }
 
@@ -477,6 +489,24 @@ mod tests {
         assert!(pods.join("bad.json.corrupt").exists());
         assert!(!pods.join(".good.json.tmp99").exists());
         assert!(s.pod("good").is_some());
+    }
+
+    /// A record written before `processes` existed still loads.
+    #[test]
+    fn old_pod_record_loads() {
+        let d = tempfile::tempdir().unwrap();
+        let (s, _) = StateStore::open(d.path()).unwrap();
+        s.put_pod(pod("old")).unwrap();
+        drop(s);
+        let path = d.path().join("state/pods/old.json");
+        let mut v: serde_json::Value = serde_json::from_slice(&fs::read(&path).unwrap()).unwrap();
+        v.as_object_mut().unwrap().remove("processes").unwrap();
+        fs::write(&path, serde_json::to_vec(&v).unwrap()).unwrap();
+        let (s, r) = StateStore::open(d.path()).unwrap();
+        assert!(r.quarantined.is_empty(), "{:?}", r.quarantined);
+        let p = s.pod("old").unwrap();
+        assert!(p.processes.is_empty());
+        assert_eq!(p.pids, pod("old").pids);
     }
 
     #[test]
