@@ -171,13 +171,31 @@ pub fn pod_size(handler: &super::HandlerConfig, config: &cri::PodSandboxConfig) 
     (vcpus, memory_mib)
 }
 
+/// The host name of a pod that has none in its config: its name cut the
+/// way kubelet cuts pod names (63 bytes, no trailing '-' or '.'). The name
+/// is free-form (critest's are 68 bytes), so other bytes become '-'.
+fn hostname_from_name(name: &str) -> String {
+    let h: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '.' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .take(63)
+        .collect();
+    h.trim_matches(|c| c == '-' || c == '.').to_string()
+}
+
 /// Host names the guest kernel accepts (RFC 1123, at most 63 bytes).
 fn pod_hostname(
     config: &cri::PodSandboxConfig,
     meta: &cri::PodSandboxMetadata,
 ) -> Result<String, Status> {
     let h = if config.hostname.is_empty() {
-        meta.name.clone()
+        hostname_from_name(&meta.name)
     } else {
         config.hostname.clone()
     };
@@ -1931,6 +1949,14 @@ mod tests {
         };
         let mut cfg = cri::PodSandboxConfig::default();
         assert_eq!(pod_hostname(&cfg, &meta).unwrap(), "web-0");
+        let long = cri::PodSandboxMetadata {
+            name: format!("create-PodSandbox_{}-", "9".repeat(44)),
+            ..Default::default()
+        };
+        assert_eq!(
+            pod_hostname(&cfg, &long).unwrap(),
+            format!("create-PodSandbox-{}", "9".repeat(44))
+        );
         cfg.hostname = "bad_host".into();
         assert!(pod_hostname(&cfg, &meta)
             .unwrap_err()
