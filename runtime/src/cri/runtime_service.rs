@@ -293,6 +293,10 @@ pub(crate) async fn run_pod(
     };
     let handler = &h.handlers[handler_name];
     let hostname = pod_hostname(&config, &meta)?;
+    let sysctl_params = match config.linux.as_ref() {
+        Some(l) => validation::sysctl_kernel_params(&l.sysctls)?,
+        None => Vec::new(),
+    };
     // The same pod attempt twice is a caller error (kubelet retries with a
     // new attempt number).
     if let Some(p) = h
@@ -328,6 +332,7 @@ pub(crate) async fn run_pod(
     sc.vcpus = vcpus;
     sc.memory_mib = memory_mib;
     sc.kernel_params = handler_cfg.kernel_params.clone();
+    sc.kernel_params.extend(sysctl_params);
     sc.state_dir = h.sandbox_state_dir();
     sc.ready_timeout = Duration::from_secs(h.config.sandbox_ready_timeout_secs);
     let created_at_ns = now_ns();
