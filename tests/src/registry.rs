@@ -2,6 +2,10 @@
 //! 127.0.0.1 on a free port, and a busybox image built here (one gzip
 //! layer: the static busybox with every applet) pushed to it with skopeo.
 //!
+//! [`Registry::start_with_auth`] turns on the registry's htpasswd auth
+//! (HTTP Basic; distribution 2.8 accepts it over plain HTTP, so no TLS is
+//! needed on 127.0.0.1), and pushes then carry the credentials.
+//!
 //! The same fixture as runtime/tests/image_store.rs (which lives in the
 //! runtime crate and cannot use this one without a dependency cycle).
 
@@ -20,6 +24,8 @@ pub struct Registry {
     port: u16,
     log: PathBuf,
     dir: tempfile::TempDir,
+    /// `user:password` when htpasswd auth is on.
+    creds: Option<String>,
 }
 
 fn free_port() -> Result<u16> {
@@ -40,20 +46,44 @@ pub fn http_get_status(port: u16, path: &str) -> Option<u16> {
 impl Registry {
     /// Starts `/usr/bin/docker-registry` and waits until `/v2/` answers.
     pub fn start() -> Result<Registry> {
+        Self::start_inner(None)
+    }
+
+    /// Like [`Registry::start`], with htpasswd auth: one user `user` with
+    /// `password` (stored as a bcrypt hash, the only format the registry
+    /// accepts). Every request without these credentials gets 401.
+    pub fn start_with_auth(user: &str, password: &str) -> Result<Registry> {
+        ensure!(
+            !user.is_empty() && !user.contains(':') && !user.contains('\n'),
+            "htpasswd user {user:?} must be non-empty without ':' or newline"
+        );
+        Self::start_inner(Some((user, password)))
+    }
+
+    fn start_inner(auth: Option<(&str, &str)>) -> Result<Registry> {
         let dir = tempfile::tempdir()?;
         let port = free_port()?;
         let storage = dir.path().join("storage");
         std::fs::create_dir(&storage)?;
         let config = dir.path().join("config.yml");
-        std::fs::write(
-            &config,
-            format!(
-                "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\n\
-                 storage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\n\
-                 http:\n  addr: 127.0.0.1:{port}\n",
-                storage.display()
-            ),
-        )?;
+        let mut text = format!(
+            "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\n\
+             storage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\n\
+             http:\n  addr: 127.0.0.1:{port}\n",
+            storage.display()
+        );
+        if let Some((user, password)) = auth {
+            // Cost 4 (the minimum): the registry checks the hash on every
+            // request, and the test does not need brute-force resistance.
+            let hash = bcrypt::hash(password, 4).context("bcrypt")?;
+            let htpasswd = dir.path().join("htpasswd");
+            std::fs::write(&htpasswd, format!("{user}:{hash}\n"))?;
+            text.push_str(&format!(
+                "auth:\n  htpasswd:\n    realm: husk-test\n    path: {}\n",
+                htpasswd.display()
+            ));
+        }
+        std::fs::write(&config, text)?;
         let log = dir.path().join("registry.log");
         let logf = std::fs::File::create(&log)?;
         let child = Command::new("/usr/bin/docker-registry")
@@ -69,9 +99,12 @@ impl Registry {
             port,
             log,
             dir,
+            creds: auth.map(|(u, p)| format!("{u}:{p}")),
         };
+        // With auth on, /v2/ answers 401 once the registry is up.
+        let up = if reg.creds.is_some() { 401 } else { 200 };
         let deadline = Instant::now() + Duration::from_secs(20);
-        while http_get_status(port, "/v2/") != Some(200) {
+        while http_get_status(port, "/v2/") != Some(up) {
             if let Some(Ok(Some(st))) = reg.child.as_mut().map(|c| c.try_wait()) {
                 bail!(
                     "registry exited: {st}: {}",
@@ -112,8 +145,12 @@ impl Registry {
             build_busybox_layout(&layout)?;
         }
         let dest = format!("{}/{repo_tag}", self.host());
-        let out = Command::new("skopeo")
-            .args(["--insecure-policy", "copy", "-q", "--dest-tls-verify=false"])
+        let mut cmd = Command::new("skopeo");
+        cmd.args(["--insecure-policy", "copy", "-q", "--dest-tls-verify=false"]);
+        if let Some(c) = &self.creds {
+            cmd.arg("--dest-creds").arg(c);
+        }
+        let out = cmd
             .arg(format!("oci:{}:latest", layout.display()))
             .arg(format!("docker://{dest}"))
             .output()

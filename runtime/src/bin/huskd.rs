@@ -122,6 +122,7 @@ async fn serve(config: HuskdConfig) -> anyhow::Result<()> {
         .max_encoding_message_size(MAX_MESSAGE);
     tracing::info!(socket = %listen.display(), version = env!("CARGO_PKG_VERSION"), "huskd serving CRI v1");
     let r = tonic::transport::Server::builder()
+        .layer(husk_runtime::cri::status::DeadlineLayer)
         .add_service(runtime)
         .add_service(images)
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)

@@ -172,13 +172,31 @@ pub fn pod_size(handler: &super::HandlerConfig, config: &cri::PodSandboxConfig) 
     (vcpus, memory_mib)
 }
 
+/// The host name of a pod that has none in its config: its name cut the
+/// way kubelet cuts pod names (63 bytes, no trailing '-' or '.'). The name
+/// is free-form (critest's are 68 bytes), so other bytes become '-'.
+fn hostname_from_name(name: &str) -> String {
+    let h: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '.' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .take(63)
+        .collect();
+    h.trim_matches(|c| c == '-' || c == '.').to_string()
+}
+
 /// Host names the guest kernel accepts (RFC 1123, at most 63 bytes).
 fn pod_hostname(
     config: &cri::PodSandboxConfig,
     meta: &cri::PodSandboxMetadata,
 ) -> Result<String, Status> {
     let h = if config.hostname.is_empty() {
-        meta.name.clone()
+        hostname_from_name(&meta.name)
     } else {
         config.hostname.clone()
     };
@@ -277,6 +295,10 @@ pub(crate) async fn run_pod(
     };
     let handler = &h.handlers[handler_name];
     let hostname = pod_hostname(&config, &meta)?;
+    let sysctl_params = match config.linux.as_ref() {
+        Some(l) => validation::sysctl_kernel_params(&l.sysctls)?,
+        None => Vec::new(),
+    };
     // The same pod attempt twice is a caller error (kubelet retries with a
     // new attempt number).
     if let Some(p) = h
@@ -319,6 +341,7 @@ pub(crate) async fn run_pod(
     sc.vcpus = vcpus;
     sc.memory_mib = memory_mib;
     sc.kernel_params = handler_cfg.kernel_params.clone();
+    sc.kernel_params.extend(sysctl_params);
     sc.state_dir = h.sandbox_state_dir();
     sc.ready_timeout = Duration::from_secs(h.config.sandbox_ready_timeout_secs);
     let created_at_ns = now_ns();
@@ -2169,6 +2192,14 @@ mod tests {
         };
         let mut cfg = cri::PodSandboxConfig::default();
         assert_eq!(pod_hostname(&cfg, &meta).unwrap(), "web-0");
+        let long = cri::PodSandboxMetadata {
+            name: format!("create-PodSandbox_{}-", "9".repeat(44)),
+            ..Default::default()
+        };
+        assert_eq!(
+            pod_hostname(&cfg, &long).unwrap(),
+            format!("create-PodSandbox-{}", "9".repeat(44))
+        );
         cfg.hostname = "bad_host".into();
         assert!(pod_hostname(&cfg, &meta)
             .unwrap_err()

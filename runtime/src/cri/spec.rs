@@ -150,6 +150,15 @@ pub fn resolve_user(
         Ok((uid, gid))
     };
 
+    // A group without a user would run as the image's user with a group the
+    // caller did not pair with it; containerd refuses it the same way.
+    if let Some(sc) = sc {
+        if sc.run_as_group.is_some() && sc.run_as_user.is_none() && sc.run_as_username.is_empty() {
+            return Err(Status::invalid_argument(
+                "config.linux.security_context.run_as_group is set without run_as_user or run_as_username",
+            ));
+        }
+    }
     let (mut uid, mut gid) = (0u32, None::<u32>);
     if let Some(u) = image.user.as_deref().filter(|u| !u.is_empty()) {
         (uid, gid) = user_field(u, "image config User")?;
@@ -452,6 +461,27 @@ pub fn build(inp: &SpecInputs<'_>) -> Result<oci_spec::runtime::Spec, Status> {
         linux["maskedPaths"] = json!([]);
         linux["readonlyPaths"] = json!([]);
         linux["resources"]["devices"] = json!([{"allow": true, "access": "rwm"}]);
+    } else if let Some(sc) = sc {
+        // kubelet sends its defaults (or none at all, and then the OCI
+        // defaults stay); as containerd does, given lists replace them.
+        for (field, key, paths) in [
+            ("masked_paths", "maskedPaths", &sc.masked_paths),
+            ("readonly_paths", "readonlyPaths", &sc.readonly_paths),
+        ] {
+            if paths.is_empty() {
+                continue;
+            }
+            if let Some(p) = paths
+                .iter()
+                .find(|p| !p.starts_with('/') || p.contains('\0'))
+            {
+                return Err(Status::invalid_argument(format!(
+                    "config.linux.security_context.{field}: {:?} is not an absolute path",
+                    super::validation::printable(p)
+                )));
+            }
+            linux[key] = json!(paths);
+        }
     }
     if let Some(r) = c.linux.as_ref().and_then(|l| l.resources.as_ref()) {
         if let Value::Object(res) = resources_json(r) {
@@ -649,6 +679,72 @@ mod tests {
             mounts: &[],
         };
         assert!(build(&inp).unwrap_err().message().contains("capabilities"));
+    }
+
+    #[test]
+    fn masked_and_readonly_paths() {
+        let sc = LinuxContainerSecurityContext {
+            masked_paths: vec!["/bin/ls".into()],
+            readonly_paths: vec!["/tmp".into()],
+            ..Default::default()
+        };
+        let mut c = ContainerConfig {
+            linux: Some(LinuxContainerConfig {
+                security_context: Some(sc),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let user = ProcessUser {
+            uid: 0,
+            gid: 0,
+            additional_gids: vec![],
+        };
+        let spec = |c: &ContainerConfig| {
+            build(&SpecInputs {
+                config: c,
+                image: &image(),
+                user: user.clone(),
+                mounts: &[],
+            })
+            .map(|s| serde_json::to_value(&s).unwrap())
+        };
+        let v = spec(&c).unwrap();
+        assert_eq!(v["linux"]["maskedPaths"], json!(["/bin/ls"]));
+        assert_eq!(v["linux"]["readonlyPaths"], json!(["/tmp"]));
+        // Without lists the OCI defaults stay (they mask /proc/kcore and more).
+        let v = spec(&ContainerConfig::default()).unwrap();
+        assert!(v["linux"]["maskedPaths"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("/proc/kcore")));
+        let sc = c.linux.as_mut().unwrap().security_context.as_mut().unwrap();
+        sc.masked_paths = vec!["relative".into()];
+        assert!(spec(&c).unwrap_err().message().contains("masked_paths"));
+        let sc = c.linux.as_mut().unwrap().security_context.as_mut().unwrap();
+        sc.privileged = true;
+        assert_eq!(spec(&c).unwrap()["linux"]["maskedPaths"], json!([]));
+    }
+
+    #[test]
+    fn run_as_group_needs_a_user() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = ContainerConfig {
+            linux: Some(LinuxContainerConfig {
+                security_context: Some(LinuxContainerSecurityContext {
+                    run_as_group: Some(Int64Value { value: 5 }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let e = resolve_user(&c, &ImageConfig::default(), dir.path()).unwrap_err();
+        assert!(e.message().contains("run_as_group"), "{}", e.message());
+        let sc = c.linux.as_mut().unwrap().security_context.as_mut().unwrap();
+        sc.run_as_user = Some(Int64Value { value: 7 });
+        let u = resolve_user(&c, &ImageConfig::default(), dir.path()).unwrap();
+        assert_eq!((u.uid, u.gid), (7, 5));
     }
 
     #[test]

@@ -100,9 +100,93 @@ pub fn printable(s: &str) -> String {
         .collect()
 }
 
+/// Bytes of kernel command line the pod's sysctls may take (x86's whole
+/// command line is 2048 bytes).
+const MAX_SYSCTL_CMDLINE: usize = 1024;
+
+/// The pod's sysctls (`config.linux.sysctls`) as guest kernel parameters
+/// `sysctl.KEY=VALUE`, which the kernel applies at boot (Linux 5.8+). The
+/// pod's containers share the VM's IPC, UTS and network namespaces, so the
+/// boot-time values are the pod's; an OCI `linux.sysctl` would not do, as
+/// an OCI runtime refuses IPC and network sysctls without a private
+/// namespace. Keys are `[A-Za-z0-9_./-]`; values are printable ASCII
+/// without spaces or '"' (kernel parameters must not hold whitespace, see
+/// `VmConfig::validate`), so multi-value sysctls like `kernel.sem` are
+/// refused.
+pub fn sysctl_kernel_params(
+    sysctls: &std::collections::HashMap<String, String>,
+) -> Result<Vec<String>, Status> {
+    let mut keys: Vec<&String> = sysctls.keys().collect();
+    keys.sort();
+    let mut out = Vec::with_capacity(keys.len());
+    let mut total = 0;
+    for k in keys {
+        let v = &sysctls[k];
+        let bad = |why: &str| {
+            Status::invalid_argument(format!("config.linux.sysctls[{:?}]: {why}", printable(k)))
+        };
+        if k.is_empty()
+            || k.starts_with(['.', '/'])
+            || !k
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'/' | b'-'))
+        {
+            return Err(bad("malformed name"));
+        }
+        if v.is_empty() || !v.bytes().all(|b| (b'!'..=b'~').contains(&b) && b != b'"') {
+            return Err(bad(
+                "the value must be printable ASCII without spaces or '\"' (it becomes a guest kernel parameter)",
+            ));
+        }
+        let p = format!("sysctl.{k}={v}");
+        total += p.len() + 1;
+        if total > MAX_SYSCTL_CMDLINE {
+            return Err(Status::invalid_argument(format!(
+                "config.linux.sysctls: more than {MAX_SYSCTL_CMDLINE} bytes"
+            )));
+        }
+        out.push(p);
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sysctls_as_kernel_params() {
+        let m = |kv: &[(&str, &str)]| {
+            kv.iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect::<std::collections::HashMap<_, _>>()
+        };
+        assert_eq!(
+            sysctl_kernel_params(&m(&[
+                ("kernel.shm_rmid_forced", "1"),
+                ("fs.mqueue.msg_max", "100"),
+            ]))
+            .unwrap(),
+            vec![
+                "sysctl.fs.mqueue.msg_max=100",
+                "sysctl.kernel.shm_rmid_forced=1"
+            ]
+        );
+        for (k, v) in [
+            ("a b", "1"),
+            ("kernel.sem", "250 32000 32 128"),
+            ("k", "x\" init=/bin/sh"),
+            ("k", ""),
+            ("k", "1\n"),
+            (".k", "1"),
+        ] {
+            let e = sysctl_kernel_params(&m(&[(k, v)])).unwrap_err();
+            assert!(e.message().contains("config.linux.sysctls"), "{k:?}={v:?}");
+        }
+        let many: Vec<(String, String)> =
+            (0..200).map(|i| (format!("k.k{i}"), "1".into())).collect();
+        assert!(sysctl_kernel_params(&many.into_iter().collect()).is_err());
+    }
     use tonic::Code;
 
     #[test]
