@@ -725,8 +725,8 @@ async fn cri_suite_backend_is_stated() -> Result<()> {
             return Ok(());
         }
         eprintln!(
-            "THE CRI END-TO-END SUITE DID NOT RUN ON husk-vmm ON THIS HOST: {}; it ran on {default}",
-            probe.reason
+            "THE CRI END-TO-END SUITE DID NOT RUN ON husk-vmm ON THIS HOST: {} (husk-vmm needs VT-x/SVM); it ran on {default}",
+            probe.why
         );
         ensure!(default.starts_with("qemu"), "{default}");
         ensure!(
