@@ -49,7 +49,8 @@ pub fn parse_mounts_under(mountinfo: &str, dir: &Path) -> Vec<PathBuf> {
     v
 }
 
-fn unescape_octal(s: &str) -> String {
+/// mountinfo escapes space, tab, newline and backslash as octal `\ooo`.
+pub(crate) fn unescape_octal(s: &str) -> String {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;

@@ -120,29 +120,8 @@ fn is_mount_point(path: &Path) -> io::Result<bool> {
     Ok(info.lines().any(|line| {
         line.split(' ')
             .nth(4)
-            .is_some_and(|mp| Path::new(&unescape_mountinfo(mp)) == path)
+            .is_some_and(|mp| Path::new(&crate::mounts::unescape_octal(mp)) == path)
     }))
-}
-
-/// mountinfo escapes space, tab, newline and backslash as octal `\ooo`.
-fn unescape_mountinfo(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\'
-            && i + 3 < b.len()
-            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
-        {
-            let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
-            out.push(v);
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Creates a new network namespace bound at `path` (inside `dir`). Fails
@@ -203,13 +182,14 @@ pub(crate) fn is_netns(path: &Path) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use crate::mounts::unescape_octal;
 
+    /// The mountinfo paths `is_mount_point` compares.
     #[test]
     fn mountinfo_escapes() {
-        assert_eq!(unescape_mountinfo("/a\\040b"), "/a b");
-        assert_eq!(unescape_mountinfo("/plain"), "/plain");
-        assert_eq!(unescape_mountinfo("/x\\134y"), "/x\\y");
-        assert_eq!(unescape_mountinfo("/trail\\04"), "/trail\\04");
+        assert_eq!(unescape_octal("/a\\040b"), "/a b");
+        assert_eq!(unescape_octal("/plain"), "/plain");
+        assert_eq!(unescape_octal("/x\\134y"), "/x\\y");
+        assert_eq!(unescape_octal("/trail\\04"), "/trail\\04");
     }
 }
