@@ -1,7 +1,8 @@
 //! husk's host runtime library: pod sandboxes (a VM with husk-agent as PID
 //! 1, its virtio-fs share and vsock), the hypervisor backends that run the
-//! VM, and the host side of the agent protocol. `huskd` (the CRI server)
-//! is built on top of [`sandbox::Sandbox`].
+//! VM, and the host side of the agent protocol. `huskd` (the CRI server,
+//! its own crate) is built on top of [`sandbox::Sandbox`]; nothing here
+//! knows CRI.
 
 pub mod agent;
 pub mod config;
@@ -24,10 +25,3 @@ pub use husk_proto;
 
 /// Image store and registry client (CRI ImageService backend).
 pub mod image;
-
-/// The huskd CRI server: configuration, RuntimeService and ImageService.
-pub mod cri;
-/// Container log files in the kubelet format.
-pub mod logs;
-/// Persisted pod and container records of huskd.
-pub mod state;

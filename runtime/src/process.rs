@@ -568,6 +568,50 @@ pub enum WaitSocketError {
     },
 }
 
+/// Host processes whose command line mentions `dir` (a sandbox directory):
+/// the VMM and helpers a previous huskd left behind.
+pub fn processes_using(dir: &Path) -> Vec<u32> {
+    let needle = dir.as_os_str().as_encoded_bytes();
+    let me = std::process::id();
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    rd.filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| pid != me)
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| !needle.is_empty() && c.windows(needle.len()).any(|w| w == needle))
+        })
+        .collect()
+}
+
+/// SIGKILLs `pids` and waits (bounded) for them to disappear.
+pub async fn kill_and_wait(pids: &[u32]) {
+    for &pid in pids {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    for _ in 0..50 {
+        if pids
+            .iter()
+            .all(|p| !Path::new(&format!("/proc/{p}")).exists() || is_zombie(*p))
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn is_zombie(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rsplit_once(") ").map(|(_, r)| r.starts_with('Z')))
+        .unwrap_or(true)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -707,5 +751,47 @@ mod tests {
             .await
             .unwrap_err();
         assert!(matches!(e, WaitSocketError::Exited { .. }), "{e}");
+    }
+}
+
+#[cfg(test)]
+mod orphan_tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn finds_and_kills_processes_by_dir() {
+        let d = tempfile::tempdir().unwrap();
+        let marker = d.path().join("sandbox-x");
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .env("X", "1")
+            .arg0_marker(&marker)
+            .spawn()
+            .unwrap();
+        // Until the child has exec'd, its cmdline is still this test
+        // binary's: wait (bounded) for the marker to show up.
+        let mut pids = processes_using(&marker);
+        for _ in 0..100 {
+            if !pids.is_empty() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            pids = processes_using(&marker);
+        }
+        assert_eq!(pids, vec![child.id()]);
+        kill_and_wait(&pids).await;
+        let st = child.wait().unwrap();
+        assert!(!st.success());
+        assert!(processes_using(&marker).is_empty());
+    }
+
+    trait Arg0Marker {
+        fn arg0_marker(&mut self, p: &Path) -> &mut Self;
+    }
+    impl Arg0Marker for std::process::Command {
+        fn arg0_marker(&mut self, p: &Path) -> &mut Self {
+            use std::os::unix::process::CommandExt;
+            self.arg0(p)
+        }
     }
 }

@@ -28,7 +28,7 @@ use husk_proto::agent::{
     ContainerRef, ContainerStatsResponse, CreateContainerRequest, CreateSandboxRequest,
     DestroySandboxRequest, ExecProcessRequest, HealthRequest, HealthResponse, NetworkConfig,
     ProcessRef, ReadyNotice, RemoveContainerRequest, SignalProcessRequest, StdioConfig, StreamKind,
-    WaitProcessResponse,
+    UpdateContainerRequest, WaitProcessResponse,
 };
 use husk_proto::GUEST_SHARE_DIR;
 use tokio::net::UnixStream;
@@ -704,11 +704,6 @@ impl Sandbox {
         &self.pids
     }
 
-    /// The raw agent client, for calls this type does not wrap.
-    pub fn agent(&self) -> &AgentConn {
-        &self.agent
-    }
-
     /// Host path of a container's root filesystem inside the share.
     pub fn container_rootfs(&self, container_id: &str) -> Result<PathBuf, SandboxError> {
         validate_id("container id", container_id)?;
@@ -952,6 +947,27 @@ impl Sandbox {
             )
             .await
             .map_err(self.rpc_err("ContainerStats"))
+    }
+
+    /// Applies new resource limits (an OCI `LinuxResources` as JSON) to the
+    /// container's cgroup in the guest.
+    pub async fn update_container(
+        &self,
+        container_id: &str,
+        resources_json: Vec<u8>,
+    ) -> Result<(), SandboxError> {
+        self.agent
+            .client()
+            .update_container(
+                UpdateContainerRequest {
+                    container_id: container_id.into(),
+                    resources_json,
+                },
+                Some(self.rpc_timeout),
+            )
+            .await
+            .map_err(self.rpc_err("UpdateContainer"))?;
+        Ok(())
     }
 
     /// Removes the container in the guest, then its rootfs bind mount and

@@ -230,7 +230,7 @@ impl Huskd {
     pub async fn clients(
         &self,
     ) -> Result<(RuntimeServiceClient<Channel>, ImageServiceClient<Channel>)> {
-        husk_runtime::cri::client::clients(&self.socket)
+        crate::cri_client::clients(&self.socket)
             .await
             .with_context(|| format!("connecting to {}", self.socket.display()))
     }

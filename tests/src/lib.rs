@@ -23,6 +23,7 @@ use husk_runtime::{Hypervisor, Sandbox, SandboxConfig};
 
 pub mod cni;
 pub mod cpio;
+pub mod cri_client;
 pub mod huskd;
 pub mod registry;
 

@@ -591,7 +591,7 @@ async fn huskd_restart_stops_a_leftover_husk_vmm_cleanly() -> Result<()> {
         husk_runtime::virtiofsd::find_virtiofsd(env_path("HUSK_VIRTIOFSD_BIN").as_deref())?;
     let backend = Builtin::new(paths, &probe_accel());
     let base = tempfile::Builder::new().prefix("hr").tempdir_in("/tmp")?;
-    let config = husk_runtime::cri::HuskdConfig {
+    let config = huskd::cri::HuskdConfig {
         root: base.path().join("root"),
         state: base.path().join("state"),
         listen: base.path().join("husk.sock"),
@@ -616,7 +616,7 @@ async fn huskd_restart_stops_a_leftover_husk_vmm_cleanly() -> Result<()> {
 
 async fn restart_after_crash(
     backend: &Builtin,
-    config: husk_runtime::cri::HuskdConfig,
+    config: huskd::cri::HuskdConfig,
     dir: &Path,
     virtiofsd: &Path,
     pids: &mut Vec<(&'static str, u32)>,
@@ -637,7 +637,7 @@ async fn restart_after_crash(
     );
 
     let t = Instant::now();
-    let opened = husk_runtime::cri::Husk::open(config).await;
+    let opened = huskd::cri::Husk::open(config).await;
     let took = t.elapsed();
     eprintln!("huskd state reopened (recovery) in {took:?}");
     // husk-vmm is still this test's (forgotten) child: its exit status says

@@ -5,30 +5,58 @@
 //! persisted pod/container records ([`crate::state`]), the image store, the
 //! live sandboxes and the hypervisor chosen for each runtime handler.
 
-pub mod client;
-pub mod config;
+pub mod errors;
 pub mod image_service;
 pub mod pod_network;
 pub mod runtime_service;
 pub mod spec;
-pub mod status;
 pub mod validation;
 
+// One module per CRI call (or family of calls), as containerd's
+// internal/cri/server; `runtime_service` only traces and delegates.
+mod container_checkpoint;
+mod container_create;
+mod container_exec_sync;
+mod container_io;
+mod container_list;
+mod container_log;
+mod container_remove;
+mod container_start;
+mod container_status;
+mod container_stop;
+mod container_update;
+mod events;
+mod helpers;
+mod instrument;
+mod metrics;
+mod restart;
+mod runtime_status;
+mod sandbox_list;
+mod sandbox_remove;
+mod sandbox_run;
+mod sandbox_status;
+mod sandbox_stop;
+mod stats;
+mod streaming;
+
+pub use runtime_status::runtime_status;
+pub use sandbox_run::pod_size;
+
 use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use tokio::sync::watch;
 
-use crate::config::{GuestImage, MissingComponent};
-use crate::hypervisor::{self, AccelProbe, Hypervisor, HypervisorChoice, QemuPaths};
-use crate::image::{ImageStore, ImageStoreConfig};
 use crate::logs::LogFile;
-use crate::sandbox::{ExitInfo, Sandbox};
 use crate::state::{LoadReport, StateStore};
+use husk_runtime::hypervisor::{self, AccelProbe, Hypervisor, HypervisorChoice, QemuPaths};
+use husk_runtime::image::{ImageStore, ImageStoreConfig};
+use husk_runtime::sandbox::{ExitInfo, Sandbox};
+use husk_runtime::{GuestImage, MissingComponent};
 
-pub use config::{HandlerConfig, HuskdConfig, DEFAULT_HANDLER};
+pub use crate::config::{HandlerConfig, HuskdConfig, DEFAULT_HANDLER};
 
 /// The runtime name reported by Version.
 pub const RUNTIME_NAME: &str = "husk";
@@ -66,7 +94,7 @@ pub struct Husk {
     pub handlers: BTreeMap<String, Handler>,
     pub virtiofsd: Result<PathBuf, MissingComponent>,
     /// Where pod networks come from.
-    pub cni: crate::network::CniConfig,
+    pub cni: husk_runtime::network::CniConfig,
     sandboxes: Mutex<HashMap<String, Arc<Sandbox>>>,
     live: Mutex<HashMap<String, LiveContainer>>,
     /// Serializes lifecycle calls on one pod (and its containers).
@@ -93,7 +121,7 @@ pub enum HuskError {
     #[error("opening the image store under {root}: {source}")]
     Images {
         root: PathBuf,
-        source: crate::image::Error,
+        source: husk_runtime::image::Error,
     },
     #[error("loading pod and container records: {0}")]
     State(#[from] crate::state::StateError),
@@ -102,7 +130,7 @@ pub enum HuskError {
 impl Husk {
     /// Opens the stores, resolves each handler's hypervisor and reconciles
     /// records from a previous run: pod VMs still running are adopted (see
-    /// [`runtime_service::recover`]).
+    /// [`restart::recover`]).
     pub async fn open(config: HuskdConfig) -> Result<(Arc<Self>, LoadReport), HuskError> {
         for d in [&config.root, &config.state, &config.state.join("sandboxes")] {
             std::fs::create_dir_all(d).map_err(|source| HuskError::Dir {
@@ -147,11 +175,11 @@ impl Husk {
                 },
             );
         }
-        let virtiofsd = crate::virtiofsd::find_virtiofsd(config.virtiofsd_path());
+        let virtiofsd = husk_runtime::virtiofsd::find_virtiofsd(config.virtiofsd_path());
         if let Err(e) = &virtiofsd {
             tracing::warn!(error = %e, "virtiofsd not found; pods cannot start");
         }
-        let cni = crate::network::CniConfig {
+        let cni = husk_runtime::network::CniConfig {
             conf_dir: config.cni.conf_dir.clone(),
             bin_dirs: config.cni.bin_dirs.clone(),
             netns_dir: config.state.join("netns"),
@@ -168,8 +196,8 @@ impl Husk {
             live: Mutex::new(HashMap::new()),
             pod_locks: Mutex::new(HashMap::new()),
         });
-        runtime_service::recover(&husk).await;
-        runtime_service::recover_networks(&husk).await;
+        restart::recover(&husk).await;
+        restart::recover_networks(&husk).await;
         Ok((husk, report))
     }
 
@@ -178,8 +206,8 @@ impl Husk {
         const HINT: &str =
             "run `make guest-image` or set kernel/initrd of the handler in the huskd config";
         Ok(GuestImage {
-            kernel: crate::config::require_file("guest kernel", &h.kernel, HINT)?,
-            initrd: crate::config::require_file("guest initrd", &h.initrd, HINT)?,
+            kernel: husk_runtime::config::require_file("guest kernel", &h.kernel, HINT)?,
+            initrd: husk_runtime::config::require_file("guest initrd", &h.initrd, HINT)?,
         })
     }
 
@@ -245,7 +273,7 @@ impl Husk {
         let all: Vec<Arc<Sandbox>> = Self::lock_map(&self.sandboxes).values().cloned().collect();
         for sb in all {
             let id = sb.id().to_string();
-            runtime_service::stop_pod_inner(self, &id, "huskd shut down").await;
+            sandbox_stop::stop_pod_inner(self, &id, "huskd shut down").await;
         }
     }
 }
@@ -275,50 +303,6 @@ pub fn new_id() -> String {
     hex::encode(b)
 }
 
-/// Host processes whose command line mentions `dir` (a sandbox directory):
-/// the VMM and helpers a previous huskd left behind.
-pub fn processes_using(dir: &Path) -> Vec<u32> {
-    let needle = dir.as_os_str().as_encoded_bytes();
-    let me = std::process::id();
-    let Ok(rd) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    rd.filter_map(|e| e.ok())
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|&pid| pid != me)
-        .filter(|pid| {
-            std::fs::read(format!("/proc/{pid}/cmdline"))
-                .is_ok_and(|c| !needle.is_empty() && c.windows(needle.len()).any(|w| w == needle))
-        })
-        .collect()
-}
-
-/// SIGKILLs `pids` and waits (bounded) for them to disappear.
-pub async fn kill_and_wait(pids: &[u32]) {
-    for &pid in pids {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid as i32),
-            nix::sys::signal::Signal::SIGKILL,
-        );
-    }
-    for _ in 0..50 {
-        if pids
-            .iter()
-            .all(|p| !Path::new(&format!("/proc/{p}")).exists() || is_zombie(*p))
-        {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-fn is_zombie(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| s.rsplit_once(") ").map(|(_, r)| r.starts_with('Z')))
-        .unwrap_or(true)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -329,42 +313,5 @@ mod tests {
         assert_eq!(a.len(), 64);
         assert!(a.bytes().all(|b| b.is_ascii_hexdigit()));
         assert_ne!(a, new_id());
-    }
-
-    #[tokio::test]
-    async fn finds_and_kills_processes_by_dir() {
-        let d = tempfile::tempdir().unwrap();
-        let marker = d.path().join("sandbox-x");
-        let mut child = std::process::Command::new("sleep")
-            .arg("30")
-            .env("X", "1")
-            .arg0_marker(&marker)
-            .spawn()
-            .unwrap();
-        // Until the child has exec'd, its cmdline is still this test
-        // binary's: wait (bounded) for the marker to show up.
-        let mut pids = processes_using(&marker);
-        for _ in 0..100 {
-            if !pids.is_empty() {
-                break;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-            pids = processes_using(&marker);
-        }
-        assert_eq!(pids, vec![child.id()]);
-        kill_and_wait(&pids).await;
-        let st = child.wait().unwrap();
-        assert!(!st.success());
-        assert!(processes_using(&marker).is_empty());
-    }
-
-    trait Arg0Marker {
-        fn arg0_marker(&mut self, p: &Path) -> &mut Self;
-    }
-    impl Arg0Marker for std::process::Command {
-        fn arg0_marker(&mut self, p: &Path) -> &mut Self {
-            use std::os::unix::process::CommandExt;
-            self.arg0(p)
-        }
     }
 }

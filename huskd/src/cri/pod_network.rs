@@ -2,7 +2,7 @@
 //! and how a CNI result becomes the VM's NIC and the guest's configuration.
 //!
 //! The host plumbing itself (network namespace, CNI plugins, tap and tc
-//! redirect) lives in [`crate::network`].
+//! redirect) lives in [`husk_runtime::network`].
 
 use std::time::Duration;
 
@@ -10,9 +10,9 @@ use husk_proto::agent::{self as agent_proto, NetworkConfig};
 use k8s_cri::v1 as cri;
 use tonic::Status;
 
-use crate::hypervisor::NetDeviceConfig;
-use crate::network::{NetworkError, PodNetwork, PodNetworkRequest, PortMapping};
-use crate::sandbox::SandboxNetwork;
+use husk_runtime::hypervisor::NetDeviceConfig;
+use husk_runtime::network::{NetworkError, PodNetwork, PodNetworkRequest, PortMapping};
+use husk_runtime::sandbox::SandboxNetwork;
 
 /// The guest's name for its pod interface.
 const GUEST_IFNAME: &str = "eth0";
@@ -139,6 +139,15 @@ pub fn network_error(pod_id: &str, e: &NetworkError) -> Status {
         Status::failed_precondition(msg)
     } else {
         Status::internal(msg)
+    }
+}
+
+/// CNI DEL and the namespace, tap and filters gone. Never fails: a network
+/// that cannot be released is logged, and RemovePodSandbox (or the next
+/// huskd start) tries again; CNI DEL is idempotent.
+pub(super) async fn release_network(h: &super::Husk, pod_id: &str, net: Option<&PodNetwork>) {
+    if let Err(e) = husk_runtime::network::teardown(&h.cni, pod_id, net).await {
+        tracing::error!(error = %e, "releasing the pod network");
     }
 }
 

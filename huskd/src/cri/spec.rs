@@ -11,7 +11,7 @@ use k8s_cri::v1::{ContainerConfig, LinuxContainerResources};
 use serde_json::{json, Value};
 use tonic::Status;
 
-use crate::image::ImageConfig;
+use husk_runtime::image::ImageConfig;
 
 /// containerd's default capability set for unprivileged containers.
 pub const DEFAULT_CAPS: &[&str] = &[

@@ -16,7 +16,7 @@ use k8s_cri::v1::{ContainerConfig, PodSandboxConfig};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use crate::process::ProcessIdentity;
+use husk_runtime::process::ProcessIdentity;
 
 /// Pod sandbox state as CRI knows it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -57,7 +57,7 @@ pub struct PodRecord {
     /// The pod network as CNI set it up; kept after stop so that
     /// RemovePodSandbox (and a huskd restart) can release it again.
     #[serde(default)]
-    pub network: Option<crate::network::PodNetwork>,
+    pub network: Option<husk_runtime::network::PodNetwork>,
     /// The VM's host processes with their start times, to adopt them after
     /// a huskd restart (empty in records of older huskd versions: such a
     /// pod is not adopted).

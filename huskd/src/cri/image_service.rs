@@ -5,11 +5,10 @@ use std::sync::Arc;
 use k8s_cri::v1 as cri;
 use k8s_cri::v1::image_service_server::ImageService;
 use tonic::{Request, Response, Status};
-use tracing::Instrument;
 
-use super::status::image_error;
+use super::errors::image_error;
 use super::Husk;
-use crate::image::{Image, RegistryAuth, RemoveOutcome};
+use husk_runtime::image::{Image, RegistryAuth, RemoveOutcome};
 
 #[derive(Debug, Clone)]
 pub struct CriImages {
@@ -22,17 +21,7 @@ async fn traced<T>(
     fut: impl std::future::Future<Output = Result<T, Status>>,
 ) -> Result<Response<T>, Status> {
     let span = tracing::info_span!("cri", method, image = %super::validation::printable(image));
-    let started = std::time::Instant::now();
-    let r = fut.instrument(span.clone()).await;
-    let _e = span.enter();
-    let ms = started.elapsed().as_secs_f64() * 1000.0;
-    match &r {
-        Ok(_) => tracing::debug!(elapsed_ms = ms, "ok"),
-        Err(s) => {
-            tracing::info!(elapsed_ms = ms, code = ?s.code(), message = %s.message(), "failed")
-        }
-    }
-    r.map(Response::new)
+    super::instrument::in_span(span, fut).await
 }
 
 /// The image reference of a request, "" when absent (for spans and checks).
@@ -206,7 +195,8 @@ impl ImageService for CriImages {
         traced("RemoveImage", &r, async {
             let r = image_spec_ref(req.image.as_ref())?;
             let containers = self.husk.state.containers();
-            let in_use = |id: &crate::image::ImageId| containers.iter().any(|c| c.image_id == id.0);
+            let in_use =
+                |id: &husk_runtime::image::ImageId| containers.iter().any(|c| c.image_id == id.0);
             match self
                 .husk
                 .images

@@ -5,10 +5,10 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Parser;
-use husk_runtime::cri::config::{HuskdConfig, DEFAULT_CONFIG_PATH, DEFAULT_CONFIG_TOML};
-use husk_runtime::cri::image_service::CriImages;
-use husk_runtime::cri::runtime_service::CriRuntime;
-use husk_runtime::cri::Husk;
+use huskd::config::{HuskdConfig, DEFAULT_CONFIG_PATH, DEFAULT_CONFIG_TOML};
+use huskd::cri::image_service::CriImages;
+use huskd::cri::runtime_service::CriRuntime;
+use huskd::cri::Husk;
 use k8s_cri::v1::image_service_server::ImageServiceServer;
 use k8s_cri::v1::runtime_service_server::RuntimeServiceServer;
 use tokio::net::UnixListener;
@@ -122,7 +122,7 @@ async fn serve(config: HuskdConfig) -> anyhow::Result<()> {
         .max_encoding_message_size(MAX_MESSAGE);
     tracing::info!(socket = %listen.display(), version = env!("CARGO_PKG_VERSION"), "huskd serving CRI v1");
     let r = tonic::transport::Server::builder()
-        .layer(husk_runtime::cri::status::DeadlineLayer)
+        .layer(huskd::cri::errors::DeadlineLayer)
         .add_service(runtime)
         .add_service(images)
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)

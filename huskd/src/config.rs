@@ -12,7 +12,7 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::hypervisor::{HypervisorChoice, MAX_SOCKET_PATH};
+use husk_runtime::hypervisor::{HypervisorChoice, MAX_SOCKET_PATH};
 
 /// Where huskd looks for its configuration without `--config`.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/husk/config.toml";

@@ -3,10 +3,10 @@
 use tonic::codegen::http;
 use tonic::{Code, Status};
 
-use crate::agent::AgentError;
-use crate::image;
-use crate::sandbox::SandboxError;
 use crate::state::StateError;
+use husk_runtime::agent::AgentError;
+use husk_runtime::image;
+use husk_runtime::sandbox::SandboxError;
 
 /// An image store error, with its message unchanged (it names the image and
 /// registry already).

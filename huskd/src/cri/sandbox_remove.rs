@@ -1,0 +1,40 @@
+//! RemovePodSandbox: a running pod is stopped forcibly first (CRI), then
+//! its containers, directory, network and record go.
+
+use k8s_cri::v1 as cri;
+use tonic::Status;
+
+use super::container_remove::release_container_host;
+use super::errors::state_error;
+use super::helpers::find_pod_opt;
+use super::pod_network::release_network;
+use super::restart::cleanup_orphan_dir;
+use super::sandbox_stop::stop_pod_inner;
+use super::Husk;
+
+pub(super) async fn remove_pod_sandbox(
+    h: &Husk,
+    req: cri::RemovePodSandboxRequest,
+) -> Result<cri::RemovePodSandboxResponse, Status> {
+    let Some(p) = find_pod_opt(h, "pod_sandbox_id", &req.pod_sandbox_id)? else {
+        return Ok(cri::RemovePodSandboxResponse {});
+    };
+    let lock = h.pod_lock(&p.id);
+    {
+        let _g = lock.lock().await;
+        // CRI: removing a running pod stops it forcibly first.
+        stop_pod_inner(h, &p.id, "removed by RemovePodSandbox").await;
+        for c in h.state.containers_of(&p.id) {
+            release_container_host(h, &c, None);
+            h.state
+                .remove_container(&c.id)
+                .map_err(|e| state_error(&e))?;
+            h.drop_live(&c.id);
+        }
+        cleanup_orphan_dir(&p.sandbox_dir).await;
+        release_network(h, &p.id, p.network.as_ref()).await;
+        h.state.remove_pod(&p.id).map_err(|e| state_error(&e))?;
+    }
+    h.forget_pod_lock(&p.id);
+    Ok(cri::RemovePodSandboxResponse {})
+}
