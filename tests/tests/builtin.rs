@@ -797,46 +797,34 @@ async fn detach_and_adopt(
     virtiofsd: &Path,
     pids: &mut Vec<(&'static str, u32)>,
 ) -> Result<()> {
-    use husk_runtime::hypervisor::{AdoptedVm, VmControl};
-    use husk_runtime::process::ProcessIdentity;
     let files = BuiltinFiles::in_dir(dir);
     let mut fx = fixture(dir, virtiofsd)?;
     pids.push(("virtiofsd", fx.virtiofsd.pid()));
     let vm = backend.launch(&fx.config).await?;
     let pid = vm.pids()[0].1;
     pids.push(("husk-vmm", pid));
-    let ids: Vec<ProcessIdentity> = vm
-        .pids()
-        .iter()
-        .filter_map(|(role, p)| ProcessIdentity::of(role, *p))
-        .collect();
-    ensure!(ids.len() == 1, "{ids:?}");
+    // What the pod record keeps: the backend's own record of the VM.
+    let record = vm.record();
+    ensure!(
+        record.backend == "builtin" && record.processes.len() == 1,
+        "{record:?}"
+    );
     vm.detach();
     tokio::time::sleep(Duration::from_millis(100)).await;
     ensure!(
         alive(pid) && is_socket(&files.control) && files.pid.exists(),
         "husk-vmm did not outlive its detached handle with its files"
     );
-    let control = VmControl::HuskVmm {
-        files: files.clone(),
-        vsock_uds: fx.config.vsock.uds.clone(),
-    };
-    let mut wrong = ids.clone();
-    wrong[0].start_time += 1;
-    match AdoptedVm::adopt(
-        "builtin-e2e",
-        control.clone(),
-        &wrong,
-        Duration::from_secs(2),
-    )
-    .await
-    {
+    let mut wrong = record.clone();
+    wrong.processes[0].start_time += 1;
+    match husk_runtime::hypervisor::adopt(&wrong, "builtin-e2e", Duration::from_secs(2)).await {
         Ok(_) => bail!("adopted a husk-vmm whose start time does not match"),
         Err(e) => eprintln!("refused as it should be: {e}"),
     }
     ensure!(alive(pid), "a refused adoption signalled the process");
     let t = Instant::now();
-    let mut vm = AdoptedVm::adopt("builtin-e2e", control, &ids, Duration::from_secs(2)).await?;
+    let mut vm =
+        husk_runtime::hypervisor::adopt(&record, "builtin-e2e", Duration::from_secs(2)).await?;
     eprintln!("husk-vmm adopted in {:?}", t.elapsed());
     ensure!(vm.pids() == vec![("husk-vmm", pid)], "{:?}", vm.pids());
     ensure!(vm.try_exit()?.is_none(), "adopted husk-vmm reported exited");

@@ -3,13 +3,12 @@
 //! directories, networks, rootfs records) and marks the rest lost.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use husk_proto::agent::StdioConfig;
-use husk_runtime::hypervisor::builtin::{self, BuiltinFiles};
-use husk_runtime::sandbox::{AdoptBackend, AdoptConfig, Sandbox};
+use husk_runtime::sandbox::{reap_orphan_dir, AdoptConfig, Sandbox};
 use tokio::sync::watch;
 
 use super::container_io::{attach_output, watch_exit};
@@ -45,55 +44,6 @@ pub(super) async fn recover_networks(h: &Husk) {
         }
         tracing::warn!(pod = %pod_id, "releasing a pod network left by a previous huskd");
         release_network(h, &pod_id, rec.as_ref().and_then(|p| p.network.as_ref())).await;
-    }
-}
-
-/// How long a husk-vmm left by a previous huskd gets to shut down through
-/// its control socket before it is killed.
-const ORPHAN_VMM_STOP_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Stops processes a previous huskd left for a sandbox directory, then
-/// unmounts and removes the directory.
-///
-/// A husk-vmm (builtin backend, recognised by its `vm.json`) is asked to
-/// shut down through its control socket first: it outlives huskd by design
-/// (own session), and a clean exit lets it tear down its VM and remove its
-/// socket and pid file itself. Whatever still names the directory after
-/// that (virtiofsd, a husk-vmm that was not reachable, QEMU and husk-vsock)
-/// is SIGKILLed.
-pub(super) async fn cleanup_orphan_dir(dir: &Path) {
-    if dir.as_os_str().is_empty() {
-        return;
-    }
-    if BuiltinFiles::in_dir(dir).config.exists() {
-        match builtin::stop_orphan(dir, ORPHAN_VMM_STOP_TIMEOUT).await {
-            Ok(Some(pid)) => {
-                tracing::info!(pid, dir = %dir.display(), "stopped a husk-vmm left from a previous huskd")
-            }
-            Ok(None) => {}
-            Err(e) => {
-                tracing::warn!(error = %e, dir = %dir.display(), "stopping a leftover husk-vmm; killing what uses the directory")
-            }
-        }
-    }
-    let pids = husk_runtime::process::processes_using(dir);
-    if !pids.is_empty() {
-        tracing::warn!(?pids, dir = %dir.display(), "killing processes left from a previous huskd");
-        husk_runtime::process::kill_and_wait(&pids).await;
-    }
-    if dir.exists() {
-        match husk_runtime::mounts::unmount_all_under(dir) {
-            Ok(left) if left.is_empty() => {
-                if let Err(e) = std::fs::remove_dir_all(dir) {
-                    tracing::error!(error = %e, dir = %dir.display(), "removing a stale sandbox directory");
-                }
-            }
-            Ok(left) => tracing::error!(
-                ?left,
-                "mounts left under a stale sandbox directory; keeping it"
-            ),
-            Err(e) => tracing::error!(error = %e, "reading mountinfo"),
-        }
     }
 }
 
@@ -192,10 +142,10 @@ pub(super) async fn recover(h: &Arc<Husk>) {
                 r.state = PodState::NotReady;
                 r.reason = reason;
                 r.pids.clear();
-                r.processes.clear();
+                r.sandbox = None;
             });
         }
-        cleanup_orphan_dir(&p.sandbox_dir).await;
+        reap_orphan_dir(&p.sandbox_dir).await;
     }
     // Sandbox directories without a record: a start interrupted by a crash.
     if let Ok(rd) = std::fs::read_dir(h.sandbox_state_dir()) {
@@ -203,7 +153,7 @@ pub(super) async fn recover(h: &Arc<Husk>) {
             let dir = e.path();
             if !known.contains(&dir) {
                 tracing::warn!(dir = %dir.display(), "removing a sandbox directory without a record");
-                cleanup_orphan_dir(&dir).await;
+                reap_orphan_dir(&dir).await;
             }
         }
     }
@@ -225,19 +175,13 @@ pub(super) async fn recover(h: &Arc<Husk>) {
 /// this future) the half-adopted sandbox is dropped, which kills its
 /// processes; the caller cleans up the rest.
 async fn adopt_pod(h: &Arc<Husk>, p: &PodRecord) -> Result<(), String> {
-    if p.processes.is_empty() {
-        return Err("the record has no process identities (written by an older huskd)".into());
-    }
-    let backend = if p.processes.iter().any(|x| x.role == "husk-vmm") {
-        AdoptBackend::Builtin
-    } else {
-        AdoptBackend::Qemu
+    let Some(record) = p.sandbox.clone() else {
+        return Err("the record has no sandbox record (written by an older huskd)".into());
     };
     let sandbox = Sandbox::adopt(AdoptConfig {
         id: p.id.clone(),
         dir: p.sandbox_dir.clone(),
-        backend,
-        processes: p.processes.clone(),
+        record,
         hypervisor: p.hypervisor.clone(),
         timeout: ADOPT_STEP_TIMEOUT,
         // As SandboxConfig::new's defaults, which RunPodSandbox keeps.

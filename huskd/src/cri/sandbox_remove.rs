@@ -8,9 +8,9 @@ use super::container_remove::release_container_host;
 use super::errors::state_error;
 use super::helpers::find_pod_opt;
 use super::pod_network::release_network;
-use super::restart::cleanup_orphan_dir;
 use super::sandbox_stop::stop_pod_inner;
 use super::Husk;
+use husk_runtime::sandbox::reap_orphan_dir;
 
 pub(super) async fn remove_pod_sandbox(
     h: &Husk,
@@ -31,7 +31,7 @@ pub(super) async fn remove_pod_sandbox(
                 .map_err(|e| state_error(&e))?;
             h.drop_live(&c.id);
         }
-        cleanup_orphan_dir(&p.sandbox_dir).await;
+        reap_orphan_dir(&p.sandbox_dir).await;
         release_network(h, &p.id, p.network.as_ref()).await;
         h.state.remove_pod(&p.id).map_err(|e| state_error(&e))?;
     }

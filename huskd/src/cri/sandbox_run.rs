@@ -242,7 +242,7 @@ pub(super) async fn run_pod_sandbox(
             sandbox_dir: sandbox.dir().to_path_buf(),
             reason: String::new(),
             network: Some(net.clone()),
-            processes: sandbox.processes().to_vec(),
+            sandbox: Some(sandbox.record().clone()),
         };
         h.state.put_pod(rec).map_err(|e| state_error(&e))
     };

@@ -10,9 +10,9 @@ use super::container_io::wait_exit;
 use super::container_remove::release_container_host;
 use super::helpers::find_pod_opt;
 use super::pod_network::release_network;
-use super::restart::cleanup_orphan_dir;
 use super::{now_ns, Husk};
 use crate::state::{ContainerState, PodState};
+use husk_runtime::sandbox::reap_orphan_dir;
 
 pub(super) async fn stop_pod_sandbox(
     h: &Husk,
@@ -68,7 +68,7 @@ pub(super) async fn stop_pod_inner(h: &Husk, pod_id: &str, reason: &str) {
         None => {
             // No live VM (huskd restarted): reap what a previous huskd left.
             if let Some(p) = h.state.pod(pod_id) {
-                cleanup_orphan_dir(&p.sandbox_dir).await;
+                reap_orphan_dir(&p.sandbox_dir).await;
             }
         }
     }
@@ -81,7 +81,7 @@ pub(super) async fn stop_pod_inner(h: &Husk, pod_id: &str, reason: &str) {
             p.reason = reason.into();
         }
         p.pids.clear();
-        p.processes.clear();
+        p.sandbox = None;
     }) {
         tracing::error!(error = %e, "persisting the stopped pod");
     }

@@ -16,7 +16,7 @@ use k8s_cri::v1::{ContainerConfig, PodSandboxConfig};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use husk_runtime::process::ProcessIdentity;
+use husk_runtime::sandbox::SandboxRecord;
 
 /// Pod sandbox state as CRI knows it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -58,11 +58,11 @@ pub struct PodRecord {
     /// RemovePodSandbox (and a huskd restart) can release it again.
     #[serde(default)]
     pub network: Option<husk_runtime::network::PodNetwork>,
-    /// The VM's host processes with their start times, to adopt them after
-    /// a huskd restart (empty in records of older huskd versions: such a
-    /// pod is not adopted).
+    /// What a later huskd needs to adopt the running sandbox (its backend's
+    /// VM record and virtiofsd); `None` once the pod is stopped, and in
+    /// records of older huskd versions, whose pods are not adopted.
     #[serde(default)]
-    pub processes: Vec<ProcessIdentity>,
+    pub sandbox: Option<SandboxRecord>,
 }
 
 /// What huskd remembers about a container.
@@ -388,6 +388,8 @@ fn sync_dir(dir: &Path) -> Result<(), StateError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use husk_runtime::hypervisor::VmRecord;
+    use husk_runtime::process::ProcessIdentity;
     use k8s_cri::v1::{ContainerMetadata, PodSandboxMetadata};
 
     fn pod(id: &str) -> PodRecord {
@@ -413,11 +415,22 @@ mod tests {
             sandbox_dir: "/run/husk/sandboxes/x".into(),
             reason: String::new(),
             network: None,
-            processes: vec![ProcessIdentity {
-                role: "qemu".into(),
-                pid: 1234,
-                start_time: 99,
-            }],
+            sandbox: Some(SandboxRecord {
+                vm: VmRecord {
+                    backend: "qemu".into(),
+                    processes: vec![ProcessIdentity {
+                        role: "qemu".into(),
+                        pid: 1234,
+                        start_time: 99,
+                    }],
+                    state: serde_json::json!({"qmp": "/run/husk/sandboxes/x/qmp.sock"}),
+                },
+                virtiofsd: ProcessIdentity {
+                    role: "virtiofsd".into(),
+                    pid: 1235,
+                    start_time: 99,
+                },
+            }),
         }
     }
 
@@ -491,7 +504,8 @@ mod tests {
         assert!(s.pod("good").is_some());
     }
 
-    /// A record written before `processes` existed still loads.
+    /// A record written before `sandbox` existed still loads (and is not
+    /// adopted).
     #[test]
     fn old_pod_record_loads() {
         let d = tempfile::tempdir().unwrap();
@@ -500,12 +514,12 @@ mod tests {
         drop(s);
         let path = d.path().join("state/pods/old.json");
         let mut v: serde_json::Value = serde_json::from_slice(&fs::read(&path).unwrap()).unwrap();
-        v.as_object_mut().unwrap().remove("processes").unwrap();
+        v.as_object_mut().unwrap().remove("sandbox").unwrap();
         fs::write(&path, serde_json::to_vec(&v).unwrap()).unwrap();
         let (s, r) = StateStore::open(d.path()).unwrap();
         assert!(r.quarantined.is_empty(), "{:?}", r.quarantined);
         let p = s.pod("old").unwrap();
-        assert!(p.processes.is_empty());
+        assert!(p.sandbox.is_none());
         assert_eq!(p.pids, pod("old").pids);
     }
 

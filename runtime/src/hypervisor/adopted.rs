@@ -1,9 +1,9 @@
 //! A VM a previous huskd launched, adopted by this one after a restart.
 //!
 //! Its processes are not our children: they are watched through pidfds
-//! ([`AdoptedProcess`]), the VMM is asked to quit the same way as a VM we
-//! launched (QMP `quit` for QEMU, `shutdown` on husk-vmm's control socket)
-//! and killed by signal after the timeout.
+//! ([`AdoptedProcess`]), the VMM is asked to quit through its backend's
+//! [`AdoptedControl`] (as a VM we launched would be) and killed by signal
+//! after the timeout. Nothing here knows a particular backend.
 
 use std::path::PathBuf;
 use std::process::ExitStatus;
@@ -11,40 +11,17 @@ use std::time::{Duration, Instant};
 
 use tracing::Instrument;
 
-use super::builtin::{control_request, BuiltinFiles};
-use super::qmp::Qmp;
-use super::{HypervisorError, Vm};
+use super::{HypervisorError, Vm, VmRecord};
 use crate::process::{AdoptError, AdoptedProcess, ProcessIdentity};
 
-/// How the VMM is asked to quit.
-#[derive(Debug, Clone)]
-pub enum VmControl {
-    /// QEMU's QMP socket.
-    Qmp(PathBuf),
-    /// husk-vmm's control socket and files, and the hybrid vsock socket it
-    /// serves (removed after a kill, as for a launched husk-vmm).
-    HuskVmm {
-        files: BuiltinFiles,
-        vsock_uds: PathBuf,
-    },
-}
-
-impl VmControl {
-    /// The VMM's role name in the recorded processes.
-    pub fn vmm_role(&self) -> &'static str {
-        match self {
-            VmControl::Qmp(_) => "qemu",
-            VmControl::HuskVmm { .. } => "husk-vmm",
-        }
-    }
-
-    /// Roles of the helpers the backend itself started (reported by
-    /// `pids()` after the VMM, in launch order).
-    pub fn helper_roles(&self) -> &'static [&'static str] {
-        match self {
-            VmControl::Qmp(_) => &["husk-vsock"],
-            VmControl::HuskVmm { .. } => &[],
-        }
+/// How a backend asks its adopted VMM to quit, and what it cleans after.
+#[async_trait::async_trait]
+pub trait AdoptedControl: Send + Sync + std::fmt::Debug {
+    /// Asks the VMM to quit (QMP `quit`, husk-vmm's `shutdown`).
+    async fn quit(&self, timeout: Duration) -> Result<(), HypervisorError>;
+    /// Files the VMM removes itself on a clean exit, stale after a kill.
+    fn stale_files(&self) -> Vec<PathBuf> {
+        Vec::new()
     }
 }
 
@@ -55,8 +32,12 @@ pub enum AdoptVmError {
     NotRecorded(&'static str),
     #[error(transparent)]
     Process(#[from] AdoptError),
-    #[error("husk-vmm control socket: {0}")]
-    Control(String),
+}
+
+impl From<AdoptVmError> for HypervisorError {
+    fn from(e: AdoptVmError) -> Self {
+        HypervisorError::Adopt(e.to_string())
+    }
 }
 
 /// A running VM found again after a huskd restart.
@@ -65,19 +46,10 @@ pub struct AdoptedVm {
     id: String,
     vmm: AdoptedProcess,
     helpers: Vec<AdoptedProcess>,
-    control: VmControl,
+    control: Box<dyn AdoptedControl>,
     log: PathBuf,
+    record: VmRecord,
     adopted_at: Instant,
-}
-
-fn role_static(role: &str) -> &'static str {
-    match role {
-        "qemu" => "qemu",
-        "husk-vsock" => "husk-vsock",
-        "husk-vmm" => "husk-vmm",
-        "virtiofsd" => "virtiofsd",
-        _ => "helper",
-    }
 }
 
 /// Opens the recorded process of `role` (see [`AdoptedProcess::adopt`]).
@@ -89,75 +61,45 @@ pub fn adopt_role(
         .iter()
         .find(|p| p.role == role)
         .ok_or(AdoptVmError::NotRecorded(role))?;
-    Ok(AdoptedProcess::adopt(role_static(&rec.role), rec)?)
+    Ok(AdoptedProcess::adopt(role, rec)?)
 }
 
 impl AdoptedVm {
-    /// Checks that the VMM and the backend's helpers in `recorded` are
-    /// still the processes that were launched, and (husk-vmm) that the
-    /// control socket answers `status` for that pid, then takes them over.
-    pub async fn adopt(
+    /// Takes over the VMM (`vmm_role`) and helpers of `record`, which the
+    /// backend has already checked (their pid and start time are checked
+    /// here).
+    pub fn adopt(
         id: &str,
-        control: VmControl,
-        recorded: &[ProcessIdentity],
-        timeout: Duration,
+        record: &VmRecord,
+        vmm_role: &'static str,
+        helper_roles: &[&'static str],
+        control: Box<dyn AdoptedControl>,
+        log: PathBuf,
     ) -> Result<Self, AdoptVmError> {
-        let vmm = adopt_role(recorded, control.vmm_role())?;
+        let vmm = adopt_role(&record.processes, vmm_role)?;
         let mut helpers = Vec::new();
-        for role in control.helper_roles() {
-            helpers.push(adopt_role(recorded, role)?);
+        for role in helper_roles {
+            helpers.push(adopt_role(&record.processes, role)?);
         }
-        let log = match &control {
-            VmControl::Qmp(qmp) => qmp.with_file_name("qemu.log"),
-            VmControl::HuskVmm { files, .. } => {
-                let r = control_request(&files.control, "status", timeout)
-                    .await
-                    .map_err(|e| AdoptVmError::Control(e.to_string()))?;
-                let pid = r["status"]["pid"].as_u64();
-                if r["ok"] != true || pid != Some(u64::from(vmm.pid())) {
-                    return Err(AdoptVmError::Control(format!(
-                        "status reply {r} does not match husk-vmm pid {}",
-                        vmm.pid()
-                    )));
-                }
-                files.log.clone()
-            }
-        };
         Ok(Self {
             id: id.to_string(),
             vmm,
             helpers,
             control,
             log,
+            record: record.clone(),
             adopted_at: Instant::now(),
         })
     }
 
-    async fn ask_to_quit(&self, timeout: Duration) -> Result<(), HypervisorError> {
-        match &self.control {
-            VmControl::Qmp(path) => {
-                let mut q = Qmp::connect(path, timeout).await?;
-                q.execute("quit", timeout).await?;
-            }
-            VmControl::HuskVmm { files, .. } => {
-                let r = control_request(&files.control, "shutdown", timeout).await?;
-                if r["ok"] != true {
-                    return Err(HypervisorError::Qmp(format!(
-                        "husk-vmm refused shutdown: {r}"
-                    )));
-                }
-            }
-        }
-        Ok(())
+    /// The VMM's pid.
+    pub fn vmm_pid(&self) -> u32 {
+        self.vmm.pid()
     }
 
-    /// husk-vmm removes its socket and pid file on a clean exit; after a
-    /// kill they are stale.
     fn remove_files(&self) {
-        if let VmControl::HuskVmm { files, vsock_uds } = &self.control {
-            for p in [&files.control, &files.pid, vsock_uds] {
-                let _ = std::fs::remove_file(p);
-            }
+        for p in self.control.stale_files() {
+            let _ = std::fs::remove_file(p);
         }
     }
 
@@ -204,7 +146,7 @@ impl Vm for AdoptedVm {
         async {
             let deadline = Instant::now() + timeout;
             if !self.vmm.has_exited() {
-                if let Err(e) = self.ask_to_quit(timeout / 2).await {
+                if let Err(e) = self.control.quit(timeout / 2).await {
                     tracing::warn!(%e, "asking the adopted VMM to quit failed, killing");
                 }
             }
@@ -246,5 +188,9 @@ impl Vm for AdoptedVm {
         for h in this.helpers {
             h.detach();
         }
+    }
+
+    fn record(&self) -> VmRecord {
+        self.record.clone()
     }
 }

@@ -27,8 +27,9 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt as _, AsyncWriteExt, BufReader};
 use tokio::process::{Child, Command};
 use tracing::Instrument;
 
+use super::adopted::{AdoptedControl, AdoptedVm};
 use super::probe::{host_tsc_rate, Accel, AccelProbe};
-use super::{Hypervisor, HypervisorError, Vm, VmConfig, MAX_SOCKET_PATH};
+use super::{Backend, Hypervisor, HypervisorError, Vm, VmConfig, VmRecord, MAX_SOCKET_PATH};
 use crate::config::{self, MissingComponent};
 use crate::process::SpawnError;
 
@@ -341,6 +342,102 @@ fn log_tail(path: &Path) -> String {
     lines[lines.len().saturating_sub(20)..].join("\n")
 }
 
+const ROLE_VMM: &str = "husk-vmm";
+
+/// The builtin backend's part of a [`VmRecord`].
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct BuiltinState {
+    /// The sandbox directory, where husk-vmm keeps its files ([`BuiltinFiles`]).
+    dir: PathBuf,
+    /// The hybrid vsock socket husk-vmm serves (removed after a kill).
+    vsock_uds: PathBuf,
+}
+
+/// The builtin backend's entry points for adoption and orphan cleanup.
+pub static BACKEND: Backend = Backend {
+    name: "builtin",
+    adopt: |record, id, timeout| Box::pin(adopt(record, id, timeout)),
+    reap_orphan: |dir, timeout| {
+        Box::pin(async move {
+            if !BuiltinFiles::in_dir(dir).config.exists() {
+                return;
+            }
+            match stop_orphan(dir, timeout).await {
+                Ok(Some(pid)) => {
+                    tracing::info!(pid, dir = %dir.display(), "stopped a husk-vmm left from a previous huskd")
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, dir = %dir.display(), "stopping a leftover husk-vmm")
+                }
+            }
+        })
+    },
+};
+
+/// Takes over a husk-vmm from its record: the recorded process must still
+/// run, and its control socket must answer `status` with that pid.
+async fn adopt(
+    record: &VmRecord,
+    id: &str,
+    timeout: Duration,
+) -> Result<Box<dyn Vm>, HypervisorError> {
+    let st: BuiltinState = record.state()?;
+    let files = BuiltinFiles::in_dir(&st.dir);
+    let vm = AdoptedVm::adopt(
+        id,
+        record,
+        ROLE_VMM,
+        &[],
+        Box::new(BuiltinControl {
+            files: files.clone(),
+            vsock_uds: st.vsock_uds,
+        }),
+        files.log.clone(),
+    )?;
+    let r = control_request(&files.control, "status", timeout)
+        .await
+        .map_err(|e| HypervisorError::Adopt(format!("husk-vmm control socket: {e}")))?;
+    let pid = r["status"]["pid"].as_u64();
+    if r["ok"] != true || pid != Some(u64::from(vm.vmm_pid())) {
+        return Err(HypervisorError::Adopt(format!(
+            "husk-vmm status reply {r} does not match pid {}",
+            vm.vmm_pid()
+        )));
+    }
+    Ok(Box::new(vm))
+}
+
+/// `shutdown` on an adopted husk-vmm's control socket.
+#[derive(Debug)]
+struct BuiltinControl {
+    files: BuiltinFiles,
+    vsock_uds: PathBuf,
+}
+
+#[async_trait::async_trait]
+impl AdoptedControl for BuiltinControl {
+    async fn quit(&self, timeout: Duration) -> Result<(), HypervisorError> {
+        let r = control_request(&self.files.control, "shutdown", timeout).await?;
+        if r["ok"] != true {
+            return Err(HypervisorError::Qmp(format!(
+                "husk-vmm refused shutdown: {r}"
+            )));
+        }
+        Ok(())
+    }
+
+    /// husk-vmm removes its socket and pid file on a clean exit; after a
+    /// kill they are stale.
+    fn stale_files(&self) -> Vec<PathBuf> {
+        vec![
+            self.files.control.clone(),
+            self.files.pid.clone(),
+            self.vsock_uds.clone(),
+        ]
+    }
+}
+
 /// One husk-vmm process.
 #[derive(Debug)]
 pub struct BuiltinVm {
@@ -550,7 +647,26 @@ pub async fn stop_orphan(
 #[async_trait::async_trait]
 impl Vm for BuiltinVm {
     fn pids(&self) -> Vec<(&'static str, u32)> {
-        vec![("husk-vmm", self.pid)]
+        vec![(ROLE_VMM, self.pid)]
+    }
+
+    fn record(&self) -> VmRecord {
+        VmRecord {
+            backend: BACKEND.name.into(),
+            // Not reaped while we hold the child, so the pid is still ours.
+            processes: crate::process::ProcessIdentity::of(ROLE_VMM, self.pid)
+                .into_iter()
+                .collect(),
+            state: serde_json::json!(BuiltinState {
+                dir: self
+                    .files
+                    .config
+                    .parent()
+                    .map(Path::to_path_buf)
+                    .unwrap_or_default(),
+                vsock_uds: self.vsock_uds.clone(),
+            }),
+        }
     }
 
     fn launched_at(&self) -> Instant {

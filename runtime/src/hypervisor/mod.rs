@@ -19,9 +19,12 @@ use std::process::ExitStatus;
 use std::str::FromStr;
 use std::time::{Duration, Instant};
 
-use crate::process::{SpawnError, WaitSocketError};
+use futures_util::future::BoxFuture;
+use serde::{Deserialize, Serialize};
 
-pub use adopted::{AdoptedVm, VmControl};
+use crate::process::{ProcessIdentity, SpawnError, WaitSocketError};
+
+pub use adopted::{AdoptedControl, AdoptedVm};
 pub use builtin::{Builtin, BuiltinPaths};
 pub use probe::{probe_accel, Accel, AccelProbe};
 pub use qemu::{Qemu, QemuPaths};
@@ -194,8 +197,82 @@ pub trait Vm: Send + std::fmt::Debug {
     /// Kills the VMM and its helpers at once.
     async fn kill(&mut self) -> Result<ExitStatus, HypervisorError>;
     /// Forgets the VMM and its helpers without stopping them: huskd exits
-    /// and a later huskd adopts them ([`AdoptedVm`]).
+    /// and a later huskd adopts them ([`adopt`]).
     fn detach(self: Box<Self>);
+    /// What a later huskd needs to adopt this VM, stored with the pod.
+    fn record(&self) -> VmRecord;
+}
+
+/// What a running VM leaves in its pod's record so that a later huskd can
+/// take it over: the backend that launched it, the identity of each of its
+/// host processes, and the backend's own state (socket paths and the
+/// like), which nothing but that backend reads. Kata runtime-rs keeps the
+/// same split (`hypervisor_persist`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VmRecord {
+    /// [`Backend::name`] of the backend that launched the VM.
+    pub backend: String,
+    /// The VMM and the helpers the backend started, as launched.
+    pub processes: Vec<ProcessIdentity>,
+    /// Backend-private state.
+    #[serde(default)]
+    pub state: serde_json::Value,
+}
+
+impl VmRecord {
+    /// The backend's state as its own type.
+    pub fn state<T: serde::de::DeserializeOwned>(&self) -> Result<T, HypervisorError> {
+        serde_json::from_value(self.state.clone())
+            .map_err(|e| HypervisorError::InvalidConfig(format!("{} VM record: {e}", self.backend)))
+    }
+}
+
+/// [`Backend::adopt`]: (record, sandbox id, timeout) to the adopted VM.
+pub type AdoptFn = for<'a> fn(
+    &'a VmRecord,
+    &'a str,
+    Duration,
+) -> BoxFuture<'a, Result<Box<dyn Vm>, HypervisorError>>;
+
+/// A backend's entry points that need no configured [`Hypervisor`]: after
+/// a restart the backend that launched a VM may no longer be the one its
+/// handler resolves to (the config or the host changed), and a directory
+/// left by a crash has no record at all.
+pub struct Backend {
+    /// As [`Hypervisor::name`] and [`VmRecord::backend`].
+    pub name: &'static str,
+    /// Takes over a VM from its record: its processes must still be those
+    /// recorded, and its control channel must answer within the timeout.
+    pub adopt: AdoptFn,
+    /// Stops, as gracefully as the backend can, what a previous huskd left
+    /// running for a sandbox directory that has no live VM. What still
+    /// names the directory afterwards is killed by the caller.
+    pub reap_orphan: for<'a> fn(&'a Path, Duration) -> BoxFuture<'a, ()>,
+}
+
+/// Every backend. Adding one is its module plus one line here.
+pub static BACKENDS: &[&Backend] = &[&qemu::BACKEND, &builtin::BACKEND];
+
+/// Adopts the VM of `record` through the backend that launched it.
+pub async fn adopt(
+    record: &VmRecord,
+    sandbox_id: &str,
+    timeout: Duration,
+) -> Result<Box<dyn Vm>, HypervisorError> {
+    let backend = BACKENDS
+        .iter()
+        .find(|b| b.name == record.backend)
+        .ok_or_else(|| {
+            HypervisorError::InvalidConfig(format!("unknown backend {:?}", record.backend))
+        })?;
+    (backend.adopt)(record, sandbox_id, timeout).await
+}
+
+/// Lets every backend stop what it may have left for `dir`.
+pub async fn reap_orphan(dir: &Path, timeout: Duration) {
+    for b in BACKENDS {
+        (b.reap_orphan)(dir, timeout).await;
+    }
 }
 
 /// Which backend to use.
@@ -302,6 +379,8 @@ pub enum HypervisorError {
     VmmExited { status: String, log: String },
     #[error("QMP: {0}")]
     Qmp(String),
+    #[error("adopting the VM: {0}")]
+    Adopt(String),
 }
 
 impl HypervisorError {

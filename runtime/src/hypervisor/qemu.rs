@@ -10,9 +10,10 @@ use std::time::{Duration, Instant};
 
 use tracing::Instrument;
 
+use super::adopted::{AdoptedControl, AdoptedVm};
 use super::probe::{host_tsc_rate, Accel, AccelProbe};
 use super::qmp::Qmp;
-use super::{Hypervisor, HypervisorError, Vm, VmConfig};
+use super::{Backend, Hypervisor, HypervisorError, Vm, VmConfig, VmRecord};
 use crate::config::{self, MissingComponent};
 use crate::process::{wait_for_socket, ManagedChild};
 
@@ -304,6 +305,20 @@ impl Qemu {
             accel = self.probe.accel.as_str(),
             "VM launched"
         );
+        // Our children are not reaped before this, so each pid is still
+        // the process launched.
+        let record = VmRecord {
+            backend: BACKEND.name.into(),
+            processes: [qemu.identity(ROLE_QEMU), vsock.identity(ROLE_VSOCK)]
+                .into_iter()
+                .flatten()
+                .collect(),
+            state: serde_json::to_value(QemuState {
+                qmp: sockets.qmp.clone(),
+                log: log.clone(),
+            })
+            .map_err(|e| HypervisorError::InvalidConfig(e.to_string()))?,
+        };
         Ok(Box::new(QemuVm {
             id: config.id.clone(),
             qemu,
@@ -311,7 +326,55 @@ impl Qemu {
             qmp_path: sockets.qmp,
             log,
             launched_at,
+            record,
         }))
+    }
+}
+
+const ROLE_QEMU: &str = "qemu";
+const ROLE_VSOCK: &str = "husk-vsock";
+
+/// The QEMU backend's part of a [`VmRecord`].
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct QemuState {
+    qmp: PathBuf,
+    log: PathBuf,
+}
+
+/// The QEMU backend's entry points for adoption and orphan cleanup.
+pub static BACKEND: Backend = Backend {
+    name: "qemu",
+    adopt: |record, id, _timeout| Box::pin(adopt(record, id)),
+    // QEMU and husk-vsock hold nothing a kill loses: the caller's kill of
+    // whatever names the directory is enough.
+    reap_orphan: |_dir, _timeout| Box::pin(async {}),
+};
+
+/// Takes over a QEMU and its husk-vsock from their record. QMP is only
+/// used to stop it, so the processes' identities are the whole check.
+async fn adopt(record: &VmRecord, id: &str) -> Result<Box<dyn Vm>, HypervisorError> {
+    let st: QemuState = record.state()?;
+    let vm = AdoptedVm::adopt(
+        id,
+        record,
+        ROLE_QEMU,
+        &[ROLE_VSOCK],
+        Box::new(QmpControl(st.qmp)),
+        st.log,
+    )?;
+    Ok(Box::new(vm))
+}
+
+/// QMP `quit` for an adopted QEMU.
+#[derive(Debug)]
+struct QmpControl(PathBuf);
+
+#[async_trait::async_trait]
+impl AdoptedControl for QmpControl {
+    async fn quit(&self, timeout: Duration) -> Result<(), HypervisorError> {
+        let mut q = Qmp::connect(&self.0, timeout).await?;
+        q.execute("quit", timeout).await?;
+        Ok(())
     }
 }
 
@@ -324,13 +387,12 @@ pub struct QemuVm {
     qmp_path: PathBuf,
     log: PathBuf,
     launched_at: Instant,
+    record: VmRecord,
 }
 
 impl QemuVm {
     async fn quit_via_qmp(&self, timeout: Duration) -> Result<(), HypervisorError> {
-        let mut q = Qmp::connect(&self.qmp_path, timeout).await?;
-        q.execute("quit", timeout).await?;
-        Ok(())
+        QmpControl(self.qmp_path.clone()).quit(timeout).await
     }
 
     /// husk-vsock exits when QEMU disconnects; give it a moment, then kill.
@@ -346,7 +408,11 @@ impl QemuVm {
 #[async_trait::async_trait]
 impl Vm for QemuVm {
     fn pids(&self) -> Vec<(&'static str, u32)> {
-        vec![("qemu", self.qemu.pid()), ("husk-vsock", self.vsock.pid())]
+        vec![(ROLE_QEMU, self.qemu.pid()), (ROLE_VSOCK, self.vsock.pid())]
+    }
+
+    fn record(&self) -> VmRecord {
+        self.record.clone()
     }
 
     fn launched_at(&self) -> Instant {

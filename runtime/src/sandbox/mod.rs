@@ -18,6 +18,16 @@
 // (the CRI layer) match on its fields, so they stay unboxed.
 #![allow(clippy::result_large_err)]
 
+mod adopt;
+mod containers;
+mod paths;
+
+pub use adopt::{reap_orphan_dir, AdoptConfig, SandboxRecord};
+pub use paths::SandboxPaths;
+
+/// The role of virtiofsd among a sandbox's processes.
+const ROLE_VIRTIOFSD: &str = "virtiofsd";
+
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -25,10 +35,7 @@ use std::sync::{Arc, Mutex as StdMutex};
 use std::time::{Duration, Instant};
 
 use husk_proto::agent::{
-    ContainerRef, ContainerStatsResponse, CreateContainerRequest, CreateSandboxRequest,
-    DestroySandboxRequest, ExecProcessRequest, HealthRequest, HealthResponse, NetworkConfig,
-    ProcessRef, ReadyNotice, RemoveContainerRequest, SignalProcessRequest, StdioConfig, StreamKind,
-    UpdateContainerRequest, WaitProcessResponse,
+    CreateSandboxRequest, DestroySandboxRequest, NetworkConfig, ReadyNotice, WaitProcessResponse,
 };
 use husk_proto::GUEST_SHARE_DIR;
 use tokio::net::UnixStream;
@@ -38,13 +45,11 @@ use crate::agent::{AgentConn, AgentError, ReadyListener};
 use crate::config::{
     require_file, GuestImage, MissingComponent, HINT_GUEST_IMAGE, HINT_INSTALL_DEPS,
 };
-use crate::hypervisor::adopted::{adopt_role, AdoptVmError};
 use crate::hypervisor::{
-    AdoptedVm, HybridVsockConfig, Hypervisor, HypervisorError, NetDeviceConfig, VirtioFsConfig, Vm,
-    VmConfig, VmControl,
+    HybridVsockConfig, Hypervisor, HypervisorError, NetDeviceConfig, VirtioFsConfig, Vm, VmConfig,
 };
 use crate::mounts;
-use crate::process::{Helper, ManagedChild, ProcessIdentity};
+use crate::process::{Helper, ManagedChild};
 use crate::virtiofsd::{spawn_virtiofsd, VirtiofsdError};
 
 /// Default parent of sandbox directories.
@@ -228,32 +233,6 @@ pub enum Rootfs {
     Bind(PathBuf),
 }
 
-/// The backend of a sandbox to adopt.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AdoptBackend {
-    Qemu,
-    Builtin,
-}
-
-/// What [`Sandbox::adopt`] needs: the pod record's view of the sandbox.
-#[derive(Debug, Clone)]
-pub struct AdoptConfig {
-    pub id: String,
-    /// The sandbox directory (sockets and share inside, as at start).
-    pub dir: PathBuf,
-    pub backend: AdoptBackend,
-    /// As recorded at start ([`Sandbox::processes`]).
-    pub processes: Vec<ProcessIdentity>,
-    /// The hypervisor description recorded at start.
-    pub hypervisor: String,
-    /// Each step: control socket, agent connect, Health.
-    pub timeout: Duration,
-    pub rpc_timeout: Duration,
-    /// Kept for later stream connections (as [`SandboxConfig::connect_timeout`]).
-    pub connect_timeout: Duration,
-    pub stop_timeout: Duration,
-}
-
 /// How long each phase of [`Sandbox::start`] took.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct SandboxTimings {
@@ -272,7 +251,7 @@ pub struct SandboxTimings {
     pub total: Duration,
 }
 
-/// A process's stdio streams, as requested in its [`StdioConfig`].
+/// A process's stdio streams, as requested in its [`husk_proto::agent::StdioConfig`].
 #[derive(Debug)]
 pub struct ProcessStdio {
     pub stdin: Option<UnixStream>,
@@ -323,9 +302,8 @@ pub struct Sandbox {
     ready: ReadyNotice,
     timings: SandboxTimings,
     pids: Vec<(&'static str, u32)>,
-    /// The same processes with their start times, recorded to adopt them
-    /// after a huskd restart.
-    processes: Vec<ProcessIdentity>,
+    /// What a later huskd needs to adopt this sandbox.
+    record: SandboxRecord,
     running: tokio::sync::Mutex<Option<Running>>,
     /// Containers whose rootfs this sandbox bind-mounted.
     bound: StdMutex<HashSet<String>>,
@@ -385,7 +363,7 @@ impl Sandbox {
         require_file("virtiofsd", &config.virtiofsd, HINT_INSTALL_DEPS)?;
         let id = config.id.clone();
         let dir = config.state_dir.join(&id);
-        let share_dir = dir.join("share");
+        let share_dir = SandboxPaths::new(&dir).share;
         std::fs::create_dir_all(&config.state_dir)
             .map_err(|e| SandboxError::io(format!("create {}", config.state_dir.display()), e))?;
         match std::fs::create_dir(&dir) {
@@ -428,11 +406,12 @@ impl Sandbox {
             std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
                 .map_err(|e| SandboxError::io(format!("chmod {}", dir.display()), e))?;
         }
-        std::fs::create_dir_all(share_dir.join("containers"))
+        let paths = SandboxPaths::new(dir);
+        std::fs::create_dir_all(&paths.containers)
             .map_err(|e| SandboxError::io(format!("create {}", share_dir.display()), e))?;
-        let uds = dir.join("vsock");
-        let console = dir.join("console.log");
-        let fs_sock = dir.join("fs.sock");
+        let uds = paths.vsock.clone();
+        let console = paths.console_log.clone();
+        let fs_sock = paths.virtiofsd_socket.clone();
         let vm_config = VmConfig {
             id: id.clone(),
             vcpus: config.vcpus,
@@ -464,16 +443,12 @@ impl Sandbox {
             source,
         })?;
         guard.virtiofsd = Some(
-            spawn_virtiofsd(
-                &config.virtiofsd,
-                share_dir,
-                &fs_sock,
-                &dir.join("virtiofsd.log"),
-            )
-            .map_err(|source| SandboxError::Virtiofsd {
-                id: id.clone(),
-                source,
-            })?,
+            spawn_virtiofsd(&config.virtiofsd, share_dir, &fs_sock, &paths.virtiofsd_log).map_err(
+                |source| SandboxError::Virtiofsd {
+                    id: id.clone(),
+                    source,
+                },
+            )?,
         );
         let vm = config
             .hypervisor
@@ -542,13 +517,17 @@ impl Sandbox {
 
         let mut pids = vm.pids();
         let virtiofsd = guard.virtiofsd.take().expect("virtiofsd started above");
-        pids.push(("virtiofsd", virtiofsd.pid()));
-        // Our children are not reaped before this, so each pid is still the
-        // process launched.
-        let processes = pids
-            .iter()
-            .filter_map(|(role, pid)| ProcessIdentity::of(role, *pid))
-            .collect();
+        pids.push((ROLE_VIRTIOFSD, virtiofsd.pid()));
+        // Not reaped before this, so the pid is still the process launched.
+        let record = SandboxRecord {
+            vm: vm.record(),
+            virtiofsd: virtiofsd.identity(ROLE_VIRTIOFSD).ok_or_else(|| {
+                SandboxError::io(
+                    "recording virtiofsd",
+                    std::io::Error::other("virtiofsd exited during the sandbox start"),
+                )
+            })?,
+        };
         let vm = guard.vm.take().expect("vm launched above");
         let timings = SandboxTimings {
             host_setup: launched_at.duration_since(t0),
@@ -573,7 +552,7 @@ impl Sandbox {
             ready: notice,
             timings,
             pids,
-            processes,
+            record,
             running: tokio::sync::Mutex::new(Some(Running {
                 vm,
                 virtiofsd: Helper::Child(virtiofsd),
@@ -581,74 +560,6 @@ impl Sandbox {
             bound: StdMutex::new(HashSet::new()),
             detached: AtomicBool::new(false),
         })
-    }
-
-    /// Takes over a sandbox a previous huskd started: checks that the
-    /// recorded VMM and helper processes are still those processes (pid and
-    /// start time), connects to the agent through the hybrid vsock socket
-    /// and calls Health. Nothing is stopped on failure: the caller decides.
-    pub async fn adopt(config: AdoptConfig) -> Result<Sandbox, SandboxError> {
-        validate_id("sandbox id", &config.id)?;
-        let span = tracing::info_span!("sandbox_adopt", sandbox = %config.id);
-        let id = config.id.clone();
-        let err = move |why: String| SandboxError::Adopt {
-            id: id.clone(),
-            why,
-        };
-        async {
-            let dir = config.dir.clone();
-            let control = match config.backend {
-                AdoptBackend::Qemu => VmControl::Qmp(dir.join("qmp.sock")),
-                AdoptBackend::Builtin => VmControl::HuskVmm {
-                    files: crate::hypervisor::builtin::BuiltinFiles::in_dir(&dir),
-                    vsock_uds: dir.join("vsock"),
-                },
-            };
-            let vm = AdoptedVm::adopt(&config.id, control, &config.processes, config.timeout)
-                .await
-                .map_err(|e| err(e.to_string()))?;
-            let virtiofsd = adopt_role(&config.processes, "virtiofsd")
-                .map_err(|e: AdoptVmError| err(e.to_string()))?;
-            let agent = tokio::time::timeout(
-                config.timeout,
-                AgentConn::connect(&dir.join("vsock"), config.connect_timeout),
-            )
-            .await
-            .map_err(|_| err(format!("agent not reached within {:?}", config.timeout)))?
-            .map_err(|e| err(format!("connecting to the agent: {e}")))?;
-            let health = agent
-                .client()
-                .health(HealthRequest {}, Some(config.timeout))
-                .await
-                .map_err(|e| err(format!("agent Health: {e}")))?;
-            let mut pids = vm.pids();
-            pids.push(("virtiofsd", virtiofsd.pid()));
-            tracing::info!(agent_version = %health.agent_version, guest_uptime_ms = health.uptime_ms, ?pids, "sandbox adopted");
-            Ok(Sandbox {
-                id: config.id.clone(),
-                share_dir: dir.join("share"),
-                dir,
-                agent,
-                rpc_timeout: config.rpc_timeout,
-                stop_timeout: config.stop_timeout,
-                hypervisor: config.hypervisor,
-                ready: ReadyNotice {
-                    agent_version: health.agent_version,
-                    boot_to_ready_ms: 0,
-                },
-                timings: SandboxTimings::default(),
-                pids,
-                processes: config.processes,
-                running: tokio::sync::Mutex::new(Some(Running {
-                    vm: Box::new(vm),
-                    virtiofsd: Helper::Adopted(virtiofsd),
-                })),
-                bound: StdMutex::new(HashSet::new()),
-                detached: AtomicBool::new(false),
-            })
-        }
-        .instrument(span)
-        .await
     }
 
     /// Leaves the VM and its helpers running and the directory in place,
@@ -661,11 +572,6 @@ impl Sandbox {
             r.vm.detach();
             r.virtiofsd.detach();
         }
-    }
-
-    /// (role, pid, start time) of every host process of this sandbox.
-    pub fn processes(&self) -> &[ProcessIdentity] {
-        &self.processes
     }
 
     pub fn id(&self) -> &str {
@@ -683,7 +589,12 @@ impl Sandbox {
     }
 
     pub fn console_log(&self) -> PathBuf {
-        self.dir.join("console.log")
+        SandboxPaths::new(&self.dir).console_log
+    }
+
+    /// The files of this sandbox's directory.
+    pub fn paths(&self) -> SandboxPaths {
+        SandboxPaths::new(&self.dir)
     }
 
     /// The hypervisor's description ("qemu (tcg): ...").
@@ -717,306 +628,6 @@ impl Sandbox {
     /// Guest path of a container's root filesystem.
     pub fn guest_rootfs(container_id: &str) -> String {
         format!("{GUEST_SHARE_DIR}/containers/{container_id}/rootfs")
-    }
-
-    fn rpc_err(
-        &self,
-        method: &'static str,
-    ) -> impl FnOnce(husk_proto::ttrpc::Error) -> SandboxError + '_ {
-        move |source| SandboxError::Agent {
-            id: self.id.clone(),
-            source: AgentError::Rpc { method, source },
-        }
-    }
-
-    fn container_err(&self, container_id: &str, what: impl Into<String>) -> SandboxError {
-        SandboxError::Container {
-            id: self.id.clone(),
-            container_id: container_id.into(),
-            what: what.into(),
-        }
-    }
-
-    pub async fn health(&self) -> Result<HealthResponse, SandboxError> {
-        self.agent
-            .client()
-            .health(HealthRequest {}, Some(self.rpc_timeout))
-            .await
-            .map_err(self.rpc_err("Health"))
-    }
-
-    /// Creates a container from `spec` (its `root.path` is set here to the
-    /// guest path of the rootfs). Attach its streams with
-    /// [`attach_stdio`](Self::attach_stdio), then
-    /// [`start_container`](Self::start_container).
-    pub async fn create_container(
-        &self,
-        container_id: &str,
-        mut spec: oci_spec::runtime::Spec,
-        rootfs: Rootfs,
-        stdio: StdioConfig,
-    ) -> Result<(), SandboxError> {
-        let host_rootfs = self.container_rootfs(container_id)?;
-        let span =
-            tracing::info_span!("create_container", sandbox = %self.id, container = %container_id);
-        async {
-            if host_rootfs.parent().is_some_and(|p| p.exists()) && matches!(rootfs, Rootfs::Bind(_))
-            {
-                return Err(self.container_err(container_id, "already exists"));
-            }
-            std::fs::create_dir_all(&host_rootfs)
-                .map_err(|e| SandboxError::io(format!("create {}", host_rootfs.display()), e))?;
-            if let Rootfs::Bind(src) = &rootfs {
-                mounts::bind(src, &host_rootfs).map_err(|e| {
-                    let _ = std::fs::remove_dir_all(host_rootfs.parent().unwrap_or(&host_rootfs));
-                    self.container_err(container_id, format!("bind {} : {e}", src.display()))
-                })?;
-                self.bound
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .insert(container_id.to_string());
-            }
-            let mut root = spec.root().clone().unwrap_or_default();
-            root.set_path(PathBuf::from(Self::guest_rootfs(container_id)));
-            spec.set_root(Some(root));
-            let json = serde_json::to_vec(&spec).map_err(|e| {
-                self.container_err(container_id, format!("serializing the spec: {e}"))
-            })?;
-            let r = self
-                .agent
-                .client()
-                .create_container(
-                    CreateContainerRequest {
-                        container_id: container_id.into(),
-                        oci_spec_json: json,
-                        stdio: Some(stdio),
-                    },
-                    Some(self.rpc_timeout),
-                )
-                .await;
-            if let Err(e) = r {
-                self.release_rootfs(container_id);
-                return Err(self.rpc_err("CreateContainer")(e));
-            }
-            Ok(())
-        }
-        .instrument(span)
-        .await
-    }
-
-    pub async fn start_container(&self, container_id: &str) -> Result<(), SandboxError> {
-        self.agent
-            .client()
-            .start_container(
-                ContainerRef {
-                    container_id: container_id.into(),
-                },
-                Some(self.rpc_timeout),
-            )
-            .await
-            .map_err(self.rpc_err("StartContainer"))?;
-        Ok(())
-    }
-
-    /// Starts an additional process in a running container.
-    pub async fn exec(
-        &self,
-        container_id: &str,
-        exec_id: &str,
-        process: &oci_spec::runtime::Process,
-        stdio: StdioConfig,
-    ) -> Result<(), SandboxError> {
-        validate_id("exec id", exec_id)?;
-        let json = serde_json::to_vec(process).map_err(|e| {
-            self.container_err(container_id, format!("serializing the process: {e}"))
-        })?;
-        self.agent
-            .client()
-            .exec_process(
-                ExecProcessRequest {
-                    container_id: container_id.into(),
-                    exec_id: exec_id.into(),
-                    process_json: json,
-                    stdio: Some(stdio),
-                },
-                Some(self.rpc_timeout),
-            )
-            .await
-            .map_err(self.rpc_err("ExecProcess"))?;
-        Ok(())
-    }
-
-    /// Opens one stdio stream of a process (`exec_id` "" is the container's
-    /// init process).
-    pub async fn attach(
-        &self,
-        container_id: &str,
-        exec_id: &str,
-        kind: StreamKind,
-    ) -> Result<UnixStream, SandboxError> {
-        self.agent
-            .open_stream(container_id, exec_id, kind)
-            .await
-            .map_err(|source| SandboxError::Agent {
-                id: self.id.clone(),
-                source,
-            })
-    }
-
-    /// Opens the streams `stdio` asked for.
-    pub async fn attach_stdio(
-        &self,
-        container_id: &str,
-        exec_id: &str,
-        stdio: StdioConfig,
-    ) -> Result<ProcessStdio, SandboxError> {
-        let stdin = if stdio.stdin {
-            Some(
-                self.attach(container_id, exec_id, StreamKind::Stdin)
-                    .await?,
-            )
-        } else {
-            None
-        };
-        let stdout = self
-            .attach(container_id, exec_id, StreamKind::Stdout)
-            .await?;
-        let stderr = if stdio.terminal {
-            None
-        } else {
-            Some(
-                self.attach(container_id, exec_id, StreamKind::Stderr)
-                    .await?,
-            )
-        };
-        Ok(ProcessStdio {
-            stdin,
-            stdout,
-            stderr,
-        })
-    }
-
-    pub async fn signal(
-        &self,
-        container_id: &str,
-        exec_id: &str,
-        signal: i32,
-    ) -> Result<(), SandboxError> {
-        self.agent
-            .client()
-            .signal_process(
-                SignalProcessRequest {
-                    process: Some(ProcessRef {
-                        container_id: container_id.into(),
-                        exec_id: exec_id.into(),
-                    }),
-                    signal,
-                },
-                Some(self.rpc_timeout),
-            )
-            .await
-            .map_err(self.rpc_err("SignalProcess"))?;
-        Ok(())
-    }
-
-    /// Waits (without a timeout) until the process has exited.
-    pub async fn wait(&self, container_id: &str, exec_id: &str) -> Result<ExitInfo, SandboxError> {
-        let r = self
-            .agent
-            .client()
-            .wait_process(
-                ProcessRef {
-                    container_id: container_id.into(),
-                    exec_id: exec_id.into(),
-                },
-                None,
-            )
-            .await
-            .map_err(self.rpc_err("WaitProcess"))?;
-        Ok(r.into())
-    }
-
-    pub async fn stats(&self, container_id: &str) -> Result<ContainerStatsResponse, SandboxError> {
-        self.agent
-            .client()
-            .container_stats(
-                ContainerRef {
-                    container_id: container_id.into(),
-                },
-                Some(self.rpc_timeout),
-            )
-            .await
-            .map_err(self.rpc_err("ContainerStats"))
-    }
-
-    /// Applies new resource limits (an OCI `LinuxResources` as JSON) to the
-    /// container's cgroup in the guest.
-    pub async fn update_container(
-        &self,
-        container_id: &str,
-        resources_json: Vec<u8>,
-    ) -> Result<(), SandboxError> {
-        self.agent
-            .client()
-            .update_container(
-                UpdateContainerRequest {
-                    container_id: container_id.into(),
-                    resources_json,
-                },
-                Some(self.rpc_timeout),
-            )
-            .await
-            .map_err(self.rpc_err("UpdateContainer"))?;
-        Ok(())
-    }
-
-    /// Removes the container in the guest, then its rootfs bind mount and
-    /// directory in the share.
-    pub async fn remove_container(
-        &self,
-        container_id: &str,
-        force: bool,
-    ) -> Result<(), SandboxError> {
-        validate_id("container id", container_id)?;
-        self.agent
-            .client()
-            .remove_container(
-                RemoveContainerRequest {
-                    container_id: container_id.into(),
-                    force,
-                },
-                Some(self.rpc_timeout),
-            )
-            .await
-            .map_err(self.rpc_err("RemoveContainer"))?;
-        self.release_rootfs(container_id);
-        Ok(())
-    }
-
-    /// Unmounts (if bound) and removes `share/containers/<id>`. A rootfs the
-    /// caller placed in the share (Rootfs::InShare) is the caller's: only
-    /// bound ones are removed here, and only once unmounted.
-    fn release_rootfs(&self, container_id: &str) {
-        let was_bound = self
-            .bound
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(container_id);
-        if !was_bound {
-            return;
-        }
-        let Ok(rootfs) = self.container_rootfs(container_id) else {
-            return;
-        };
-        match mounts::unmount_all_under(&rootfs) {
-            Ok(left) if left.is_empty() => {
-                if let Some(dir) = rootfs.parent() {
-                    let _ = std::fs::remove_dir_all(dir);
-                }
-            }
-            Ok(left) => tracing::error!(?left, "rootfs mounts left, keeping the directory"),
-            Err(e) => tracing::error!(%e, "unmounting the rootfs"),
-        }
     }
 
     /// Stops the sandbox: DestroySandbox, QEMU quit (then SIGKILL), helpers
