@@ -35,7 +35,8 @@ run: guest-image
 test: guest-image
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --release --workspace --all-targets -- -D warnings
-	HUSK_BIN_DIR=$(BIN_DIR) HUSK_GUEST_DIR=$(GUEST_DIR) \
+	# huskd's unit tests run the real agent on the host (fake backend).
+	HUSK_BIN_DIR=$(BIN_DIR) HUSK_GUEST_DIR=$(GUEST_DIR) HUSK_AGENT_BIN=$(AGENT_BIN) \
 	  $(CARGO) test --release --no-fail-fast --workspace --exclude husk-tests
 	# End-to-end tests boot real VMs: one at a time, the machine has 2 cores.
 	HUSK_BIN_DIR=$(BIN_DIR) HUSK_GUEST_DIR=$(GUEST_DIR) \

@@ -39,6 +39,9 @@ mod sandbox_stop;
 mod stats;
 mod streaming;
 
+#[cfg(test)]
+mod fake_backend_tests;
+
 pub use runtime_status::runtime_status;
 pub use sandbox_run::pod_size;
 
@@ -132,6 +135,15 @@ impl Husk {
     /// records from a previous run: pod VMs still running are adopted (see
     /// [`restart::recover`]).
     pub async fn open(config: HuskdConfig) -> Result<(Arc<Self>, LoadReport), HuskError> {
+        Self::open_with(config, None).await
+    }
+
+    /// As [`open`](Self::open), with every handler on `backend` instead of
+    /// the hypervisor its configuration names (tests: the fake backend).
+    pub async fn open_with(
+        config: HuskdConfig,
+        backend: Option<Arc<dyn Hypervisor>>,
+    ) -> Result<(Arc<Self>, LoadReport), HuskError> {
         for d in [&config.root, &config.state, &config.state.join("sandboxes")] {
             std::fs::create_dir_all(d).map_err(|source| HuskError::Dir {
                 path: d.clone(),
@@ -152,17 +164,20 @@ impl Husk {
         let probe = hypervisor::probe_accel();
         let mut handlers = BTreeMap::new();
         for (name, h) in &config.handlers {
-            let hv = h
-                .hypervisor
-                .parse::<HypervisorChoice>()
-                .map_err(|e| e.to_string())
-                .and_then(|choice| {
-                    hypervisor::select(choice, || {
-                        QemuPaths::resolve(config.qemu_path(), None, config.husk_vsock_path())
-                    })
+            let hv = match &backend {
+                Some(b) => Ok(b.clone()),
+                None => h
+                    .hypervisor
+                    .parse::<HypervisorChoice>()
                     .map_err(|e| e.to_string())
-                })
-                .map(Arc::from);
+                    .and_then(|choice| {
+                        hypervisor::select(choice, || {
+                            QemuPaths::resolve(config.qemu_path(), None, config.husk_vsock_path())
+                        })
+                        .map_err(|e| e.to_string())
+                    })
+                    .map(Arc::from),
+            };
             if let Err(e) = &hv {
                 tracing::warn!(handler = %name, error = %e, "runtime handler has no usable hypervisor");
             }

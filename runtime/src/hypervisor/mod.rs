@@ -9,6 +9,8 @@
 
 pub mod adopted;
 pub mod builtin;
+#[cfg(feature = "fake")]
+pub mod fake;
 pub mod probe;
 pub mod qemu;
 pub mod qmp;
@@ -251,7 +253,12 @@ pub struct Backend {
 }
 
 /// Every backend. Adding one is its module plus one line here.
-pub static BACKENDS: &[&Backend] = &[&qemu::BACKEND, &builtin::BACKEND];
+pub static BACKENDS: &[&Backend] = &[
+    &qemu::BACKEND,
+    &builtin::BACKEND,
+    #[cfg(feature = "fake")]
+    &fake::BACKEND,
+];
 
 /// Adopts the VM of `record` through the backend that launched it.
 pub async fn adopt(

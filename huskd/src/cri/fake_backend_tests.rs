@@ -1,0 +1,356 @@
+//! CRI calls on the fake backend (`husk_runtime::hypervisor::fake`: the
+//! real husk-agent on the host, no VM), through the RuntimeService as
+//! kubelet calls it: pod lifecycle, concurrent calls on one pod, and
+//! restart reconciliation (pod records vs live processes vs orphan
+//! directories). Real CNI plugins (Debian's bridge + host-local), real
+//! virtiofsd and husk-agent; needs root. A pod starts in ~100 ms here
+//! instead of a VM's seconds, so these run with the unit tests.
+
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use husk_runtime::hypervisor::fake::FakeHypervisor;
+use husk_runtime::Hypervisor;
+use k8s_cri::v1 as cri;
+use k8s_cri::v1::runtime_service_server::RuntimeService;
+use tonic::{Code, Request};
+
+use super::runtime_service::CriRuntime;
+use super::{Husk, HuskdConfig};
+use crate::state::PodState;
+
+/// One huskd state (root, state dir, CNI network) per test.
+struct Env {
+    base: tempfile::TempDir,
+    state: PathBuf,
+    bridge: String,
+    config: HuskdConfig,
+    backend: Arc<dyn Hypervisor>,
+}
+
+static N: AtomicU32 = AtomicU32::new(0);
+
+fn agent_binary() -> PathBuf {
+    if let Some(p) = std::env::var_os("HUSK_AGENT_BIN") {
+        return p.into();
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    let p = target.join("x86_64-unknown-linux-gnu/release/husk-agent");
+    assert!(
+        p.exists(),
+        "the fake-backend tests run the real husk-agent: build it (`make agent`) or set HUSK_AGENT_BIN; not at {}",
+        p.display()
+    );
+    p
+}
+
+impl Env {
+    fn new() -> Self {
+        assert!(
+            nix::unistd::geteuid().is_root(),
+            "the fake-backend tests need root (network namespaces, CNI, the agent's cgroups)"
+        );
+        let n = N.fetch_add(1, Ordering::Relaxed);
+        let pid = std::process::id();
+        let base = tempfile::tempdir().unwrap();
+        // Short: the hybrid vsock socket path of a sandbox must fit a
+        // unix socket address.
+        let state = PathBuf::from(format!("/run/hkt{pid}-{n}"));
+        let bridge = format!("hkf{}{n}", pid % 100_000);
+        let conf_dir = base.path().join("cni");
+        std::fs::create_dir_all(&conf_dir).unwrap();
+        let subnet = 10 + (pid % 200) as u8;
+        std::fs::write(
+            conf_dir.join("10-test.conflist"),
+            serde_json::json!({
+                "cniVersion": "1.0.0",
+                "name": format!("fake{n}"),
+                "plugins": [{
+                    "type": "bridge",
+                    "bridge": bridge,
+                    "isGateway": true,
+                    "ipam": {
+                        "type": "host-local",
+                        "dataDir": base.path().join("ipam"),
+                        "ranges": [[{"subnet": format!("10.197.{subnet}.0/24")}]],
+                        "routes": [{"dst": "0.0.0.0/0"}]
+                    }
+                }]
+            })
+            .to_string(),
+        )
+        .unwrap();
+        let guest = base.path().join("guest");
+        std::fs::create_dir_all(&guest).unwrap();
+        for f in ["vmlinuz", "initrd.img"] {
+            std::fs::write(guest.join(f), b"not used by the fake backend").unwrap();
+        }
+        let mut config = HuskdConfig {
+            root: base.path().join("root"),
+            state: state.clone(),
+            listen: base.path().join("husk.sock"),
+            ..Default::default()
+        };
+        config.cni.conf_dir = conf_dir;
+        config.cni.bin_dirs = vec!["/usr/lib/cni".into()];
+        for h in config.handlers.values_mut() {
+            h.kernel = guest.join("vmlinuz");
+            h.initrd = guest.join("initrd.img");
+        }
+        let backend: Arc<dyn Hypervisor> = Arc::new(FakeHypervisor::new(agent_binary()));
+        Self {
+            base,
+            state,
+            bridge,
+            config,
+            backend,
+        }
+    }
+
+    async fn open(&self) -> CriRuntime {
+        let (husk, _) = Husk::open_with(self.config.clone(), Some(self.backend.clone()))
+            .await
+            .unwrap();
+        CriRuntime { husk }
+    }
+
+    fn sandboxes(&self) -> Vec<PathBuf> {
+        std::fs::read_dir(self.state.join("sandboxes"))
+            .map(|rd| rd.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        // As a clean huskd exit with no pods: the netns directory's own
+        // mount goes (it fails, leaving it, while a pod network is up).
+        let released =
+            husk_runtime::network::release_netns_dir(&husk_runtime::network::CniConfig {
+                conf_dir: self.config.cni.conf_dir.clone(),
+                bin_dirs: self.config.cni.bin_dirs.clone(),
+                netns_dir: self.state.join("netns"),
+            });
+        if !std::thread::panicking() {
+            // Every test removes its pods: nothing may hold the directory.
+            assert!(matches!(released, Ok(true)), "netns dir: {released:?}");
+        }
+        let _ = std::process::Command::new("ip")
+            .args(["link", "del", &self.bridge])
+            .status();
+        let _ = std::fs::remove_dir_all(&self.state);
+        let _ = &self.base;
+    }
+}
+
+fn pod_config(name: &str) -> cri::PodSandboxConfig {
+    cri::PodSandboxConfig {
+        metadata: Some(cri::PodSandboxMetadata {
+            name: name.into(),
+            uid: format!("uid-{name}"),
+            namespace: "fake".into(),
+            attempt: 0,
+        }),
+        ..Default::default()
+    }
+}
+
+async fn run_pod(rt: &CriRuntime, name: &str) -> String {
+    rt.run_pod_sandbox(Request::new(cri::RunPodSandboxRequest {
+        config: Some(pod_config(name)),
+        runtime_handler: String::new(),
+    }))
+    .await
+    .unwrap_or_else(|s| panic!("RunPodSandbox {name}: {s:?}"))
+    .into_inner()
+    .pod_sandbox_id
+}
+
+async fn pod_status(rt: &CriRuntime, id: &str) -> Result<cri::PodSandboxStatus, tonic::Status> {
+    rt.pod_sandbox_status(Request::new(cri::PodSandboxStatusRequest {
+        pod_sandbox_id: id.into(),
+        verbose: false,
+    }))
+    .await
+    .map(|r| r.into_inner().status.unwrap())
+}
+
+async fn stop_pod(rt: &CriRuntime, id: &str) -> Result<(), tonic::Status> {
+    rt.stop_pod_sandbox(Request::new(cri::StopPodSandboxRequest {
+        pod_sandbox_id: id.into(),
+    }))
+    .await
+    .map(|_| ())
+}
+
+async fn remove_pod(rt: &CriRuntime, id: &str) -> Result<(), tonic::Status> {
+    rt.remove_pod_sandbox(Request::new(cri::RemovePodSandboxRequest {
+        pod_sandbox_id: id.into(),
+    }))
+    .await
+    .map(|_| ())
+}
+
+fn alive(pid: u32) -> bool {
+    husk_runtime::process::proc_start_time(pid).is_some()
+}
+
+/// The agent's pid (the fake VM's only process) from the pod record.
+fn agent_pid(rt: &CriRuntime, id: &str) -> u32 {
+    let p = rt.husk.state.pod(id).unwrap();
+    p.pids
+        .iter()
+        .find(|(role, _)| role == "husk-agent")
+        .unwrap_or_else(|| panic!("no husk-agent in {:?}", p.pids))
+        .1
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pod_lifecycle() {
+    let env = Env::new();
+    let rt = env.open().await;
+    let id = run_pod(&rt, "web").await;
+    let st = pod_status(&rt, &id).await.unwrap();
+    assert_eq!(st.state, cri::PodSandboxState::SandboxReady as i32);
+    let ip = st.network.unwrap().ip;
+    assert!(ip.starts_with("10.197."), "pod IP {ip:?}");
+    let agent = agent_pid(&rt, &id);
+    assert!(alive(agent));
+    // The same pod attempt again is refused; a ready-state filter finds it.
+    let again = rt
+        .run_pod_sandbox(Request::new(cri::RunPodSandboxRequest {
+            config: Some(pod_config("web")),
+            runtime_handler: String::new(),
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(again.code(), Code::AlreadyExists, "{again:?}");
+    let listed = rt
+        .list_pod_sandbox(Request::new(cri::ListPodSandboxRequest {
+            filter: Some(cri::PodSandboxFilter {
+                state: Some(cri::PodSandboxStateValue {
+                    state: cri::PodSandboxState::SandboxReady as i32,
+                }),
+                ..Default::default()
+            }),
+        }))
+        .await
+        .unwrap()
+        .into_inner()
+        .items;
+    assert_eq!(listed.iter().map(|p| &p.id).collect::<Vec<_>>(), [&id]);
+
+    stop_pod(&rt, &id).await.unwrap();
+    let st = pod_status(&rt, &id).await.unwrap();
+    assert_eq!(st.state, cri::PodSandboxState::SandboxNotready as i32);
+    assert!(st.network.unwrap().ip.is_empty());
+    assert!(!alive(agent), "the agent outlived StopPodSandbox");
+    assert!(
+        !env.state.join("netns").join(&id).exists(),
+        "network namespace left"
+    );
+    stop_pod(&rt, &id).await.unwrap();
+    remove_pod(&rt, &id).await.unwrap();
+    assert_eq!(
+        pod_status(&rt, &id).await.unwrap_err().code(),
+        Code::NotFound
+    );
+    remove_pod(&rt, &id).await.unwrap();
+    assert!(env.sandboxes().is_empty(), "{:?}", env.sandboxes());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_calls_on_one_pod() {
+    let env = Env::new();
+    let rt = env.open().await;
+    let id = run_pod(&rt, "busy").await;
+    let agent = agent_pid(&rt, &id);
+    let mut calls = tokio::task::JoinSet::new();
+    for i in 0..12 {
+        let (rt, id) = (rt.clone(), id.clone());
+        calls.spawn(async move {
+            match i % 4 {
+                0 => stop_pod(&rt, &id).await,
+                1 => remove_pod(&rt, &id).await,
+                // Status races with removal: NotFound is the only other answer.
+                _ => match pod_status(&rt, &id).await {
+                    Err(s) if s.code() != Code::NotFound => Err(s),
+                    _ => Ok(()),
+                },
+            }
+        });
+    }
+    while let Some(r) = calls.join_next().await {
+        r.unwrap().unwrap();
+    }
+    // Whatever the order, the pod ends removed and nothing is left.
+    remove_pod(&rt, &id).await.unwrap();
+    assert!(rt.husk.state.pod(&id).is_none());
+    assert!(!alive(agent));
+    assert!(env.sandboxes().is_empty(), "{:?}", env.sandboxes());
+    assert!(rt.husk.sandbox(&id).is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_reconciles_records_processes_and_orphans() {
+    let env = Env::new();
+    let rt = env.open().await;
+    let kept = run_pod(&rt, "kept").await;
+    let lost = run_pod(&rt, "lost").await;
+    let kept_agent = agent_pid(&rt, &kept);
+    let lost_agent = agent_pid(&rt, &lost);
+    // huskd exits (SIGTERM path): the sandboxes are left running.
+    rt.husk.detach_all().await;
+    drop(rt);
+    // While huskd is down, one pod's VM dies...
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(lost_agent as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    // ...and a crash mid-start left a directory without a record, with a
+    // process that names it.
+    let orphan = env.state.join("sandboxes").join("orphan-start");
+    std::fs::create_dir_all(orphan.join("share")).unwrap();
+    let mut stray = std::process::Command::new("sleep")
+        .arg("300")
+        .arg0(orphan.join("stray"))
+        .spawn()
+        .unwrap();
+    for _ in 0..100 {
+        if !husk_runtime::process::processes_using(&orphan).is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    let rt = env.open().await;
+    let st = pod_status(&rt, &kept).await.unwrap();
+    assert_eq!(st.state, cri::PodSandboxState::SandboxReady as i32);
+    assert!(
+        rt.husk.sandbox(&kept).is_some(),
+        "the live pod was not adopted"
+    );
+    assert!(alive(kept_agent));
+    let st = pod_status(&rt, &lost).await.unwrap();
+    assert_eq!(st.state, cri::PodSandboxState::SandboxNotready as i32);
+    let rec = rt.husk.state.pod(&lost).unwrap();
+    assert_eq!(rec.state, PodState::NotReady);
+    assert!(rec.reason.contains("lost"), "{}", rec.reason);
+    assert!(!orphan.exists(), "the orphan directory was not removed");
+    let status = stray.wait().unwrap();
+    assert!(!status.success(), "the stray process was not killed");
+
+    // The adopted pod stops through its adopted VM; both go cleanly.
+    stop_pod(&rt, &kept).await.unwrap();
+    assert!(!alive(kept_agent));
+    for id in [&kept, &lost] {
+        remove_pod(&rt, id).await.unwrap();
+    }
+    assert!(env.sandboxes().is_empty(), "{:?}", env.sandboxes());
+}

@@ -1,0 +1,271 @@
+//! A backend without a VM, for fast tests of everything above the
+//! hypervisor (CRI lifecycle, locking, restart reconciliation): the real
+//! `husk-agent` runs on the host in its unix-socket mode
+//! (`--listen-unix`), and a small hybrid-vsock shim on the sandbox's vsock
+//! socket maps `CONNECT 1024` / `CONNECT 1025` to the agent's ttrpc and
+//! stream sockets, as a VMM's hybrid vsock maps them to guest ports. The
+//! agent's ready notice reaches the sandbox's ready listener through a
+//! symlink. Built only with the `fake` feature (tests).
+//!
+//! The shim runs as a task of the process that launched or adopted the
+//! VM; the agent is the recorded process.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitStatus;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use husk_proto::ports::{READY_PORT, STREAM_PORT, TTRPC_PORT};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::task::JoinHandle;
+
+use super::adopted::{AdoptedControl, AdoptedVm};
+use super::{Backend, Hypervisor, HypervisorError, Vm, VmConfig, VmRecord};
+use crate::agent::guest_to_host_path;
+use crate::process::ManagedChild;
+
+const ROLE_AGENT: &str = "husk-agent";
+
+/// The fake backend's entry points for adoption and orphan cleanup.
+pub static BACKEND: Backend = Backend {
+    name: "fake",
+    adopt: |record, id, _timeout| Box::pin(adopt(record, id)),
+    // The agent names the sandbox directory on its command line: the
+    // caller's kill of what names the directory stops it.
+    reap_orphan: |_dir, _timeout| Box::pin(async {}),
+};
+
+/// The fake backend's part of a [`VmRecord`].
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct FakeState {
+    uds: PathBuf,
+    agent_dir: PathBuf,
+    log: PathBuf,
+}
+
+/// Runs `husk-agent` (this binary) on the host instead of booting a VM.
+#[derive(Debug)]
+pub struct FakeHypervisor {
+    agent: PathBuf,
+}
+
+impl FakeHypervisor {
+    pub fn new(agent: PathBuf) -> Self {
+        Self { agent }
+    }
+}
+
+#[async_trait::async_trait]
+impl Hypervisor for FakeHypervisor {
+    fn name(&self) -> &'static str {
+        BACKEND.name
+    }
+
+    fn description(&self) -> &str {
+        "fake: husk-agent on the host, no VM (tests only)"
+    }
+
+    async fn launch(&self, config: &VmConfig) -> Result<Box<dyn Vm>, HypervisorError> {
+        // One letter: DIR/stream.sock must fit a unix socket address, as
+        // the hybrid vsock path does (VmConfig::validate).
+        let agent_dir = config.sandbox_dir.join("a");
+        std::fs::create_dir_all(&agent_dir)
+            .map_err(|e| HypervisorError::io(format!("create {}", agent_dir.display()), e))?;
+        // The agent sends its ready notice to DIR/ready.sock; the sandbox
+        // listens where a VMM would forward the guest's port 1023.
+        std::os::unix::fs::symlink(
+            guest_to_host_path(&config.vsock.uds, READY_PORT),
+            agent_dir.join("ready.sock"),
+        )
+        .map_err(|e| HypervisorError::io("link the ready socket", e))?;
+        let shim = Shim::start(&config.vsock.uds, &agent_dir)?;
+        let log = config.sandbox_dir.join("agent.log");
+        let agent = ManagedChild::spawn(
+            ROLE_AGENT,
+            &self.agent,
+            [
+                "--listen-unix".as_ref(),
+                agent_dir.as_os_str(),
+                "--cgroup-parent".as_ref(),
+                format!("husk-fake-{}", config.id).as_ref(),
+            ],
+            &log,
+        )?;
+        let record = VmRecord {
+            backend: BACKEND.name.into(),
+            processes: agent.identity(ROLE_AGENT).into_iter().collect(),
+            state: serde_json::json!(FakeState {
+                uds: config.vsock.uds.clone(),
+                agent_dir,
+                log: log.clone(),
+            }),
+        };
+        Ok(Box::new(FakeVm {
+            agent,
+            shim,
+            log,
+            record,
+            launched_at: Instant::now(),
+        }))
+    }
+}
+
+/// The hybrid-vsock shim: `CONNECT <port>\n`, `OK <port>\n`, then bytes
+/// to and from the agent's socket for that port.
+#[derive(Debug)]
+struct Shim {
+    task: JoinHandle<()>,
+    uds: PathBuf,
+}
+
+impl Shim {
+    fn start(uds: &Path, agent_dir: &Path) -> Result<Self, HypervisorError> {
+        let _ = std::fs::remove_file(uds);
+        let l = UnixListener::bind(uds)
+            .map_err(|e| HypervisorError::io(format!("bind {}", uds.display()), e))?;
+        let agent_dir = agent_dir.to_path_buf();
+        let task = tokio::spawn(async move {
+            while let Ok((s, _)) = l.accept().await {
+                let agent_dir = agent_dir.clone();
+                tokio::spawn(async move {
+                    let _ = Self::forward(s, &agent_dir).await;
+                });
+            }
+        });
+        Ok(Self {
+            task,
+            uds: uds.to_path_buf(),
+        })
+    }
+
+    async fn forward(s: UnixStream, agent_dir: &Path) -> std::io::Result<()> {
+        let mut r = BufReader::new(s);
+        let mut line = String::new();
+        r.read_line(&mut line).await?;
+        let port: u32 = line
+            .trim()
+            .strip_prefix("CONNECT ")
+            .and_then(|p| p.parse().ok())
+            .ok_or_else(|| std::io::Error::other("bad CONNECT line"))?;
+        let target = match port {
+            TTRPC_PORT => agent_dir.join("ttrpc.sock"),
+            STREAM_PORT => agent_dir.join("stream.sock"),
+            _ => return Ok(()),
+        };
+        let mut agent = UnixStream::connect(target).await?;
+        let mut s = r.into_inner();
+        s.write_all(format!("OK {port}\n").as_bytes()).await?;
+        tokio::io::copy_bidirectional(&mut s, &mut agent).await?;
+        Ok(())
+    }
+
+    fn stop(&self) {
+        self.task.abort();
+        let _ = std::fs::remove_file(&self.uds);
+    }
+}
+
+/// A husk-agent on the host standing in for a VM.
+#[derive(Debug)]
+pub struct FakeVm {
+    agent: ManagedChild,
+    shim: Shim,
+    log: PathBuf,
+    record: VmRecord,
+    launched_at: Instant,
+}
+
+#[async_trait::async_trait]
+impl Vm for FakeVm {
+    fn pids(&self) -> Vec<(&'static str, u32)> {
+        vec![(ROLE_AGENT, self.agent.pid())]
+    }
+
+    fn launched_at(&self) -> Instant {
+        self.launched_at
+    }
+
+    fn log_file(&self) -> Option<PathBuf> {
+        Some(self.log.clone())
+    }
+
+    fn try_exit(&mut self) -> Result<Option<ExitStatus>, HypervisorError> {
+        self.agent
+            .try_wait()
+            .map_err(|e| HypervisorError::io("reap husk-agent", e))
+    }
+
+    async fn wait(&mut self) -> Result<ExitStatus, HypervisorError> {
+        self.agent
+            .wait()
+            .await
+            .map_err(|e| HypervisorError::io("wait for husk-agent", e))
+    }
+
+    async fn shutdown(&mut self, timeout: Duration) -> Result<ExitStatus, HypervisorError> {
+        let s = self
+            .agent
+            .terminate(timeout)
+            .await
+            .map_err(|e| HypervisorError::io("stop husk-agent", e));
+        self.shim.stop();
+        s
+    }
+
+    async fn kill(&mut self) -> Result<ExitStatus, HypervisorError> {
+        self.shim.stop();
+        self.agent
+            .kill()
+            .await
+            .map_err(|e| HypervisorError::io("kill husk-agent", e))
+    }
+
+    fn detach(self: Box<Self>) {
+        // The shim task keeps serving until this process exits.
+        self.agent.detach();
+    }
+
+    fn record(&self) -> VmRecord {
+        self.record.clone()
+    }
+}
+
+async fn adopt(record: &VmRecord, id: &str) -> Result<Box<dyn Vm>, HypervisorError> {
+    let st: FakeState = record.state()?;
+    let shim = Shim::start(&st.uds, &st.agent_dir)?;
+    let vm = AdoptedVm::adopt(
+        id,
+        record,
+        ROLE_AGENT,
+        &[],
+        Box::new(FakeControl {
+            shim: Mutex::new(Some(shim)),
+            pid: record.processes.first().map_or(0, |p| p.pid),
+        }),
+        st.log,
+    )?;
+    Ok(Box::new(vm))
+}
+
+/// An adopted fake VM: quitting is SIGTERM to the agent (checked to be
+/// the recorded process when it was adopted); the shim goes with it.
+#[derive(Debug)]
+struct FakeControl {
+    shim: Mutex<Option<Shim>>,
+    pid: u32,
+}
+
+#[async_trait::async_trait]
+impl AdoptedControl for FakeControl {
+    async fn quit(&self, _timeout: Duration) -> Result<(), HypervisorError> {
+        if let Some(s) = self.shim.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            s.stop();
+        }
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.pid as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .map_err(|e| HypervisorError::io("SIGTERM husk-agent", e.into()))
+    }
+}
