@@ -84,14 +84,7 @@ impl Outcome {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum VmState {
-    Created,
-    Running,
-    Paused,
-    Stopped,
-}
+pub use husk_vmm_api::VmState;
 
 /// Asks a running VM to stop from another thread (the control socket).
 #[derive(Clone)]
@@ -164,7 +157,7 @@ pub struct Vmm {
 impl Vmm {
     /// Creates the VM and everything in it; no guest code runs until `start`.
     pub fn build(cfg: &VmConfig) -> Result<Vmm, BuildError> {
-        cfg.validate()?;
+        crate::config::validate(cfg)?;
         let accel = Accel::detect();
         let regions = arch::memory_regions(cfg.memory_mib << 20);
         let vm = Vm::new(&regions, cfg.vcpus)?;
