@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use tracing::Instrument;
 
-use super::builtin::{control_request, BuiltinFiles};
+use super::builtin::{control_request, BuiltinFiles, Request};
 use super::qmp::Qmp;
 use super::{HypervisorError, Vm};
 use crate::process::{AdoptError, AdoptedProcess, ProcessIdentity};
@@ -110,11 +110,11 @@ impl AdoptedVm {
         let log = match &control {
             VmControl::Qmp(qmp) => qmp.with_file_name("qemu.log"),
             VmControl::HuskVmm { files, .. } => {
-                let r = control_request(&files.control, "status", timeout)
+                let r = control_request(&files.control, Request::Status, timeout)
                     .await
                     .map_err(|e| AdoptVmError::Control(e.to_string()))?;
-                let pid = r["status"]["pid"].as_u64();
-                if r["ok"] != true || pid != Some(u64::from(vmm.pid())) {
+                let pid = r.status.as_ref().map(|s| s.pid);
+                if !r.ok || pid != Some(vmm.pid()) {
                     return Err(AdoptVmError::Control(format!(
                         "status reply {r} does not match husk-vmm pid {}",
                         vmm.pid()
@@ -140,8 +140,8 @@ impl AdoptedVm {
                 q.execute("quit", timeout).await?;
             }
             VmControl::HuskVmm { files, .. } => {
-                let r = control_request(&files.control, "shutdown", timeout).await?;
-                if r["ok"] != true {
+                let r = control_request(&files.control, Request::Shutdown, timeout).await?;
+                if !r.ok {
                     return Err(HypervisorError::Qmp(format!(
                         "husk-vmm refused shutdown: {r}"
                     )));
