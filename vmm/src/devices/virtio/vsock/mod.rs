@@ -5,7 +5,9 @@
 //!   host unix sockets. husk-vmm's own device drives it with its queues directly.
 //! - [`vhost_user`]: a thin adapter serving the muxer to QEMU as a vhost-user-vsock backend
 //!   (binary `husk-vsock`).
+//! - [`device`]: husk-vmm's virtio-vsock device, the other user of the muxer.
 
+pub mod device;
 pub mod muxer;
 pub mod packet;
 pub mod vhost_user;
