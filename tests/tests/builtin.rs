@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context, Result};
 use husk_proto::agent::StdioConfig;
 use husk_runtime::hypervisor::builtin::{
-    self, control_request, BuiltinFiles, BUILTIN_KERNEL_PARAM,
+    self, control_request, BuiltinFiles, Request, Status, VmState, BUILTIN_KERNEL_PARAM,
 };
 use husk_runtime::hypervisor::{
     self, probe_accel, Accel, Builtin, BuiltinPaths, HybridVsockConfig, Hypervisor,
@@ -197,6 +197,15 @@ const SAY_HI_AND_SPIN: &[u8] = &[
     0xeb, 0xfe, // jmp $
 ];
 
+/// husk-vmm's `status`, or why it gave none.
+async fn vmm_status(files: &BuiltinFiles) -> Result<Status> {
+    let r = control_request(&files.control, Request::Status, Duration::from_secs(5)).await?;
+    match r.status {
+        Some(st) if r.ok => Ok(st),
+        _ => bail!("status request failed: {r}"),
+    }
+}
+
 fn is_socket(p: &Path) -> bool {
     use std::os::unix::fs::FileTypeExt;
     std::fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_socket())
@@ -359,22 +368,24 @@ async fn launch_status_shutdown(
     // "running".
     let t = Instant::now();
     let st = loop {
-        let st = control_request(&files.control, "status", Duration::from_secs(5)).await?;
-        ensure!(st["ok"] == true, "{st}");
+        let st = vmm_status(&files).await?;
         ensure!(
-            st["status"]["state"] == "running" || st["status"]["state"] == "created",
-            "{st}"
+            st.state == VmState::Running || st.state == VmState::Created,
+            "{st:?}"
         );
-        if st["status"]["state"] == "running" {
+        if st.state == VmState::Running {
             break st;
         }
-        ensure!(t.elapsed() < Duration::from_secs(5), "never running: {st}");
+        ensure!(
+            t.elapsed() < Duration::from_secs(5),
+            "never running: {st:?}"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     };
-    eprintln!("status: {st}");
-    ensure!(st["status"]["id"] == "builtin-e2e", "{st}");
-    ensure!(st["status"]["pid"] == pid, "{st}");
-    ensure!(st["status"]["memory_mib"] == 128, "{st}");
+    eprintln!("status: {st:?}");
+    ensure!(st.id == "builtin-e2e", "{st:?}");
+    ensure!(st.pid == pid, "{st:?}");
+    ensure!(st.memory_mib == 128, "{st:?}");
     // The hybrid vsock is husk-vmm's own.
     ensure!(
         is_socket(&fx.config.vsock.uds),
@@ -439,11 +450,8 @@ async fn launch_status_shutdown(
     pids.push(("husk-vmm", pid));
     std::mem::forget(vm);
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let st = control_request(&files.control, "status", Duration::from_secs(5)).await?;
-    ensure!(
-        st["status"]["pid"] == pid && st["status"]["state"] == "running",
-        "{st}"
-    );
+    let st = vmm_status(&files).await?;
+    ensure!(st.pid == pid && st.state == VmState::Running, "{st:?}");
     let t = Instant::now();
     let stopped = builtin::stop_orphan(dir, Duration::from_secs(5)).await?;
     ensure!(
@@ -629,8 +637,8 @@ async fn restart_after_crash(
     pids.push(("husk-vmm", pid));
     // huskd "crashes": the handle is lost without a stop or a kill.
     std::mem::forget(vm);
-    let st = control_request(&files.control, "status", Duration::from_secs(5)).await?;
-    ensure!(st["status"]["pid"] == pid, "{st}");
+    let st = vmm_status(&files).await?;
+    ensure!(st.pid == pid, "{st:?}");
     ensure!(
         is_socket(&files.control) && files.pid.exists(),
         "husk-vmm has no control socket or pid file to be found by"

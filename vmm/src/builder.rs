@@ -26,8 +26,8 @@ use crate::devices::virtio::fs::Fs;
 use crate::devices::virtio::net::Net;
 use crate::devices::virtio::rng::Rng;
 use crate::devices::virtio::transport::pci::{SharedVirtioPci, VirtioPciDevice, BAR_SIZE};
+use crate::devices::virtio::vsock::device::Vsock;
 use crate::devices::virtio::vsock::MuxerConfig;
-use crate::devices::virtio::vsock_device::Vsock;
 use crate::event_loop::EventLoop;
 use crate::vstate::vcpu::{Vcpu, VcpuContext, VcpuHandle, VcpuStop};
 use crate::vstate::vm::{Vm, VmError};
@@ -84,14 +84,7 @@ impl Outcome {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum VmState {
-    Created,
-    Running,
-    Paused,
-    Stopped,
-}
+pub use husk_vmm_api::VmState;
 
 /// Asks a running VM to stop from another thread (the control socket).
 #[derive(Clone)]
@@ -164,7 +157,7 @@ pub struct Vmm {
 impl Vmm {
     /// Creates the VM and everything in it; no guest code runs until `start`.
     pub fn build(cfg: &VmConfig) -> Result<Vmm, BuildError> {
-        cfg.validate()?;
+        crate::config::validate(cfg)?;
         let accel = Accel::detect();
         let regions = arch::memory_regions(cfg.memory_mib << 20);
         let vm = Vm::new(&regions, cfg.vcpus)?;

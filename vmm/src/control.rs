@@ -1,7 +1,5 @@
-//! The control socket: newline-delimited JSON requests on a unix stream socket.
-//!
-//! Requests: `{"op":"status"}`, `{"op":"shutdown"}`, `{"op":"pause"}`, `{"op":"resume"}`.
-//! Each gets one JSON line back: `{"ok":true,...}` or `{"ok":false,"error":..}`.
+//! The control socket's server (and a blocking client). The protocol's types are
+//! `husk_vmm_api::control`'s, shared with huskd.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::PermissionsExt;
@@ -12,35 +10,14 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
-
 use crate::arch::x86_64::cpuid::Accel;
 use crate::builder::{PauseHandle, StopHandle, VmState};
 use crate::devices::bus::lock;
 
+pub use husk_vmm_api::control::{Reply, Request, Status};
+
 /// Longest request line accepted.
 const MAX_REQUEST: u64 = 4096;
-
-#[derive(Debug, Deserialize)]
-#[serde(tag = "op", rename_all = "snake_case")]
-pub enum Request {
-    Status,
-    Shutdown,
-    Pause,
-    Resume,
-}
-
-/// What `status` reports.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Status {
-    pub id: String,
-    pub pid: u32,
-    pub state: String,
-    pub accel: String,
-    pub vcpus: u8,
-    pub memory_mib: u64,
-    pub uptime_ms: u64,
-}
 
 /// Shared, updated by the VMM's main thread.
 pub struct StatusSource {
@@ -57,7 +34,7 @@ impl StatusSource {
         Status {
             id: self.id.clone(),
             pid: std::process::id(),
-            state: format!("{:?}", *lock(&self.state)).to_lowercase(),
+            state: *lock(&self.state),
             accel: match self.accel {
                 Accel::Hardware => "kvm (hardware virtualization)".into(),
                 Accel::Pvm => "kvm-pvm (instruction emulator)".into(),
@@ -88,29 +65,29 @@ fn handle_conn(stream: UnixStream, status: &StatusSource, stop: &StopHandle, pau
             Ok(_) => {}
         }
         if !line.ends_with('\n') {
-            let _ = writeln!(out, r#"{{"ok":false,"error":"request too long"}}"#);
+            let _ = writeln!(out, "{}", Reply::error("request too long"));
             return;
         }
         let reply = match serde_json::from_str::<Request>(line.trim()) {
-            Ok(Request::Status) => serde_json::json!({"ok": true, "status": status.snapshot()}),
+            Ok(Request::Status) => Reply::status(status.snapshot()),
             Ok(Request::Shutdown) => {
                 stop.request_stop();
-                serde_json::json!({"ok": true})
+                Reply::ok()
             }
             Ok(Request::Pause) => {
                 if pause.pause() {
                     *lock(&status.state) = VmState::Paused;
-                    serde_json::json!({"ok": true})
+                    Reply::ok()
                 } else {
-                    serde_json::json!({"ok": false, "error": "vCPUs did not stop within 1 s"})
+                    Reply::error("vCPUs did not stop within 1 s")
                 }
             }
             Ok(Request::Resume) => {
                 pause.resume();
                 *lock(&status.state) = VmState::Running;
-                serde_json::json!({"ok": true})
+                Reply::ok()
             }
-            Err(e) => serde_json::json!({"ok": false, "error": format!("bad request: {e}")}),
+            Err(e) => Reply::error(format!("bad request: {e}")),
         };
         if writeln!(out, "{reply}").is_err() {
             return;
@@ -177,11 +154,11 @@ impl Drop for ControlServer {
     }
 }
 
-/// Client side, for huskd and tests: one request, one reply.
-pub fn request(path: &Path, op: &str) -> std::io::Result<serde_json::Value> {
+/// Blocking client, for tests and tools: one request, one reply. (huskd has its own, on tokio.)
+pub fn request(path: &Path, request: Request) -> std::io::Result<Reply> {
     let mut s = UnixStream::connect(path)?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    writeln!(s, "{}", serde_json::json!({ "op": op }))?;
+    s.write_all(request.line().as_bytes())?;
     let mut line = String::new();
     BufReader::new(s).read_line(&mut line)?;
     serde_json::from_str(&line).map_err(std::io::Error::other)

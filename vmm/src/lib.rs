@@ -1,4 +1,5 @@
-//! Placeholder until this crate lands.
+//! husk-vmm, the builtin microVM monitor (one process per sandbox VM, binary `husk-vmm`), and
+//! the hybrid-vsock backend it shares with QEMU sandboxes (binary `husk-vsock`).
 
 pub mod devices;
 

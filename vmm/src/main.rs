@@ -8,7 +8,6 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use husk_vmm::builder::{VmState, Vmm};
-use husk_vmm::config::VmConfig;
 use husk_vmm::control::{ControlServer, StatusSource};
 use husk_vmm::devices::bus::lock;
 use husk_vmm::vstate::vcpu::VcpuStop;
@@ -34,7 +33,7 @@ fn main() -> Result<()> {
         }
     }
     let config = config.unwrap_or_else(|| usage());
-    let cfg = VmConfig::from_file(&config)?;
+    let cfg = husk_vmm::config::from_file(&config)?;
     let id = cfg.id.clone();
 
     // Leave huskd's session and process group: a signal to its group or its death must not

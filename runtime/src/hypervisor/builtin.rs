@@ -33,6 +33,10 @@ use super::{Backend, Hypervisor, HypervisorError, Vm, VmConfig, VmRecord, MAX_SO
 use crate::config::{self, MissingComponent};
 use crate::process::SpawnError;
 
+use husk_vmm_api::{Devices, FsConfig, NetConfig, VsockConfig};
+/// The control socket's protocol, for callers of [`control_request`].
+pub use husk_vmm_api::{Reply, Request, Status, VmState};
+
 /// Kernel parameter that tells the agent it runs under husk-vmm.
 pub const BUILTIN_KERNEL_PARAM: &str = "husk.vmm=builtin";
 
@@ -71,7 +75,7 @@ impl BuiltinPaths {
 /// Files husk-vmm uses in the sandbox directory.
 #[derive(Debug, Clone)]
 pub struct BuiltinFiles {
-    /// The VM configuration (JSON, `husk_vmm::config::VmConfig`).
+    /// The VM configuration (JSON, [`husk_vmm_api::VmConfig`]).
     pub config: PathBuf,
     /// Control socket: newline-delimited JSON, ops status/shutdown/pause/resume.
     pub control: PathBuf,
@@ -124,50 +128,56 @@ pub fn kernel_cmdline(hardware: bool, tsc_khz: Option<u64>, extra: &[String]) ->
     p.join(" ")
 }
 
-/// husk-vmm's JSON configuration for `config` (pure, for testing). The
-/// schema is `husk_vmm::config::VmConfig` (it rejects unknown fields, so a
-/// drift fails the launch loudly).
+/// husk-vmm's configuration for `config` (pure, for testing).
 pub fn vmm_config(
     config: &VmConfig,
     files: &BuiltinFiles,
     cmdline: &str,
-) -> Result<serde_json::Value, HypervisorError> {
+) -> Result<husk_vmm_api::VmConfig, HypervisorError> {
     let vcpus = u8::try_from(config.vcpus).map_err(|_| {
         HypervisorError::InvalidConfig(format!(
             "husk-vmm supports at most 255 vCPUs, not {}",
             config.vcpus
         ))
     })?;
-    let fs: Vec<serde_json::Value> = config
+    let fs = config
         .virtio_fs
         .iter()
-        .map(|f| serde_json::json!({"tag": f.tag, "socket": f.socket}))
+        .map(|f| FsConfig {
+            tag: f.tag.clone(),
+            socket: f.socket.clone(),
+            queue_size: None,
+        })
         .collect();
-    let net: Vec<serde_json::Value> = config
+    let net = config
         .net
         .iter()
-        .map(|n| serde_json::json!({"tap": n.tap, "mac": n.mac}))
+        .map(|n| NetConfig {
+            tap: n.tap.clone(),
+            mac: Some(n.mac.clone()),
+        })
         .collect();
-    Ok(serde_json::json!({
-        "id": config.id,
-        "kernel": config.kernel,
-        "initrd": config.initrd,
-        "cmdline": cmdline,
-        "vcpus": vcpus,
-        "memory_mib": config.memory_mib,
-        "serial_log": config.console_log,
-        "control_socket": files.control,
-        "pid_file": files.pid,
-        "devices": {
-            "rng": true,
-            "vsock": {
-                "guest_cid": config.vsock.guest_cid,
-                "uds_path": config.vsock.uds,
-            },
-            "fs": fs,
-            "net": net,
+    Ok(husk_vmm_api::VmConfig {
+        id: config.id.clone(),
+        kernel: config.kernel.clone(),
+        initrd: Some(config.initrd.clone()),
+        cmdline: cmdline.to_string(),
+        vcpus,
+        memory_mib: config.memory_mib.into(),
+        serial_log: Some(config.console_log.clone()),
+        control_socket: Some(files.control.clone()),
+        pid_file: Some(files.pid.clone()),
+        hide_emulator_unsupported_cpuid: None,
+        devices: Devices {
+            rng: true,
+            vsock: Some(VsockConfig {
+                guest_cid: config.vsock.guest_cid.into(),
+                uds_path: config.vsock.uds.clone(),
+            }),
+            fs,
+            net,
         },
-    }))
+    })
 }
 
 /// The builtin backend.
@@ -250,8 +260,10 @@ impl Builtin {
             tracing::warn!("husk-vmm without hardware virtualization: the guest runs in KVM's instruction emulator");
         }
         let cmdline = self.cmdline_for(config);
-        let json = vmm_config(config, &files, &cmdline)?;
-        write_private(&files.config, json.to_string().as_bytes())
+        let json = serde_json::to_string(&vmm_config(config, &files, &cmdline)?).map_err(|e| {
+            HypervisorError::InvalidConfig(format!("husk-vmm config for {}: {e}", config.id))
+        })?;
+        write_private(&files.config, json.as_bytes())
             .map_err(|e| HypervisorError::io(format!("write {}", files.config.display()), e))?;
 
         let log = std::fs::OpenOptions::new()
@@ -395,11 +407,11 @@ async fn adopt(
         }),
         files.log.clone(),
     )?;
-    let r = control_request(&files.control, "status", timeout)
+    let r = control_request(&files.control, Request::Status, timeout)
         .await
         .map_err(|e| HypervisorError::Adopt(format!("husk-vmm control socket: {e}")))?;
-    let pid = r["status"]["pid"].as_u64();
-    if r["ok"] != true || pid != Some(u64::from(vm.vmm_pid())) {
+    let pid = r.status.as_ref().map(|s| s.pid);
+    if !r.ok || pid != Some(vm.vmm_pid()) {
         return Err(HypervisorError::Adopt(format!(
             "husk-vmm status reply {r} does not match pid {}",
             vm.vmm_pid()
@@ -418,8 +430,8 @@ struct BuiltinControl {
 #[async_trait::async_trait]
 impl AdoptedControl for BuiltinControl {
     async fn quit(&self, timeout: Duration) -> Result<(), HypervisorError> {
-        let r = control_request(&self.files.control, "shutdown", timeout).await?;
-        if r["ok"] != true {
+        let r = control_request(&self.files.control, Request::Shutdown, timeout).await?;
+        if !r.ok {
             return Err(HypervisorError::Qmp(format!(
                 "husk-vmm refused shutdown: {r}"
             )));
@@ -502,14 +514,13 @@ impl BuiltinVm {
         }
     }
 
-    /// One request on the control socket (`status`, `shutdown`, `pause`,
-    /// `resume`); the reply's JSON.
+    /// One request on the control socket.
     pub async fn control(
         &self,
-        op: &str,
+        request: Request,
         timeout: Duration,
-    ) -> Result<serde_json::Value, HypervisorError> {
-        control_request(&self.files.control, op, timeout).await
+    ) -> Result<Reply, HypervisorError> {
+        control_request(&self.files.control, request, timeout).await
     }
 
     fn signal_kill(&self) {
@@ -555,19 +566,18 @@ impl BuiltinVm {
 /// One request on a husk-vmm control socket.
 pub async fn control_request(
     path: &Path,
-    op: &str,
+    request: Request,
     timeout: Duration,
-) -> Result<serde_json::Value, HypervisorError> {
-    let what = format!("husk-vmm control {op} on {}", path.display());
+) -> Result<Reply, HypervisorError> {
+    let what = format!("husk-vmm control {request} on {}", path.display());
     let fut = async {
         let mut s = tokio::net::UnixStream::connect(path).await?;
-        let line = format!("{}\n", serde_json::json!({ "op": op }));
-        s.write_all(line.as_bytes()).await?;
+        s.write_all(request.line().as_bytes()).await?;
         let mut reply = String::new();
         // Replies are one short line; bound it anyway.
         let mut r = BufReader::new(s).take(64 * 1024);
         r.read_line(&mut reply).await?;
-        serde_json::from_str::<serde_json::Value>(&reply).map_err(std::io::Error::other)
+        serde_json::from_str::<Reply>(&reply).map_err(std::io::Error::other)
     };
     match tokio::time::timeout(timeout, fut).await {
         Ok(Ok(v)) => Ok(v),
@@ -618,7 +628,7 @@ pub async fn stop_orphan(
     let stopped = match pid {
         Some(pid) if is_ours(pid) && live(pid) => {
             tracing::info!(pid, dir = %sandbox_dir.display(), "stopping a husk-vmm left by a previous huskd");
-            if let Err(e) = control_request(&files.control, "shutdown", timeout / 2).await {
+            if let Err(e) = control_request(&files.control, Request::Shutdown, timeout / 2).await {
                 tracing::warn!(%e, "control socket failed; killing");
             }
             let deadline = Instant::now() + timeout;
@@ -698,8 +708,8 @@ impl Vm for BuiltinVm {
         async {
             let deadline = Instant::now() + timeout;
             if self.try_exit()?.is_none() {
-                match self.control("shutdown", timeout / 2).await {
-                    Ok(r) if r["ok"] == true => {}
+                match self.control(Request::Shutdown, timeout / 2).await {
+                    Ok(r) if r.ok => {}
                     Ok(r) => tracing::warn!(reply = %r, "husk-vmm refused shutdown, killing"),
                     Err(e) => tracing::warn!(%e, "husk-vmm control socket failed, killing"),
                 }
@@ -804,7 +814,8 @@ mod tests {
     fn vmm_config_json() {
         let c = cfg();
         let files = BuiltinFiles::in_dir(&c.sandbox_dir);
-        let j = vmm_config(&c, &files, "console=ttyS0").unwrap();
+        // The JSON is compared, not the struct: this is the file husk-vmm reads.
+        let j = serde_json::to_value(vmm_config(&c, &files, "console=ttyS0").unwrap()).unwrap();
         let want = serde_json::json!({
             "id": "sb1",
             "kernel": "/g/vmlinuz",
@@ -830,18 +841,18 @@ mod tests {
             mac: "0a:58:0a:01:00:05".into(),
         });
         assert_eq!(
-            vmm_config(&n, &files, "").unwrap()["devices"]["net"],
-            serde_json::json!([{"tap": "tap0_husk", "mac": "0a:58:0a:01:00:05"}])
+            vmm_config(&n, &files, "").unwrap().devices.net,
+            [NetConfig {
+                tap: "tap0_husk".into(),
+                mac: Some("0a:58:0a:01:00:05".into())
+            }]
         );
         let mut c = cfg();
         c.virtio_fs = None;
         c.vcpus = 300;
         assert!(vmm_config(&c, &files, "").is_err());
         c.vcpus = 1;
-        assert_eq!(
-            vmm_config(&c, &files, "").unwrap()["devices"]["fs"],
-            serde_json::json!([])
-        );
+        assert_eq!(vmm_config(&c, &files, "").unwrap().devices.fs, []);
     }
 
     #[test]
@@ -903,9 +914,9 @@ mod tests {
         let e = b.launch(&c).await.unwrap_err();
         let s = e.to_string();
         assert!(s.contains("bad config: no kernel"), "{s}");
-        // The config was written for it.
-        let j: serde_json::Value =
+        // The config was written for it, in the schema husk-vmm reads.
+        let j: husk_vmm_api::VmConfig =
             serde_json::from_slice(&std::fs::read(d.path().join("vm.json")).unwrap()).unwrap();
-        assert_eq!(j["id"], "sb1");
+        assert_eq!(j.id, "sb1");
     }
 }

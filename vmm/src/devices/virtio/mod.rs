@@ -8,4 +8,3 @@ pub mod fs;
 pub mod net;
 pub mod rng;
 pub mod transport;
-pub mod vsock_device;

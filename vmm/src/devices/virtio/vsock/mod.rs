@@ -3,9 +3,13 @@
 //! - [`packet`]: packet header codec and descriptor-chain parsing (any descriptor layout).
 //! - [`muxer`]: the transport-independent backend ([`VsockMuxer`]) that maps guest streams to
 //!   host unix sockets. husk-vmm's own device drives it with its queues directly.
+//! - `connection`: the muxer's per-connection state machine.
 //! - [`vhost_user`]: a thin adapter serving the muxer to QEMU as a vhost-user-vsock backend
 //!   (binary `husk-vsock`).
+//! - [`device`]: husk-vmm's virtio-vsock device, the other user of the muxer.
 
+mod connection;
+pub mod device;
 pub mod muxer;
 pub mod packet;
 pub mod vhost_user;

@@ -15,7 +15,7 @@
 //! guest that overruns it is reset.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::io::{self, IoSlice, Read, Write};
+use std::io::{self, Read};
 use std::num::Wrapping;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -29,6 +29,7 @@ use vm_memory::GuestMemory;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::timerfd::TimerFd;
 
+use super::connection::{Conn, ConnKey, Flushed, Next, State};
 use super::packet::{
     op, read_tx_packet, shutdown, Header, RxBuffer, HOST_CID, MAX_PKT_DATA, TYPE_STREAM,
 };
@@ -103,116 +104,6 @@ const MAX_CONNECT_LINE: usize = 32;
 const TIMER_TICK: Duration = Duration::from_millis(100);
 const TOKEN_LISTENER: u64 = 0;
 const TOKEN_TIMER: u64 = 1;
-const SHUT_BOTH: u32 = shutdown::RCV | shutdown::SEND;
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-struct ConnKey {
-    host_port: u32,
-    guest_port: u32,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum State {
-    /// Host-initiated, REQUEST queued or sent, waiting for RESPONSE.
-    Connecting,
-    Established,
-    /// The guest reset the connection; only flushing buffered bytes to the host remains.
-    Draining,
-}
-
-struct Conn {
-    key: ConnKey,
-    stream: UnixStream,
-    state: State,
-    host_initiated: bool,
-    deadline: Option<Instant>,
-    // guest -> host
-    out_ctrl: Vec<u8>,
-    out_buf: VecDeque<u8>,
-    rx_cnt: Wrapping<u32>,
-    fwd_cnt: Wrapping<u32>,
-    fwd_cnt_sent: Wrapping<u32>,
-    peer_shut: u32,
-    host_wr_shut: bool,
-    // host -> guest
-    peer_buf_alloc: u32,
-    peer_fwd_cnt: Wrapping<u32>,
-    tx_cnt: Wrapping<u32>,
-    host_readable: bool,
-    host_eof: bool,
-    host_hup: bool,
-    credit_requested: bool,
-    shut_want: u32,
-    shut_sent: u32,
-    // queued control packets
-    want_request: bool,
-    want_response: bool,
-    want_credit_update: bool,
-    in_rx_queue: bool,
-}
-
-impl Conn {
-    fn new(key: ConnKey, stream: UnixStream, state: State, host_initiated: bool) -> Self {
-        Conn {
-            key,
-            stream,
-            state,
-            host_initiated,
-            deadline: None,
-            out_ctrl: Vec::new(),
-            out_buf: VecDeque::new(),
-            rx_cnt: Wrapping(0),
-            fwd_cnt: Wrapping(0),
-            fwd_cnt_sent: Wrapping(0),
-            peer_shut: 0,
-            host_wr_shut: false,
-            peer_buf_alloc: 0,
-            peer_fwd_cnt: Wrapping(0),
-            tx_cnt: Wrapping(0),
-            // Data may have arrived before we registered; finding out costs one read.
-            host_readable: true,
-            host_eof: false,
-            host_hup: false,
-            credit_requested: false,
-            shut_want: 0,
-            shut_sent: 0,
-            want_request: false,
-            want_response: false,
-            want_credit_update: false,
-            in_rx_queue: false,
-        }
-    }
-
-    /// Bytes the guest may still send us.
-    fn peer_credit(&self) -> u32 {
-        let in_flight = (self.tx_cnt - self.peer_fwd_cnt).0;
-        self.peer_buf_alloc.saturating_sub(in_flight)
-    }
-
-    fn can_send_data(&self) -> bool {
-        self.state == State::Established
-            && self.host_readable
-            && !self.host_eof
-            && self.peer_shut & shutdown::RCV == 0
-    }
-
-    fn has_rx_work(&self) -> bool {
-        match self.state {
-            State::Draining => false,
-            State::Connecting => self.want_request,
-            State::Established => {
-                self.want_response
-                    || self.want_credit_update
-                    || self.shut_want & !self.shut_sent != 0
-                    || (self.can_send_data() && (self.peer_credit() > 0 || !self.credit_requested))
-            }
-        }
-    }
-
-    fn out_pending(&self) -> bool {
-        !self.out_ctrl.is_empty() || !self.out_buf.is_empty()
-    }
-}
 
 struct PendingClient {
     stream: UnixStream,
@@ -717,65 +608,23 @@ impl VsockMuxer {
             }
             return;
         };
-        let buf_alloc = self.cfg.conn_buf_size;
-        let close_timeout = self.cfg.close_timeout;
-        let Some(c) = self.conn_mut(token) else {
+        let Some(Slot::Conn(c)) = self.slots.get_mut(&token) else {
             return;
         };
-        if Wrapping(hdr.fwd_cnt) != c.peer_fwd_cnt || hdr.buf_alloc != c.peer_buf_alloc {
-            c.credit_requested = false;
-        }
-        c.peer_buf_alloc = hdr.buf_alloc;
-        c.peer_fwd_cnt = Wrapping(hdr.fwd_cnt);
-        match hdr.op {
-            op::RESPONSE if c.state == State::Connecting => {
-                c.state = State::Established;
-                c.deadline = None;
-                c.out_ctrl = format!("OK {}\n", c.key.host_port).into_bytes();
-                debug!(
-                    guest_port = c.key.guest_port,
-                    "guest accepted host connection"
-                );
-                self.flush_out(token);
-            }
-            op::RW if c.state == State::Established && c.peer_shut & shutdown::SEND == 0 => {
-                let len = data.len() as u32;
-                if c.out_buf.len() as u64 + u64::from(len) > u64::from(buf_alloc) {
-                    warn!(
-                        guest_port = c.key.guest_port,
-                        "guest overran its vsock credit; resetting"
-                    );
-                    return self.kill(token, true);
-                }
-                c.rx_cnt += Wrapping(len);
-                self.write_to_host(token, data);
-            }
-            op::CREDIT_UPDATE => {}
-            op::CREDIT_REQUEST => c.want_credit_update = true,
-            op::SHUTDOWN if c.state == State::Established => {
-                c.peer_shut |= hdr.flags & SHUT_BOTH;
-                if c.peer_shut == SHUT_BOTH {
-                    c.deadline = Some(Instant::now() + close_timeout);
+        match c.on_guest_packet(hdr, data.len(), &self.cfg) {
+            Next::Nothing => {}
+            Next::Flush { arm_timer } => {
+                if arm_timer {
                     self.arm_timer();
                 }
                 self.flush_out(token);
             }
-            op::RST => {
-                if c.out_pending() && c.state == State::Established {
-                    // Deliver what the guest sent before resetting, then close.
-                    c.state = State::Draining;
-                    c.deadline = Some(Instant::now() + close_timeout);
-                    let key = c.key;
-                    self.by_key.remove(&key);
-                    self.arm_timer();
-                } else {
-                    self.kill(token, false);
-                }
+            Next::Deliver => self.write_to_host(token, data),
+            Next::Drain => {
+                self.by_key.remove(&key);
+                self.arm_timer();
             }
-            _ => {
-                debug!(?hdr, state = ?c.state, "unexpected vsock packet; resetting connection");
-                return self.kill(token, true);
-            }
+            Next::Close { rst } => return self.kill(token, rst),
         }
         self.schedule(token);
     }
@@ -822,92 +671,24 @@ impl VsockMuxer {
         let Some(c) = self.conn_mut(token) else {
             return;
         };
-        let mut rest = data;
-        if !c.out_pending() {
-            match write_retry(&mut c.stream, data) {
-                Ok(n) => {
-                    c.fwd_cnt += Wrapping(n as u32);
-                    rest = &data[n..];
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => {
-                    debug!("write to vsock host socket failed: {e}");
-                    return self.kill(token, true);
-                }
-            }
+        if let Err(e) = c.send_to_host(data) {
+            debug!("write to vsock host socket failed: {e}");
+            return self.kill(token, true);
         }
-        c.out_buf.extend(rest);
         // Whatever remains waits for EPOLLOUT; flushing now makes sure we saw EAGAIN, so the
         // edge cannot have happened already.
         self.flush_out(token);
     }
 
-    /// Writes buffered host-bound bytes until done or EAGAIN, then acts on what that enables
-    /// (half-close towards the host, finishing a close, a credit update to the guest).
+    /// Writes buffered host-bound bytes and acts on what that enables (see [`Conn::flush`]).
     fn flush_out(&mut self, token: u64) {
-        let buf_alloc = self.cfg.conn_buf_size;
-        let Some(c) = self.conn_mut(token) else {
+        let Some(Slot::Conn(c)) = self.slots.get_mut(&token) else {
             return;
         };
-        if c.state == State::Connecting {
-            return;
-        }
-        let mut failed = false;
-        while !c.out_ctrl.is_empty() {
-            match write_retry(&mut c.stream, &c.out_ctrl) {
-                Ok(n) => {
-                    c.out_ctrl.drain(..n);
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(_) => {
-                    failed = true;
-                    break;
-                }
-            }
-        }
-        while !failed && c.out_ctrl.is_empty() && !c.out_buf.is_empty() {
-            let (a, b) = c.out_buf.as_slices();
-            let r = c.stream.write_vectored(&[IoSlice::new(a), IoSlice::new(b)]);
-            match r {
-                Ok(0) => failed = true,
-                Ok(n) => {
-                    c.out_buf.drain(..n);
-                    c.fwd_cnt += Wrapping(n as u32);
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(_) => failed = true,
-            }
-        }
-        if c.out_buf.is_empty() && c.out_buf.capacity() > 64 * 1024 {
-            c.out_buf.shrink_to(0);
-        }
-        if failed {
-            debug!(
-                guest_port = c.key.guest_port,
-                "vsock host socket write failed"
-            );
-            return self.kill(token, true);
-        }
-        if c.out_pending() {
-            return;
-        }
-        if c.state == State::Draining {
-            return self.kill(token, false);
-        }
-        if c.peer_shut & shutdown::SEND != 0 && !c.host_wr_shut {
-            c.host_wr_shut = true;
-            let _ = c.stream.shutdown(std::net::Shutdown::Write);
-        }
-        if c.peer_shut == SHUT_BOTH {
-            // Orderly close from the guest, all delivered: our RST completes it.
-            return self.kill(token, true);
-        }
-        // Tell the guest about freed buffer space once its view of it runs low.
-        let perceived_free = buf_alloc.saturating_sub((c.rx_cnt - c.fwd_cnt_sent).0);
-        if c.fwd_cnt != c.fwd_cnt_sent && perceived_free < buf_alloc / 2 {
-            c.want_credit_update = true;
-            self.schedule(token);
+        match c.flush(&self.cfg) {
+            Flushed::Wait => {}
+            Flushed::Close { rst } => self.kill(token, rst),
+            Flushed::CreditUpdate => self.schedule(token),
         }
     }
 
@@ -931,93 +712,23 @@ impl VsockMuxer {
     }
 
     fn conn_rx_packet(&mut self, token: u64, max_data: usize) -> Option<Header> {
-        let guest_cid = self.cfg.guest_cid;
-        let buf_alloc = self.cfg.conn_buf_size;
-        let close_timeout = self.cfg.close_timeout;
-        let c = match self.slots.get_mut(&token) {
-            Some(Slot::Conn(c)) => c,
-            _ => return None,
-        };
-        let mut h = Header {
-            src_cid: HOST_CID,
-            dst_cid: guest_cid,
-            src_port: c.key.host_port,
-            dst_port: c.key.guest_port,
-            type_: TYPE_STREAM,
-            ..Default::default()
-        };
-        if c.state == State::Connecting {
-            if !c.want_request {
-                return None;
-            }
-            c.want_request = false;
-            h.op = op::REQUEST;
-        } else if c.state != State::Established {
+        let Some(Slot::Conn(c)) = self.slots.get_mut(&token) else {
             return None;
-        } else if c.want_response {
-            c.want_response = false;
-            h.op = op::RESPONSE;
-        } else {
-            let credit = c.peer_credit();
-            if c.can_send_data() && credit > 0 && max_data > 0 {
-                let n = (credit as usize).min(max_data);
-                loop {
-                    match c.stream.read(&mut self.rx_data[..n]) {
-                        Ok(0) => {
-                            c.host_eof = true;
-                            c.host_readable = false;
-                            c.shut_want |= shutdown::SEND;
-                            if c.host_hup {
-                                c.shut_want |= shutdown::RCV;
-                            }
-                        }
-                        Ok(n) => {
-                            c.tx_cnt += Wrapping(n as u32);
-                            h.op = op::RW;
-                            h.len = n as u32;
-                        }
-                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                            c.host_readable = false;
-                        }
-                        Err(e) => {
-                            debug!("read from vsock host socket failed: {e}");
-                            self.kill(token, true);
-                            return None;
-                        }
-                    }
-                    break;
+        };
+        match c.rx_packet(&mut self.rx_data, max_data, &self.cfg) {
+            Ok(Some(h)) => {
+                if c.deadline.is_some() {
+                    self.arm_timer();
                 }
+                Some(h)
             }
-            if h.op == 0 && c.can_send_data() && c.peer_credit() == 0 && !c.credit_requested {
-                c.credit_requested = true;
-                h.op = op::CREDIT_REQUEST;
-            }
-            if h.op == 0 && c.shut_want & !c.shut_sent != 0 {
-                h.op = op::SHUTDOWN;
-                h.flags = c.shut_want;
-                c.shut_sent = c.shut_want;
-                if c.shut_want == SHUT_BOTH && c.deadline.is_none() {
-                    // The guest answers a full shutdown with RST; do not wait forever.
-                    c.deadline = Some(Instant::now() + close_timeout);
-                }
-            }
-            if h.op == 0 && c.want_credit_update {
-                h.op = op::CREDIT_UPDATE;
+            Ok(None) => None,
+            Err(e) => {
+                debug!("read from vsock host socket failed: {e}");
+                self.kill(token, true);
+                None
             }
         }
-        if h.op == 0 {
-            return None;
-        }
-        // Every packet carries our credit state.
-        h.buf_alloc = buf_alloc;
-        h.fwd_cnt = c.fwd_cnt.0;
-        c.fwd_cnt_sent = c.fwd_cnt;
-        c.want_credit_update = false;
-        if c.deadline.is_some() {
-            self.arm_timer();
-        }
-        Some(h)
     }
 
     fn arm_timer(&mut self) {
@@ -1093,16 +804,6 @@ fn parse_connect(line: &[u8]) -> Option<u32> {
     let s = s.strip_suffix('\r').unwrap_or(s);
     let port = s.strip_prefix("CONNECT ")?;
     port.trim().parse().ok()
-}
-
-fn write_retry(s: &mut UnixStream, data: &[u8]) -> io::Result<usize> {
-    loop {
-        match s.write(data) {
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Ok(0) if !data.is_empty() => return Err(io::ErrorKind::WriteZero.into()),
-            r => return r,
-        }
-    }
 }
 
 fn bind_listener(path: &Path) -> Result<UnixListener, MuxerError> {

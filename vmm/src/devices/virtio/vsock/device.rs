@@ -1,6 +1,6 @@
 //! husk-vmm's virtio-vsock device (virtio 1.x, 5.10): the queues of the guest driver wired to
-//! the hybrid-vsock muxer in `devices::virtio::vsock` (shared with the `husk-vsock`
-//! vhost-user back-end). The muxer owns all packet validation; this file only moves queues
+//! the hybrid-vsock muxer in [`super::muxer`] (shared with the `husk-vsock` vhost-user
+//! back-end). The muxer owns all packet validation; this file only moves queues
 //! and events.
 
 use std::os::fd::{AsRawFd, RawFd};
@@ -11,12 +11,12 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::device::{
+use super::{self as mux, MuxerConfig, MuxerError, VsockMuxer};
+use crate::devices::bus::lock;
+use crate::devices::virtio::device::{
     deregister, read_config_bytes, register_all, take_queue, ActivateContext, ActivateError,
     Interrupt, VirtioDevice, VIRTIO_F_VERSION_1,
 };
-use super::vsock::{self as mux, MuxerConfig, MuxerError, VsockMuxer};
-use crate::devices::bus::lock;
 use crate::event_loop::{EventHandler, EventLoop};
 
 pub const VIRTIO_ID_VSOCK: u32 = 19;
