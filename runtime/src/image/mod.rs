@@ -258,16 +258,6 @@ fn write_atomic(path: &Path, tmp_dir: &Path, data: &[u8]) -> io::Result<()> {
     res
 }
 
-fn valid_container_id(id: &str) -> bool {
-    !id.is_empty()
-        && id.len() <= 128
-        && id != "."
-        && id != ".."
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
-}
-
 /// The subset of an image config JSON (OCI or Docker) that the store reads.
 #[derive(Deserialize)]
 struct RawConfig {
@@ -608,9 +598,9 @@ impl ImageStore {
         container_id: &str,
         target: &Path,
     ) -> Result<RootfsMount> {
-        if !valid_container_id(container_id) {
+        if let Err(e) = husk_proto::ids::validate(container_id) {
             return Err(Error::InvalidArgument(format!(
-                "container id {container_id:?} is not a safe directory name"
+                "container id {container_id:?} is not a safe directory name: {e}"
             )));
         }
         if !target.is_absolute() {
