@@ -9,6 +9,7 @@ pub mod hypervisor;
 pub mod mounts;
 pub mod network;
 pub mod process;
+pub mod procfs;
 pub mod sandbox;
 pub mod virtiofsd;
 

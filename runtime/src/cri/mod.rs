@@ -302,21 +302,11 @@ pub async fn kill_and_wait(pids: &[u32]) {
         );
     }
     for _ in 0..50 {
-        if pids
-            .iter()
-            .all(|p| !Path::new(&format!("/proc/{p}")).exists() || is_zombie(*p))
-        {
+        if pids.iter().all(|p| !crate::procfs::is_alive(*p)) {
             return;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-}
-
-fn is_zombie(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| s.rsplit_once(") ").map(|(_, r)| r.starts_with('Z')))
-        .unwrap_or(true)
 }
 
 #[cfg(test)]

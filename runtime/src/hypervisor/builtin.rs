@@ -509,15 +509,7 @@ pub async fn stop_orphan(
             c.contains("husk-vmm") && c.contains(&*files.config.to_string_lossy())
         })
     };
-    let live = |pid: u32| {
-        // A zombie has finished; it only waits for its parent to reap it.
-        std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
-            s.rsplit(')')
-                .next()
-                .and_then(|r| r.split_whitespace().next())
-                != Some("Z")
-        })
-    };
+    let live = crate::procfs::is_alive;
     let stopped = match pid {
         Some(pid) if is_ours(pid) && live(pid) => {
             tracing::info!(pid, dir = %sandbox_dir.display(), "stopping a husk-vmm left by a previous huskd");
