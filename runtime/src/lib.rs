@@ -5,6 +5,7 @@
 
 pub mod agent;
 pub mod config;
+pub mod files;
 pub mod hypervisor;
 pub mod mounts;
 pub mod network;

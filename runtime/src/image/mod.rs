@@ -3,7 +3,7 @@
 //! of `huskd` is a thin wrapper over [`ImageStore`].
 //!
 //! On-disk layout (all writes are temp-file + rename, so a crash leaves either the old or the
-//! new state; `tmp/` is emptied on open):
+//! new state; `tmp/` is emptied on open, as are records' temporaries in `meta/`):
 //!
 //! ```text
 //! <root>/images/blobs/sha256/<hex>     compressed layer blobs and image configs, verified
@@ -33,6 +33,7 @@ pub use error::{Error, ErrorKind, Result};
 pub use reference::ImageRef;
 pub use registry::RegistryAuth;
 
+use crate::files::{self, write_atomic};
 use error::IoContext;
 use flight::Flights;
 use futures_util::{StreamExt, TryStreamExt};
@@ -42,7 +43,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs;
-use std::io::{self, Write};
+use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -240,24 +241,6 @@ fn digest_hex(digest: &str) -> Option<&str> {
     (hex.len() == 64 && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))).then_some(hex)
 }
 
-fn write_atomic(path: &Path, tmp_dir: &Path, data: &[u8]) -> io::Result<()> {
-    let tmp = tmp_dir.join(tmp_name("meta"));
-    let res = (|| {
-        let mut f = fs::File::create(&tmp)?;
-        f.write_all(data)?;
-        f.sync_all()?;
-        fs::rename(&tmp, path)?;
-        if let Some(dir) = path.parent() {
-            fs::File::open(dir)?.sync_all()?;
-        }
-        Ok(())
-    })();
-    if res.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    res
-}
-
 /// The subset of an image config JSON (OCI or Docker) that the store reads.
 #[derive(Deserialize)]
 struct RawConfig {
@@ -396,6 +379,11 @@ impl ImageStore {
         let mut state = State::default();
         for entry in fs::read_dir(&dirs.meta).ctx(|| format!("reading {}", dirs.meta.display()))? {
             let path = entry.ctx(|| "reading image metadata".into())?.path();
+            if path.file_name().is_some_and(files::is_temporary) {
+                // An interrupted write; the record it was replacing is intact.
+                let _ = fs::remove_file(&path);
+                continue;
+            }
             if path.extension().is_some_and(|e| e == "json") {
                 let data = fs::read(&path).ctx(|| format!("reading {}", path.display()))?;
                 let image: Image = serde_json::from_slice(&data).map_err(|e| Error::Corrupt {
@@ -946,8 +934,7 @@ impl Inner {
                 let data = serde_json::to_vec_pretty(img)
                     .map_err(|e| Error::io("encoding image record", io::Error::other(e)))?;
                 let path = self.dirs.meta.join(format!("{hex}.json"));
-                write_atomic(&path, &self.dirs.tmp, &data)
-                    .ctx(|| format!("writing {}", path.display()))?;
+                write_atomic(&path, &data)?;
             }
         }
         Ok(result)
@@ -1190,8 +1177,7 @@ impl Inner {
         let data = serde_json::to_vec_pretty(m)
             .map_err(|e| Error::io("encoding rootfs record", io::Error::other(e)))?;
         let record = dir.join("rootfs.json");
-        write_atomic(&record, &self.dirs.tmp, &data)
-            .ctx(|| format!("writing {}", record.display()))?;
+        write_atomic(&record, &data)?;
         mount(
             Some("overlay"),
             &m.target,

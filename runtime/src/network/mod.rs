@@ -541,12 +541,8 @@ fn pending_path(cfg: &CniConfig, pod_id: &str) -> PathBuf {
 fn write_pending(path: &Path, rec: &PendingDel) -> std::io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir)?;
-    let tmp = path.with_extension("json.tmp");
-    std::fs::write(
-        &tmp,
-        serde_json::to_vec(rec).map_err(std::io::Error::other)?,
-    )?;
-    std::fs::rename(&tmp, path)
+    let data = serde_json::to_vec(rec).map_err(std::io::Error::other)?;
+    Ok(crate::files::write_atomic(path, &data)?)
 }
 
 fn read_pending(path: &Path) -> Option<PendingDel> {
