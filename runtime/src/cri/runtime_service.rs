@@ -746,10 +746,8 @@ async fn adopt_pod(h: &Arc<Husk>, p: &PodRecord) -> Result<(), String> {
 /// directory in the share. Idempotent.
 fn release_container_host(h: &Husk, c: &ContainerRecord, sandbox: Option<&Sandbox>) {
     for m in &c.host_mounts {
-        if let Err(e) = nix::mount::umount2(m, nix::mount::MntFlags::MNT_DETACH) {
-            if e != nix::errno::Errno::EINVAL && e != nix::errno::Errno::ENOENT {
-                tracing::warn!(mount = %m.display(), error = %e, "unmounting a container mount");
-            }
+        if let Err(e) = crate::mounts::unmount(m, crate::mounts::WhenBusy::Detach) {
+            tracing::warn!(mount = %m.display(), error = %e, "unmounting a container mount");
         }
     }
     if h.images

@@ -34,6 +34,7 @@ pub use reference::ImageRef;
 pub use registry::RegistryAuth;
 
 use crate::files::{self, write_atomic};
+use crate::mounts::WhenBusy;
 use error::IoContext;
 use flight::Flights;
 use futures_util::{StreamExt, TryStreamExt};
@@ -655,7 +656,11 @@ impl ImageStore {
             .get(container_id)
             .cloned()
             .ok_or_else(|| Error::RootfsNotFound(container_id.to_string()))?;
-        unmount(&mount.target)?;
+        crate::mounts::unmount(&mount.target, WhenBusy::Wait).map_err(|e| Error::Mount {
+            op: "unmount",
+            target: mount.target.clone(),
+            source: e,
+        })?;
         let dir = self.inner.dirs.rootfs.join(container_id);
         match fs::remove_dir_all(&dir) {
             Ok(()) => {}
@@ -702,39 +707,6 @@ fn find_image<'a>(st: &'a State, reference: &str) -> Result<Option<&'a Image>> {
             img.repo_tags.contains(&name)
         }
     }))
-}
-
-/// Unmounts `target`; retries a busy mount briefly, then detaches it lazily so that it is gone
-/// from the mount table in any case.
-fn unmount(target: &Path) -> Result<()> {
-    use nix::errno::Errno;
-    use nix::mount::{umount2, MntFlags};
-    for attempt in 0..20 {
-        match umount2(target, MntFlags::empty()) {
-            Ok(()) => return Ok(()),
-            // Not a mount point (already unmounted) or gone.
-            Err(Errno::EINVAL) | Err(Errno::ENOENT) => return Ok(()),
-            Err(Errno::EBUSY) if attempt < 19 => {
-                std::thread::sleep(std::time::Duration::from_millis(25))
-            }
-            Err(Errno::EBUSY) => {
-                warn!(target = %target.display(), "rootfs busy, detaching lazily");
-                return umount2(target, MntFlags::MNT_DETACH).map_err(|e| Error::Mount {
-                    op: "lazy unmount",
-                    target: target.to_path_buf(),
-                    source: e.into(),
-                });
-            }
-            Err(e) => {
-                return Err(Error::Mount {
-                    op: "unmount",
-                    target: target.to_path_buf(),
-                    source: e.into(),
-                })
-            }
-        }
-    }
-    Ok(())
 }
 
 impl Inner {
