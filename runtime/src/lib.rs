@@ -4,7 +4,7 @@
 //! is built on top of [`sandbox::Sandbox`].
 
 pub mod agent;
-pub mod config;
+pub mod components;
 pub mod files;
 pub mod hypervisor;
 pub mod mounts;
@@ -15,7 +15,7 @@ pub mod sandbox;
 pub mod virtiofsd;
 
 pub use agent::{AgentConn, AgentError};
-pub use config::{GuestImage, MissingComponent};
+pub use components::{GuestImage, MissingComponent};
 pub use hypervisor::{Hypervisor, HypervisorChoice, HypervisorError, Vm, VmConfig};
 pub use sandbox::{
     ExitInfo, ProcessStdio, Rootfs, Sandbox, SandboxConfig, SandboxError, SandboxTimings,

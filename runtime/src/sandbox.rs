@@ -35,7 +35,7 @@ use tokio::net::UnixStream;
 use tracing::Instrument;
 
 use crate::agent::{AgentConn, AgentError, ReadyListener};
-use crate::config::{
+use crate::components::{
     require_file, GuestImage, MissingComponent, HINT_GUEST_IMAGE, HINT_INSTALL_DEPS,
 };
 use crate::hypervisor::adopted::{adopt_role, AdoptVmError};

@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
-use husk_runtime::config::{GuestImage, DEFAULT_GUEST_DIR};
+use husk_runtime::components::{GuestImage, DEFAULT_GUEST_DIR};
 use husk_runtime::hypervisor::{self, HypervisorChoice, QemuPaths};
 use husk_runtime::{Hypervisor, Sandbox, SandboxConfig};
 

@@ -21,7 +21,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::watch;
 
-use crate::config::{GuestImage, MissingComponent};
+use crate::components::{GuestImage, MissingComponent};
 use crate::hypervisor::{self, AccelProbe, Hypervisor, HypervisorChoice, QemuPaths};
 use crate::image::{ImageStore, ImageStoreConfig};
 use crate::logs::LogFile;
@@ -178,8 +178,8 @@ impl Husk {
         const HINT: &str =
             "run `make guest-image` or set kernel/initrd of the handler in the huskd config";
         Ok(GuestImage {
-            kernel: crate::config::require_file("guest kernel", &h.kernel, HINT)?,
-            initrd: crate::config::require_file("guest initrd", &h.initrd, HINT)?,
+            kernel: crate::components::require_file("guest kernel", &h.kernel, HINT)?,
+            initrd: crate::components::require_file("guest initrd", &h.initrd, HINT)?,
         })
     }
 

@@ -29,7 +29,7 @@ use tracing::Instrument;
 
 use super::probe::{host_tsc_rate, Accel, AccelProbe};
 use super::{Hypervisor, HypervisorError, Vm, VmConfig, MAX_SOCKET_PATH};
-use crate::config::{self, MissingComponent};
+use crate::components::{self, MissingComponent};
 use crate::process::SpawnError;
 
 /// Kernel parameter that tells the agent it runs under husk-vmm.
@@ -56,12 +56,12 @@ impl BuiltinPaths {
     /// or in the install prefixes.
     pub fn resolve(explicit: Option<&Path>) -> Result<Self, MissingComponent> {
         Ok(Self {
-            husk_vmm: config::find_binary(
+            husk_vmm: components::find_binary(
                 "husk-vmm",
                 "husk-vmm",
                 explicit,
-                &config::husk_binary_dirs(),
-                config::HINT_MAKE_BUILD,
+                &components::husk_binary_dirs(),
+                components::HINT_MAKE_BUILD,
             )?,
         })
     }
