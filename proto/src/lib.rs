@@ -9,6 +9,8 @@
 //! - [`ids`]: the rule for sandbox, container and exec ids, which become
 //!   file names on both sides.
 
+#![forbid(unsafe_code)]
+
 pub mod ids;
 pub mod stream;
 pub mod ttrpc;

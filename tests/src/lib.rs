@@ -13,6 +13,8 @@
 //!   has hardware virtualization, QEMU otherwise), `qemu` or `builtin`
 //!   (which fails at once, naming the reason, on a host without VT-x/SVM).
 
+#![forbid(unsafe_code)]
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
