@@ -12,23 +12,10 @@ use crate::error::AgentError;
 const MAX_JSON: usize = 1 << 20;
 
 /// Container and exec ids become path components (bundle dir, cgroup dir,
-/// libcontainer state dir), so they are restricted to a safe alphabet:
-/// `[A-Za-z0-9][A-Za-z0-9_.-]{0,127}`.
+/// libcontainer state dir); the host checks them by the same rule.
 pub fn validate_id(field: &str, id: &str) -> Result<(), AgentError> {
-    let bytes = id.as_bytes();
-    let ok = !bytes.is_empty()
-        && bytes.len() <= 128
-        && bytes[0].is_ascii_alphanumeric()
-        && bytes
-            .iter()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
-    if ok {
-        Ok(())
-    } else {
-        Err(AgentError::InvalidArgument(format!(
-            "{field}: {id:?} does not match [A-Za-z0-9][A-Za-z0-9_.-]{{0,127}}"
-        )))
-    }
+    husk_proto::ids::validate(id)
+        .map_err(|e| AgentError::InvalidArgument(format!("{field}: {id:?} {e}")))
 }
 
 /// RFC 1123 host name as the kernel accepts it (at most 64 bytes).
@@ -176,7 +163,7 @@ mod tests {
 
     #[test]
     fn ids() {
-        for ok in ["a", "A0", "abc-def_1.2", "0", &"x".repeat(128)] {
+        for ok in ["a", "A0", "abc-def_1.2", "0", &"x".repeat(64)] {
             validate_id("id", ok).unwrap();
         }
         for bad in [
@@ -189,7 +176,7 @@ mod tests {
             "a b",
             "a\0",
             "ä",
-            &"x".repeat(129),
+            &"x".repeat(65),
             "../x",
         ] {
             let err = validate_id("container_id", bad).unwrap_err();

@@ -11,6 +11,8 @@
 //! The unpacked kernel package itself (bzImage, ELF `vmlinux`, modules) is
 //! cached too and shared with tests and husk-vmm through [`kernel_tree`].
 
+#![forbid(unsafe_code)]
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;

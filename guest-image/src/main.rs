@@ -1,5 +1,7 @@
 //! `husk-guest-image`: builds and shows husk's guest kernel + initramfs.
 
+#![forbid(unsafe_code)]
+
 use std::path::PathBuf;
 use std::time::Instant;
 

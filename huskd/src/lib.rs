@@ -4,6 +4,8 @@
 //! hypervisor backends, the agent client, pod networks, images) is the
 //! `husk-runtime` library; data flows one way, from here into it.
 
+#![forbid(unsafe_code)]
+
 pub mod config;
 pub mod cri;
 /// Container log files in the kubelet format.

@@ -1,5 +1,7 @@
 //! huskd: the husk CRI server.
 
+#![forbid(unsafe_code)]
+
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 

@@ -6,7 +6,12 @@
 //!   compatible with containerd's.
 //! - [`stream`]: length-delimited messages for the READY and STREAM
 //!   connections, which carry raw bytes after their handshake.
+//! - [`ids`]: the rule for sandbox, container and exec ids, which become
+//!   file names on both sides.
 
+#![forbid(unsafe_code)]
+
+pub mod ids;
 pub mod stream;
 pub mod ttrpc;
 

@@ -5,16 +5,18 @@
 //! knows CRI.
 
 pub mod agent;
-pub mod config;
+pub mod components;
+pub mod files;
 pub mod hypervisor;
 pub mod mounts;
 pub mod network;
 pub mod process;
+pub mod procfs;
 pub mod sandbox;
 pub mod virtiofsd;
 
 pub use agent::{AgentConn, AgentError};
-pub use config::{GuestImage, MissingComponent};
+pub use components::{GuestImage, MissingComponent};
 pub use hypervisor::{Hypervisor, HypervisorChoice, HypervisorError, Vm, VmConfig};
 pub use sandbox::{
     ExitInfo, ProcessStdio, Rootfs, Sandbox, SandboxConfig, SandboxError, SandboxTimings,

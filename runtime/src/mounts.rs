@@ -1,10 +1,55 @@
 //! Host mounts the runtime makes (container rootfs bind mounts under a
-//! sandbox's share) and their removal.
+//! sandbox's share, overlay rootfs, network namespace files) and their
+//! removal.
 
 use std::io;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
+use nix::errno::Errno;
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
+
+/// What [`unmount`] does with a mount that is busy (open files or a
+/// process's working directory on it, or mounts below it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WhenBusy {
+    /// Retry for about half a second before detaching: for a caller that
+    /// deletes what was mounted next and would rather it were really
+    /// released (an overlay's upper dir).
+    Wait,
+    /// Detach at once: for a caller that must not block on holders it does
+    /// not control (a VMM, CNI plugins, a container's processes).
+    Detach,
+}
+
+const BUSY_RETRIES: u32 = 20;
+const BUSY_PAUSE: Duration = Duration::from_millis(25);
+
+/// Unmounts `target`; a busy mount is detached lazily (after retrying, as
+/// `busy` says), so that it is gone from the mount table in any case. A
+/// path that is not (or no longer) a mount point, or does not exist, counts
+/// as unmounted: callers repeat cleanups after crashes.
+pub fn unmount(target: &Path, busy: WhenBusy) -> io::Result<()> {
+    let retries = match busy {
+        WhenBusy::Wait => BUSY_RETRIES,
+        WhenBusy::Detach => 0,
+    };
+    for attempt in 0..=retries {
+        match umount2(target, MntFlags::empty()) {
+            Ok(()) | Err(Errno::EINVAL | Errno::ENOENT) => return Ok(()),
+            Err(Errno::EBUSY) if attempt < retries => std::thread::sleep(BUSY_PAUSE),
+            Err(Errno::EBUSY) => break,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    if busy == WhenBusy::Wait {
+        tracing::warn!(target = %target.display(), "mount still busy, detaching lazily");
+    }
+    match umount2(target, MntFlags::MNT_DETACH) {
+        Ok(()) | Err(Errno::EINVAL | Errno::ENOENT) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
 
 /// Bind-mounts `src` (recursively) onto `target`, private so that nothing
 /// mounted later under the rootfs leaks back to `src`.
@@ -23,7 +68,7 @@ pub fn bind(src: &Path, target: &Path) -> io::Result<()> {
         MsFlags::MS_PRIVATE | MsFlags::MS_REC,
         None::<&str>,
     ) {
-        let _ = umount2(target, MntFlags::MNT_DETACH);
+        let _ = unmount(target, WhenBusy::Detach);
         return Err(e.into());
     }
     Ok(())
@@ -81,7 +126,7 @@ pub fn unmount_all_under(dir: &Path) -> io::Result<Vec<PathBuf>> {
             return Ok(m);
         }
         for p in &m {
-            match umount2(p, MntFlags::MNT_DETACH) {
+            match unmount(p, WhenBusy::Detach) {
                 Ok(()) => tracing::debug!(mount = %p.display(), "unmounted"),
                 Err(e) => tracing::warn!(mount = %p.display(), %e, "umount failed"),
             }
@@ -93,6 +138,79 @@ pub fn unmount_all_under(dir: &Path) -> io::Result<Vec<PathBuf>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    /// Runs `f` on a thread of its own in a private mount namespace, so that
+    /// test mounts never reach the host; `None` without the privilege.
+    fn in_private_mount_ns<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Option<T> {
+        std::thread::spawn(move || {
+            use nix::sched::{unshare, CloneFlags};
+            unshare(CloneFlags::CLONE_FS | CloneFlags::CLONE_NEWNS).ok()?;
+            let private = MsFlags::MS_REC | MsFlags::MS_PRIVATE;
+            mount(None::<&str>, "/", None::<&str>, private, None::<&str>).ok()?;
+            Some(f())
+        })
+        .join()
+        .unwrap()
+    }
+
+    fn is_mount_point(p: &Path) -> bool {
+        let dev = |p: &Path| std::fs::metadata(p).unwrap().dev();
+        dev(p) != dev(p.parent().unwrap())
+    }
+
+    fn mount_tmpfs(target: &Path) {
+        std::fs::create_dir_all(target).unwrap();
+        mount(
+            Some("tmpfs"),
+            target,
+            Some("tmpfs"),
+            MsFlags::empty(),
+            None::<&str>,
+        )
+        .unwrap();
+        assert!(is_mount_point(target));
+    }
+
+    #[test]
+    fn unmount_is_idempotent() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = dir.path().join("m");
+        let done = in_private_mount_ns(move || {
+            mount_tmpfs(&t);
+            unmount(&t, WhenBusy::Wait).unwrap();
+            assert!(!is_mount_point(&t));
+            // Not a mount point any more (EINVAL), and no such path (ENOENT).
+            unmount(&t, WhenBusy::Wait).unwrap();
+            unmount(&t.join("missing"), WhenBusy::Detach).unwrap();
+        });
+        if done.is_none() {
+            eprintln!("skipped: no privilege for a mount namespace");
+        }
+    }
+
+    #[test]
+    fn busy_mounts_are_detached() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().to_path_buf();
+        let done = in_private_mount_ns(move || {
+            for (name, busy) in [("d", WhenBusy::Detach), ("w", WhenBusy::Wait)] {
+                let t = root.join(name);
+                mount_tmpfs(&t);
+                let open = std::fs::File::create(t.join("f")).unwrap();
+                let started = std::time::Instant::now();
+                unmount(&t, busy).unwrap();
+                assert!(!is_mount_point(&t), "{busy:?}");
+                if busy == WhenBusy::Wait {
+                    assert!(started.elapsed() >= BUSY_PAUSE * BUSY_RETRIES);
+                }
+                drop(open);
+            }
+        });
+        if done.is_none() {
+            eprintln!("skipped: no privilege for a mount namespace");
+        }
+    }
 
     #[test]
     fn parse() {

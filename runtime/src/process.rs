@@ -252,25 +252,9 @@ impl ProcessIdentity {
         Some(Self {
             role: role.into(),
             pid,
-            start_time: proc_start_time(pid)?,
+            start_time: crate::procfs::start_time(pid)?,
         })
     }
-}
-
-/// Field 22 (starttime) of /proc/<pid>/stat; `None` if the process is gone
-/// or already a zombie (it has exited; only its parent's wait is missing).
-pub fn proc_start_time(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name (field 2) may contain spaces and ')': split after
-    // its last ')'. Fields from 3 on follow.
-    let rest = stat.rsplit_once(')')?.1;
-    let mut f = rest.split_whitespace();
-    let state = f.next()?;
-    if state == "Z" || state == "X" {
-        return None;
-    }
-    // rest starts at field 3 (state): starttime (22) is the 20th from there.
-    f.nth(18)?.parse().ok()
 }
 
 /// Why a recorded process cannot be adopted.
@@ -333,7 +317,7 @@ impl AdoptedProcess {
         }
         // SAFETY: the syscall just returned this fd and nothing else owns it.
         let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
-        let found = proc_start_time(rec.pid).ok_or_else(gone)?;
+        let found = crate::procfs::start_time(rec.pid).ok_or_else(gone)?;
         if found != rec.start_time {
             return Err(AdoptError::Reused {
                 role: role.into(),
@@ -595,21 +579,11 @@ pub async fn kill_and_wait(pids: &[u32]) {
         );
     }
     for _ in 0..50 {
-        if pids
-            .iter()
-            .all(|p| !Path::new(&format!("/proc/{p}")).exists() || is_zombie(*p))
-        {
+        if pids.iter().all(|p| !crate::procfs::is_alive(*p)) {
             return;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-}
-
-fn is_zombie(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| s.rsplit_once(") ").map(|(_, r)| r.starts_with('Z')))
-        .unwrap_or(true)
 }
 
 #[cfg(test)]
@@ -643,21 +617,11 @@ mod tests {
         assert!(!st.success());
         // The grandchild got the SIGKILL too: gone, or a zombie awaiting init.
         tokio::time::sleep(Duration::from_millis(50)).await;
-        if let Ok(stat) = std::fs::read_to_string(format!("/proc/{grandchild}/stat")) {
-            let state = stat
-                .rsplit(')')
-                .next()
-                .unwrap()
-                .split_whitespace()
-                .next()
-                .unwrap();
-            assert_eq!(state, "Z", "grandchild still alive: {stat}");
-        }
+        assert!(
+            !crate::procfs::is_alive(grandchild),
+            "grandchild {grandchild} still alive"
+        );
         assert!(std::fs::read_to_string(&log).unwrap().contains("started"));
-    }
-
-    fn alive(pid: u32) -> bool {
-        proc_start_time(pid).is_some()
     }
 
     /// A detached child survives its handle in its own session; a later
@@ -685,7 +649,7 @@ mod tests {
         assert_eq!(id.pid, pid);
         c.detach();
         tokio::time::sleep(Duration::from_millis(50)).await;
-        assert!(alive(pid), "detached child was killed");
+        assert!(crate::procfs::is_alive(pid), "detached child was killed");
 
         // Another start time: a reused pid is refused.
         let wrong = ProcessIdentity {
@@ -710,7 +674,7 @@ mod tests {
         // It was our child after all (this test is its parent): reap it, then
         // it is gone for good and cannot be adopted.
         let _ = nix::sys::wait::waitpid(Pid::from_raw(pid as i32), None);
-        assert!(!alive(pid));
+        assert!(!crate::procfs::is_alive(pid));
         assert!(matches!(
             AdoptedProcess::adopt("sleep", &id),
             Err(AdoptError::Gone { .. })

@@ -25,7 +25,7 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 
-use crate::config::{self, MissingComponent};
+use crate::components::{self, MissingComponent};
 use crate::process::{ManagedChild, SpawnError};
 
 /// The fd number the listener gets in virtiofsd.
@@ -41,12 +41,12 @@ pub fn find_virtiofsd(explicit: Option<&Path>) -> Result<PathBuf, MissingCompone
     }
     dirs.push("/root/.cargo/bin".into());
     dirs.push("/usr/local/cargo/bin".into());
-    config::find_binary(
+    components::find_binary(
         "virtiofsd",
         "virtiofsd",
         explicit,
         &dirs,
-        config::HINT_INSTALL_DEPS,
+        components::HINT_INSTALL_DEPS,
     )
 }
 

@@ -157,7 +157,7 @@ pub fn huskd_bin() -> Result<PathBuf> {
     if let Some(p) = std::env::var_os("HUSK_HUSKD_BIN").filter(|v| !v.is_empty()) {
         return Ok(p.into());
     }
-    let dirs = husk_runtime::config::husk_binary_dirs();
+    let dirs = husk_runtime::components::husk_binary_dirs();
     dirs.iter()
         .map(|d| d.join("huskd"))
         .find(|p| p.is_file())

@@ -13,11 +13,13 @@
 //!   has hardware virtualization, QEMU otherwise), `qemu` or `builtin`
 //!   (which fails at once, naming the reason, on a host without VT-x/SVM).
 
+#![forbid(unsafe_code)]
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
-use husk_runtime::config::{GuestImage, DEFAULT_GUEST_DIR};
+use husk_runtime::components::{GuestImage, DEFAULT_GUEST_DIR};
 use husk_runtime::hypervisor::{self, HypervisorChoice, QemuPaths};
 use husk_runtime::{Hypervisor, Sandbox, SandboxConfig};
 

@@ -5,6 +5,8 @@
 //! Only data and its serde mapping live here; what husk-vmm checks beyond the shape (limits
 //! that depend on its guest memory layout) stays in husk-vmm.
 
+#![forbid(unsafe_code)]
+
 pub mod config;
 pub mod control;
 

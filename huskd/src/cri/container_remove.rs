@@ -52,10 +52,8 @@ async fn remove_container(h: &Husk, id: &str) -> Result<(), Status> {
 /// directory in the share. Idempotent.
 pub(super) fn release_container_host(h: &Husk, c: &ContainerRecord, sandbox: Option<&Sandbox>) {
     for m in &c.host_mounts {
-        if let Err(e) = nix::mount::umount2(m, nix::mount::MntFlags::MNT_DETACH) {
-            if e != nix::errno::Errno::EINVAL && e != nix::errno::Errno::ENOENT {
-                tracing::warn!(mount = %m.display(), error = %e, "unmounting a container mount");
-            }
+        if let Err(e) = husk_runtime::mounts::unmount(m, husk_runtime::mounts::WhenBusy::Detach) {
+            tracing::warn!(mount = %m.display(), error = %e, "unmounting a container mount");
         }
     }
     if h.images

@@ -197,7 +197,7 @@ async fn remove_pod(rt: &CriRuntime, id: &str) -> Result<(), tonic::Status> {
 }
 
 fn alive(pid: u32) -> bool {
-    husk_runtime::process::proc_start_time(pid).is_some()
+    husk_runtime::procfs::is_alive(pid)
 }
 
 /// The agent's pid (the fake VM's only process) from the pod record.

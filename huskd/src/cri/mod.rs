@@ -221,8 +221,8 @@ impl Husk {
         const HINT: &str =
             "run `make guest-image` or set kernel/initrd of the handler in the huskd config";
         Ok(GuestImage {
-            kernel: husk_runtime::config::require_file("guest kernel", &h.kernel, HINT)?,
-            initrd: husk_runtime::config::require_file("guest initrd", &h.initrd, HINT)?,
+            kernel: husk_runtime::components::require_file("guest kernel", &h.kernel, HINT)?,
+            initrd: husk_runtime::components::require_file("guest initrd", &h.initrd, HINT)?,
         })
     }
 

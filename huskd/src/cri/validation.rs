@@ -5,32 +5,20 @@ use std::path::{Component, Path, PathBuf};
 
 use tonic::Status;
 
-/// Longest id accepted from a caller (ours are 64 hex digits; crictl users
-/// may pass a prefix).
-const MAX_ID: usize = 64;
-
-/// A sandbox/container id or id prefix: non-empty, at most 64 characters of
-/// `[0-9a-zA-Z_.-]`, not starting with '.'. Ids end up in paths.
+/// A sandbox/container id or id prefix (crictl users may pass a prefix of
+/// our 64-hex-digit ids), by the rule of [`husk_proto::ids`].
 pub fn id<'a>(field: &str, value: &'a str) -> Result<&'a str, Status> {
-    if value.is_empty() {
-        return Err(Status::invalid_argument(format!("{field} is empty")));
-    }
-    if value.len() > MAX_ID {
-        return Err(Status::invalid_argument(format!(
-            "{field} is longer than {MAX_ID} characters"
-        )));
-    }
-    if value.starts_with('.')
-        || !value
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
-    {
-        return Err(Status::invalid_argument(format!(
-            "{field} {:?} is malformed: only letters, digits, '-', '_' and '.' are allowed",
+    use husk_proto::ids::{self, IdError};
+    match ids::validate(value) {
+        Ok(()) => Ok(value),
+        Err(e @ (IdError::Empty | IdError::TooLong)) => {
+            Err(Status::invalid_argument(format!("{field} {e}")))
+        }
+        Err(e) => Err(Status::invalid_argument(format!(
+            "{field} {:?} is malformed: {e}",
             printable(value)
-        )));
+        ))),
     }
-    Ok(value)
 }
 
 /// A metadata name (pod or container name): non-empty, no control

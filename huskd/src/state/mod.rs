@@ -8,7 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::io::{self, Write};
+use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 
@@ -289,7 +289,7 @@ fn load_dir<T: DeserializeOwned>(
         })?;
         let path = entry.path();
         let name = entry.file_name().to_string_lossy().into_owned();
-        if name.starts_with('.') && name.contains(".tmp") {
+        if husk_runtime::files::is_temporary(entry.file_name().as_os_str()) {
             // An interrupted write; the record it was replacing is intact.
             let _ = fs::remove_file(&path);
             continue;
@@ -329,37 +329,13 @@ fn write_record<T: Serialize>(
     atomic_write(&dir.join(format!("{id}.json")), &json)
 }
 
-/// Writes `data` to a temporary sibling, fsyncs it, renames it over `path`
-/// and fsyncs the directory so that the rename itself is durable.
+/// Replaces `path` atomically and durably ([`husk_runtime::files::write_atomic`]).
 pub fn atomic_write(path: &Path, data: &[u8]) -> Result<(), StateError> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
-    let r = (|| {
-        let mut f = fs::File::create(&tmp)?;
-        f.write_all(data)?;
-        f.sync_all()
-    })();
-    if let Err(source) = r {
-        let _ = fs::remove_file(&tmp);
-        return Err(StateError::Io {
-            what: "writing",
-            path: tmp,
-            source,
-        });
-    }
-    if let Err(source) = fs::rename(&tmp, path) {
-        let _ = fs::remove_file(&tmp);
-        return Err(StateError::Io {
-            what: "renaming over",
-            path: path.to_path_buf(),
-            source,
-        });
-    }
-    sync_dir(dir)
+    husk_runtime::files::write_atomic(path, data).map_err(|e| StateError::Io {
+        what: e.op,
+        path: e.path,
+        source: e.source,
+    })
 }
 
 fn remove_record(dir: &Path, id: &str) -> Result<(), StateError> {

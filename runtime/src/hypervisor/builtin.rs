@@ -30,7 +30,7 @@ use tracing::Instrument;
 use super::adopted::{AdoptedControl, AdoptedVm};
 use super::probe::{host_tsc_rate, Accel, AccelProbe};
 use super::{Backend, Hypervisor, HypervisorError, Vm, VmConfig, VmRecord, MAX_SOCKET_PATH};
-use crate::config::{self, MissingComponent};
+use crate::components::{self, MissingComponent};
 use crate::process::SpawnError;
 
 use husk_vmm_api::{Devices, FsConfig, NetConfig, VsockConfig};
@@ -61,12 +61,12 @@ impl BuiltinPaths {
     /// or in the install prefixes.
     pub fn resolve(explicit: Option<&Path>) -> Result<Self, MissingComponent> {
         Ok(Self {
-            husk_vmm: config::find_binary(
+            husk_vmm: components::find_binary(
                 "husk-vmm",
                 "husk-vmm",
                 explicit,
-                &config::husk_binary_dirs(),
-                config::HINT_MAKE_BUILD,
+                &components::husk_binary_dirs(),
+                components::HINT_MAKE_BUILD,
             )?,
         })
     }
@@ -616,15 +616,7 @@ pub async fn stop_orphan(
             c.contains("husk-vmm") && c.contains(&*files.config.to_string_lossy())
         })
     };
-    let live = |pid: u32| {
-        // A zombie has finished; it only waits for its parent to reap it.
-        std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
-            s.rsplit(')')
-                .next()
-                .and_then(|r| r.split_whitespace().next())
-                != Some("Z")
-        })
-    };
+    let live = crate::procfs::is_alive;
     let stopped = match pid {
         Some(pid) if is_ours(pid) && live(pid) => {
             tracing::info!(pid, dir = %sandbox_dir.display(), "stopping a husk-vmm left by a previous huskd");

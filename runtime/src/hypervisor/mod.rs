@@ -313,7 +313,7 @@ impl FromStr for HypervisorChoice {
 /// considered. See [`select_with`] for the rules.
 pub fn select(
     choice: HypervisorChoice,
-    qemu_paths: impl FnOnce() -> Result<QemuPaths, crate::config::MissingComponent>,
+    qemu_paths: impl FnOnce() -> Result<QemuPaths, crate::components::MissingComponent>,
 ) -> Result<Box<dyn Hypervisor>, HypervisorError> {
     let probe = probe_accel();
     let h = select_with(choice, &probe, qemu_paths, || BuiltinPaths::resolve(None))?;
@@ -336,8 +336,8 @@ pub fn select(
 pub fn select_with(
     choice: HypervisorChoice,
     probe: &AccelProbe,
-    qemu_paths: impl FnOnce() -> Result<QemuPaths, crate::config::MissingComponent>,
-    builtin_paths: impl FnOnce() -> Result<BuiltinPaths, crate::config::MissingComponent>,
+    qemu_paths: impl FnOnce() -> Result<QemuPaths, crate::components::MissingComponent>,
+    builtin_paths: impl FnOnce() -> Result<BuiltinPaths, crate::components::MissingComponent>,
 ) -> Result<Box<dyn Hypervisor>, HypervisorError> {
     let hardware = probe.accel == Accel::Kvm;
     match choice {
@@ -373,7 +373,7 @@ pub enum HypervisorError {
     #[error("builtin VMM unavailable: {0}")]
     BuiltinUnavailable(String),
     #[error(transparent)]
-    Missing(#[from] crate::config::MissingComponent),
+    Missing(#[from] crate::components::MissingComponent),
     #[error("invalid VM config: {0}")]
     InvalidConfig(String),
     #[error(transparent)]
@@ -402,7 +402,7 @@ impl HypervisorError {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::MissingComponent;
+    use crate::components::MissingComponent;
 
     fn probe(hardware: bool) -> AccelProbe {
         probe::decide(&probe::HostFacts {

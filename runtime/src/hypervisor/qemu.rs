@@ -14,7 +14,7 @@ use super::adopted::{AdoptedControl, AdoptedVm};
 use super::probe::{host_tsc_rate, Accel, AccelProbe};
 use super::qmp::Qmp;
 use super::{Backend, Hypervisor, HypervisorError, Vm, VmConfig, VmRecord};
-use crate::config::{self, MissingComponent};
+use crate::components::{self, MissingComponent};
 use crate::process::{wait_for_socket, ManagedChild};
 
 /// How long husk-vsock may take to create its vhost-user socket.
@@ -37,24 +37,24 @@ impl QemuPaths {
         bios: Option<&Path>,
         husk_vsock: Option<&Path>,
     ) -> Result<Self, MissingComponent> {
-        let qemu = config::find_binary(
+        let qemu = components::find_binary(
             "QEMU (qemu-system-x86_64)",
             "qemu-system-x86_64",
             qemu,
             &["/usr/bin".into(), "/usr/libexec".into()],
-            config::HINT_INSTALL_DEPS,
+            components::HINT_INSTALL_DEPS,
         )?;
-        let bios = config::require_file(
+        let bios = components::require_file(
             "qboot firmware",
             bios.unwrap_or(Path::new("/usr/share/qemu/qboot.rom")),
-            config::HINT_INSTALL_DEPS,
+            components::HINT_INSTALL_DEPS,
         )?;
-        let husk_vsock = config::find_binary(
+        let husk_vsock = components::find_binary(
             "husk-vsock",
             "husk-vsock",
             husk_vsock,
-            &config::husk_binary_dirs(),
-            config::HINT_MAKE_BUILD,
+            &components::husk_binary_dirs(),
+            components::HINT_MAKE_BUILD,
         )?;
         Ok(Self {
             qemu,

@@ -184,6 +184,12 @@ impl Error {
 }
 
 /// Attaches a description of what was being done to an `io::Error`.
+impl From<crate::files::WriteError> for Error {
+    fn from(e: crate::files::WriteError) -> Self {
+        Error::io(format!("{} {}", e.op, e.path.display()), e.source)
+    }
+}
+
 pub(crate) trait IoContext<T> {
     fn ctx(self, f: impl FnOnce() -> String) -> Result<T>;
 }

@@ -163,8 +163,11 @@ impl PodNetwork {
 /// Pod networking failures. Every message names the pod.
 #[derive(Debug, thiserror::Error)]
 pub enum NetworkError {
-    #[error("pod {pod_id:?}: the pod id cannot name a network namespace file")]
-    InvalidPodId { pod_id: String },
+    #[error("pod {pod_id:?}: the pod id cannot name a network namespace file: {why}")]
+    InvalidPodId {
+        pod_id: String,
+        why: husk_proto::ids::IdError,
+    },
     /// No configuration directory, or no config file in it: the node's
     /// network is not set up (yet).
     #[error("pod {pod_id}: no CNI network config in {}", dir.display())]
@@ -252,22 +255,12 @@ pub fn netns_path(cfg: &CniConfig, pod_id: &str) -> PathBuf {
     cfg.netns_dir.join(pod_id)
 }
 
-/// Pod ids become file names; CRI ids are hex, be strict.
+/// Pod ids become file names (the namespace's bind mount).
 fn check_pod_id(pod_id: &str) -> Result<(), NetworkError> {
-    let ok = !pod_id.is_empty()
-        && pod_id.len() <= 128
-        && pod_id != "."
-        && pod_id != ".."
-        && pod_id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
-    if ok {
-        Ok(())
-    } else {
-        Err(NetworkError::InvalidPodId {
-            pod_id: pod_id.to_string(),
-        })
-    }
+    husk_proto::ids::validate(pod_id).map_err(|why| NetworkError::InvalidPodId {
+        pod_id: pod_id.to_string(),
+        why,
+    })
 }
 
 fn load_config(cfg: &CniConfig, pod_id: &str) -> Result<cni::ConfList, NetworkError> {
@@ -548,12 +541,8 @@ fn pending_path(cfg: &CniConfig, pod_id: &str) -> PathBuf {
 fn write_pending(path: &Path, rec: &PendingDel) -> std::io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir)?;
-    let tmp = path.with_extension("json.tmp");
-    std::fs::write(
-        &tmp,
-        serde_json::to_vec(rec).map_err(std::io::Error::other)?,
-    )?;
-    std::fs::rename(&tmp, path)
+    let data = serde_json::to_vec(rec).map_err(std::io::Error::other)?;
+    Ok(crate::files::write_atomic(path, &data)?)
 }
 
 fn read_pending(path: &Path) -> Option<PendingDel> {
@@ -709,7 +698,7 @@ mod tests {
     fn pod_ids_are_file_names() {
         assert!(check_pod_id("4f2a9c").is_ok());
         assert!(check_pod_id("a.b-c_d").is_ok());
-        for bad in ["", ".", "..", "a/b", "../x", "a b", &"x".repeat(129)] {
+        for bad in ["", ".", "..", "a/b", "../x", "a b", &"x".repeat(65)] {
             assert!(check_pod_id(bad).is_err(), "{bad:?}");
         }
     }

@@ -12,9 +12,10 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use nix::errno::Errno;
-use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use nix::mount::{mount, MsFlags};
 use nix::sched::{setns, unshare, CloneFlags};
+
+use crate::mounts::{unmount, WhenBusy};
 
 /// Serialises the check-and-bind-mount of the netns directory: two pods set
 /// up at once must not stack two bind mounts of the directory onto itself.
@@ -106,7 +107,7 @@ pub(crate) fn release_dir(dir: &Path) -> io::Result<bool> {
         }
     }
     if is_mount_point(dir)? {
-        umount2(dir, MntFlags::MNT_DETACH)?;
+        unmount(dir, WhenBusy::Detach)?;
     }
     let _ = fs::remove_dir(dir.join(".cni"));
     fs::remove_dir(dir)?;
@@ -162,10 +163,7 @@ pub(crate) async fn create(dir: &Path, path: &Path) -> io::Result<()> {
 /// Unmounts (lazily, so a VMM that still holds it does not block us) and
 /// removes the namespace file. Absent or unmounted files are fine.
 pub(crate) fn remove(path: &Path) -> io::Result<()> {
-    match umount2(path, MntFlags::MNT_DETACH) {
-        Ok(()) | Err(Errno::EINVAL) | Err(Errno::ENOENT) => {}
-        Err(e) => return Err(e.into()),
-    }
+    unmount(path, WhenBusy::Detach)?;
     match fs::remove_file(path) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),

@@ -42,7 +42,7 @@ use tokio::net::UnixStream;
 use tracing::Instrument;
 
 use crate::agent::{AgentConn, AgentError, ReadyListener};
-use crate::config::{
+use crate::components::{
     require_file, GuestImage, MissingComponent, HINT_GUEST_IMAGE, HINT_INSTALL_DEPS,
 };
 use crate::hypervisor::{
@@ -135,7 +135,7 @@ pub enum SandboxError {
     InvalidId {
         what: &'static str,
         value: String,
-        why: &'static str,
+        why: husk_proto::ids::IdError,
     },
     #[error("sandbox directory {0} already exists (stale sandbox?)")]
     Exists(PathBuf),
@@ -202,26 +202,11 @@ impl SandboxError {
 
 /// Ids end up in paths and the guest's view: keep them boring.
 pub fn validate_id(what: &'static str, value: &str) -> Result<(), SandboxError> {
-    let bad = |why| {
-        Err(SandboxError::InvalidId {
-            what,
-            value: value.into(),
-            why,
-        })
-    };
-    if value.is_empty() || value.len() > 64 {
-        return bad("must be 1 to 64 characters");
-    }
-    if value.starts_with('.') {
-        return bad("must not start with '.'");
-    }
-    if !value
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
-    {
-        return bad("only letters, digits, '-', '_' and '.' are allowed");
-    }
-    Ok(())
+    husk_proto::ids::validate(value).map_err(|why| SandboxError::InvalidId {
+        what,
+        value: value.into(),
+        why,
+    })
 }
 
 /// Where a container's root filesystem comes from.

@@ -5,6 +5,8 @@
 //! CreateContainer, StartContainer, ExecSync, StopPodSandbox and
 //! RemovePodSandbox. Rounds run one after another.
 
+#![forbid(unsafe_code)]
+
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 

@@ -9,6 +9,8 @@
 //!   through the tap and tc redirect, with host loopback TCP measured in
 //!   the same run as the ceiling.
 
+#![forbid(unsafe_code)]
+
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::time::{Duration, Instant};

@@ -3,6 +3,8 @@
 //! next to a raw QEMU boot of the same kernel + initrd (no virtiofsd, no
 //! vsock) measured in the same run, alternating, as the baseline.
 
+#![forbid(unsafe_code)]
+
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 

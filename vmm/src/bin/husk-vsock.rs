@@ -3,6 +3,8 @@
 //! `husk-vsock --socket <vhost-user socket> --uds <hybrid vsock socket> --guest-cid <cid>`
 //! serves exactly one frontend, then exits 0 when it disconnects, removing both sockets.
 
+#![forbid(unsafe_code)]
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 
