@@ -29,6 +29,7 @@ use husk_runtime::hypervisor::{
 };
 use husk_runtime::process::ManagedChild;
 use husk_runtime::{Rootfs, Sandbox};
+use husk_testkit::guest::elf;
 use husk_tests::{busybox_rootfs, init_tracing, spec_for, unique_id, LeakProbe, TestEnv};
 use tokio::io::AsyncReadExt;
 
@@ -158,36 +159,6 @@ async fn builtin_sandbox_runs_a_container_or_says_why_not() -> Result<()> {
     clean
 }
 
-/// An ELF64 executable whose one segment is `code` at 2 MiB, entry at its
-/// first byte: enough for husk-vmm's loader and 64-bit boot set-up.
-fn tiny_elf(code: &[u8]) -> Vec<u8> {
-    const LOAD: u64 = 0x20_0000;
-    let mut f = vec![0u8; 0x1000];
-    f[0..4].copy_from_slice(b"\x7fELF");
-    f[4] = 2; // ELFCLASS64
-    f[5] = 1; // little endian
-    f[6] = 1; // EV_CURRENT
-    f[16..18].copy_from_slice(&2u16.to_le_bytes()); // ET_EXEC
-    f[18..20].copy_from_slice(&62u16.to_le_bytes()); // EM_X86_64
-    f[20..24].copy_from_slice(&1u32.to_le_bytes());
-    f[24..32].copy_from_slice(&LOAD.to_le_bytes()); // e_entry
-    f[32..40].copy_from_slice(&64u64.to_le_bytes()); // e_phoff
-    f[52..54].copy_from_slice(&64u16.to_le_bytes()); // e_ehsize
-    f[54..56].copy_from_slice(&56u16.to_le_bytes()); // e_phentsize
-    f[56..58].copy_from_slice(&1u16.to_le_bytes()); // e_phnum
-    let ph = &mut f[64..120];
-    ph[0..4].copy_from_slice(&1u32.to_le_bytes()); // PT_LOAD
-    ph[4..8].copy_from_slice(&7u32.to_le_bytes()); // RWX
-    ph[8..16].copy_from_slice(&0x1000u64.to_le_bytes()); // p_offset
-    ph[16..24].copy_from_slice(&LOAD.to_le_bytes()); // p_vaddr
-    ph[24..32].copy_from_slice(&LOAD.to_le_bytes()); // p_paddr
-    ph[32..40].copy_from_slice(&(code.len() as u64).to_le_bytes()); // p_filesz
-    ph[40..48].copy_from_slice(&(code.len() as u64).to_le_bytes()); // p_memsz
-    ph[48..56].copy_from_slice(&0x1000u64.to_le_bytes()); // p_align
-    f.extend_from_slice(code);
-    f
-}
-
 /// `out 0x3f8, 'H'; out 0x3f8, 'i'` then spin (`jmp $`): the guest's first
 /// instructions show up in the console log, and it runs until stopped.
 const SAY_HI_AND_SPIN: &[u8] = &[
@@ -221,7 +192,7 @@ fn fixture(dir: &Path, virtiofsd: &Path) -> Result<Fixture> {
     let share = dir.join("share");
     std::fs::create_dir_all(&share)?;
     let kernel = dir.join("guest.elf");
-    std::fs::write(&kernel, tiny_elf(SAY_HI_AND_SPIN))?;
+    std::fs::write(&kernel, elf(SAY_HI_AND_SPIN))?;
     // husk-vmm loads it where a Linux initramfs would go; contents unused.
     let initrd = dir.join("initrd.img");
     std::fs::write(&initrd, vec![0u8; 4096])?;
@@ -530,7 +501,7 @@ async fn sandbox_with_builtin_backend_reports_exit_and_timeout() -> Result<()> {
         let kernel = base
             .path()
             .join(if want_exit { "reset.elf" } else { "spin.elf" });
-        std::fs::write(&kernel, tiny_elf(code))?;
+        std::fs::write(&kernel, elf(code))?;
         let id = unique_id("s");
         let mut cfg = husk_runtime::SandboxConfig::new(
             id.clone(),

@@ -8,17 +8,12 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
+use husk_testkit::bench::{median, rounds};
 use husk_tests::huskd::{assert_nothing_left, Huskd, HuskdDirs};
 use husk_tests::registry::Registry;
 use husk_tests::TestEnv;
 use k8s_cri::v1 as cri;
-
-fn median(v: &[Duration]) -> Duration {
-    let mut v = v.to_vec();
-    v.sort();
-    v[v.len() / 2]
-}
 
 fn ms(d: Duration) -> String {
     format!("{:.1} ms", d.as_secs_f64() * 1000.0)
@@ -50,14 +45,7 @@ impl Samples {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<()> {
-    let n: usize = std::env::args()
-        .nth(1)
-        .map(|s| s.parse())
-        .transpose()?
-        .unwrap_or(5);
-    if n == 0 {
-        bail!("N must be at least 1");
-    }
+    let n = rounds(5)?;
     let env = TestEnv::from_env()?;
     let registry = Registry::start()?;
     let dirs = HuskdDirs::new(&env, &[registry.host().as_str()])?;

@@ -14,6 +14,7 @@ use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
+use husk_testkit::bench::{median, rounds};
 use husk_tests::huskd::{Huskd, HuskdDirs};
 use husk_tests::registry::Registry;
 use husk_tests::TestEnv;
@@ -21,12 +22,6 @@ use k8s_cri::v1 as cri;
 
 /// Bytes per throughput sample.
 const TRANSFER: usize = 32 << 20;
-
-fn median(v: &[f64]) -> f64 {
-    let mut v = v.to_vec();
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
 
 fn mib_s(bytes: usize, d: Duration) -> f64 {
     bytes as f64 / (1 << 20) as f64 / d.as_secs_f64()
@@ -126,14 +121,7 @@ fn ms_f(v: &serde_json::Value) -> Result<f64> {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<()> {
-    let n: usize = std::env::args()
-        .nth(1)
-        .map(|s| s.parse())
-        .transpose()?
-        .unwrap_or(5);
-    if n == 0 {
-        bail!("N must be at least 1");
-    }
+    let n = rounds(5)?;
     let env = TestEnv::from_env()?;
     let registry = Registry::start()?;
     let dirs = HuskdDirs::new(&env, &[registry.host().as_str()])?;
