@@ -597,12 +597,12 @@ async fn guest_network_in_a_vm() {
         .unwrap();
     let d = dir.path();
     let share = d.join("share");
-    let rootfs = share.join("c1/rootfs");
-    for sub in ["bin", "proc", "dev", "sys", "tmp"] {
-        std::fs::create_dir_all(rootfs.join(sub)).unwrap();
-    }
-    std::fs::copy("/bin/busybox", rootfs.join("bin/busybox")).unwrap();
-    std::os::unix::fs::symlink("busybox", rootfs.join("bin/sh")).unwrap();
+    husk_testkit::busybox::minimal_rootfs(
+        &share.join("c1/rootfs"),
+        &["proc", "dev", "sys", "tmp"],
+        &["sh"],
+    )
+    .unwrap();
 
     let log = |n: &str| std::fs::File::create(d.join(n)).unwrap();
     let mut kids = Kill(Vec::new());

@@ -73,12 +73,12 @@ async fn container_runs_in_a_vm() {
         .unwrap();
     let d = dir.path();
     let share = d.join("share");
-    std::fs::create_dir_all(share.join("c1/rootfs/bin")).unwrap();
-    for sub in ["proc", "dev", "sys", "tmp"] {
-        std::fs::create_dir_all(share.join("c1/rootfs").join(sub)).unwrap();
-    }
-    std::fs::copy("/bin/busybox", share.join("c1/rootfs/bin/busybox")).unwrap();
-    std::os::unix::fs::symlink("busybox", share.join("c1/rootfs/bin/sh")).unwrap();
+    husk_testkit::busybox::minimal_rootfs(
+        &share.join("c1/rootfs"),
+        &["proc", "dev", "sys", "tmp"],
+        &["sh"],
+    )
+    .unwrap();
 
     let log = |n: &str| std::fs::File::create(d.join(n)).unwrap();
     let mut kids = Kill(Vec::new());

@@ -1,7 +1,7 @@
 //! Shared harness of husk's end-to-end tests and benchmarks: where the
 //! binaries and the guest image are (environment variables with defaults;
-//! anything missing is an error, never a skip), busybox root filesystems,
-//! OCI specs, and checks that a stopped sandbox left nothing behind.
+//! anything missing is an error, never a skip), OCI specs, and checks that
+//! a stopped sandbox left nothing behind.
 //!
 //! Environment:
 //! - `HUSK_GUEST_DIR` (default /var/lib/husk/guest): vmlinuz + initrd.img
@@ -13,24 +13,19 @@
 //!   has hardware virtualization, QEMU otherwise), `qemu` or `builtin`
 //!   (which fails at once, naming the reason, on a host without VT-x/SVM).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use husk_runtime::config::{GuestImage, DEFAULT_GUEST_DIR};
 use husk_runtime::hypervisor::{self, HypervisorChoice, QemuPaths};
 use husk_runtime::{Hypervisor, Sandbox, SandboxConfig};
+use husk_testkit::env_path;
 
 pub mod cni;
 pub mod cpio;
 pub mod huskd;
 pub mod registry;
-
-fn env_path(name: &str) -> Option<PathBuf> {
-    std::env::var_os(name)
-        .filter(|v| !v.is_empty())
-        .map(PathBuf::from)
-}
 
 /// Everything a test needs to start sandboxes.
 #[derive(Debug, Clone)]
@@ -123,47 +118,6 @@ pub fn init_tracing() {
         )
         .with_test_writer()
         .try_init();
-}
-
-/// A busybox root filesystem: bin/busybox (Debian's busybox-static) and one
-/// symlink per applet, plus the directories an OCI runtime mounts onto.
-pub fn busybox_rootfs(dir: &Path) -> Result<()> {
-    let busybox = ["/bin/busybox", "/usr/bin/busybox"]
-        .into_iter()
-        .map(Path::new)
-        .find(|p| p.exists())
-        .context("busybox not found: apt-get install busybox-static (scripts/install-deps)")?;
-    let out = std::process::Command::new(busybox).arg("--list").output()?;
-    if !out.status.success() {
-        bail!("busybox --list failed");
-    }
-    // A dynamically linked busybox would not run in the guest's rootfs.
-    let ldd = std::process::Command::new("file").arg(busybox).output();
-    if let Ok(o) = ldd {
-        if String::from_utf8_lossy(&o.stdout).contains("dynamically linked") {
-            bail!(
-                "{} is dynamically linked: install busybox-static",
-                busybox.display()
-            );
-        }
-    }
-    for d in ["bin", "proc", "sys", "dev", "tmp", "etc", "root"] {
-        std::fs::create_dir_all(dir.join(d))?;
-    }
-    std::fs::copy(busybox, dir.join("bin/busybox"))?;
-    for applet in String::from_utf8_lossy(&out.stdout).lines() {
-        let applet = applet.trim();
-        if applet.is_empty() || applet == "busybox" || applet.contains('/') {
-            continue;
-        }
-        let link = dir.join("bin").join(applet);
-        if !link.exists() {
-            std::os::unix::fs::symlink("busybox", &link)?;
-        }
-    }
-    std::fs::write(dir.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n")?;
-    std::fs::write(dir.join("etc/group"), "root:x:0:\n")?;
-    Ok(())
 }
 
 /// A default OCI spec running `args` without a terminal.

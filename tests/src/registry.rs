@@ -190,7 +190,7 @@ fn write_blob(layout: &Path, data: &[u8]) -> Result<(String, usize)> {
 /// the directories a container runtime mounts onto.
 fn build_busybox_layout(layout: &Path) -> Result<()> {
     let tmp = tempfile::tempdir()?;
-    crate::busybox_rootfs(tmp.path())?;
+    husk_testkit::busybox::rootfs(tmp.path())?;
     let mut b = tar::Builder::new(Vec::new());
     b.follow_symlinks(false);
     b.append_dir_all(".", tmp.path())?;

@@ -30,29 +30,15 @@ use husk_runtime::hypervisor::{
 use husk_runtime::process::ManagedChild;
 use husk_runtime::{Rootfs, Sandbox};
 use husk_testkit::guest::elf;
-use husk_tests::{busybox_rootfs, init_tracing, spec_for, unique_id, LeakProbe, TestEnv};
-use tokio::io::AsyncReadExt;
+use husk_testkit::{busybox, env_path, read_all};
+use husk_tests::{init_tracing, spec_for, unique_id, LeakProbe, TestEnv};
 
 /// The hosts have two cores: one VM test at a time.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-fn env_path(name: &str) -> Option<PathBuf> {
-    std::env::var_os(name)
-        .filter(|v| !v.is_empty())
-        .map(PathBuf::from)
-}
-
 fn vmm_paths() -> Result<BuiltinPaths> {
     BuiltinPaths::resolve(env_path("HUSK_VMM_BIN").as_deref())
         .context("the builtin backend tests need husk-vmm: cargo build -p husk-vmm --bin husk-vmm, or set HUSK_VMM_BIN")
-}
-
-async fn read_all(s: Option<tokio::net::UnixStream>) -> Result<Vec<u8>> {
-    let mut v = Vec::new();
-    if let Some(mut s) = s {
-        s.read_to_end(&mut v).await?;
-    }
-    Ok(v)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -101,7 +87,7 @@ async fn builtin_sandbox_runs_a_container_or_says_why_not() -> Result<()> {
     let mut cfg = env.sandbox_config(&unique_id("bi"));
     cfg.hypervisor = h.into();
     let rootfs = tempfile::tempdir()?;
-    busybox_rootfs(rootfs.path())?;
+    busybox::rootfs(rootfs.path())?;
     let sb = Sandbox::start(cfg).await?;
     let probe_leak = LeakProbe::of(&sb);
     let body = async {

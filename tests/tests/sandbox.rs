@@ -8,22 +8,13 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context, Result};
 use husk_proto::agent::StdioConfig;
 use husk_runtime::{Rootfs, Sandbox, SandboxError};
-use husk_tests::{
-    busybox_rootfs, pattern, process_for, sha256_hex, spec_for, unique_id, LeakProbe, TestEnv,
-};
+use husk_testkit::{busybox, read_all};
+use husk_tests::{pattern, process_for, sha256_hex, spec_for, unique_id, LeakProbe, TestEnv};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// One VM test at a time even without --test-threads=1: the hosts have two
 /// cores and TCG boots are CPU-bound.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-async fn read_all(s: Option<tokio::net::UnixStream>) -> Result<Vec<u8>> {
-    let mut v = Vec::new();
-    if let Some(mut s) = s {
-        s.read_to_end(&mut v).await?;
-    }
-    Ok(v)
-}
 
 /// Runs `body` against a fresh sandbox, then stops it and checks that
 /// nothing is left, whether or not `body` failed.
@@ -57,7 +48,7 @@ async fn container_run_exec_and_clean_stop() -> Result<()> {
     let _serial = SERIAL.lock().await;
     let env = TestEnv::from_env()?;
     let rootfs = tempfile::tempdir()?;
-    busybox_rootfs(rootfs.path())?;
+    busybox::rootfs(rootfs.path())?;
     let host_rootfs = rootfs.path().to_path_buf();
     with_sandbox(&env, "run", |sb| async move {
         let t = sb.timings();
@@ -162,7 +153,7 @@ async fn container_run_exec_and_clean_stop() -> Result<()> {
 
 /// An initramfs whose /init is not the agent.
 fn broken_initrd(dir: &std::path::Path, init_script: &str) -> Result<std::path::PathBuf> {
-    let busybox = std::fs::read("/bin/busybox").context("busybox-static")?;
+    let busybox = std::fs::read(busybox::path()?).context("busybox-static")?;
     let mut c = husk_tests::cpio::Cpio::new();
     c.dir("dev").chardev("dev/console", 5, 1).dir("bin");
     c.file("bin/busybox", 0o755, &busybox);
@@ -239,7 +230,7 @@ async fn stress_stdin_stdout_64mib_concurrent_containers() -> Result<()> {
     let _serial = SERIAL.lock().await;
     let env = TestEnv::from_env()?;
     let rootfs = tempfile::tempdir()?;
-    busybox_rootfs(rootfs.path())?;
+    busybox::rootfs(rootfs.path())?;
     with_sandbox(&env, "stress", |sb| async move {
         let stdio = StdioConfig {
             stdin: true,
