@@ -1,6 +1,6 @@
 //! Fixtures that several of husk's test suites and benchmarks need: tiny
-//! guests for husk-vmm, busybox root filesystems and small measuring
-//! helpers. A dev-only crate, so none of this becomes part of a shipped
+//! guests for husk-vmm, busybox root filesystems, a local OCI registry and
+//! small measuring helpers. A dev-only crate, so none of this becomes part of a shipped
 //! crate's API.
 
 use std::path::PathBuf;
@@ -8,6 +8,7 @@ use std::path::PathBuf;
 pub mod bench;
 pub mod busybox;
 pub mod guest;
+pub mod registry;
 
 /// An environment variable naming a path; unset and empty are the same, so
 /// `VAR= cargo test` falls back to the default.
@@ -29,4 +30,14 @@ where
         s.read_to_end(&mut v).await?;
     }
     Ok(v)
+}
+
+/// `sha256:<hex>`, the form OCI descriptors and diff ids use.
+pub fn sha256_digest(data: &[u8]) -> String {
+    format!("sha256:{}", sha256_hex(data))
+}
+
+pub fn sha256_hex(data: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(data))
 }

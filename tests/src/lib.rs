@@ -25,7 +25,7 @@ use husk_testkit::env_path;
 pub mod cni;
 pub mod cpio;
 pub mod huskd;
-pub mod registry;
+pub use husk_testkit::registry;
 
 /// Everything a test needs to start sandboxes.
 #[derive(Debug, Clone)]
@@ -221,7 +221,4 @@ pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
     v
 }
 
-pub fn sha256_hex(data: &[u8]) -> String {
-    use sha2::Digest;
-    hex::encode(sha2::Sha256::digest(data))
-}
+pub use husk_testkit::sha256_hex;
