@@ -25,6 +25,7 @@ use husk_testkit::env_path;
 pub mod cni;
 pub mod cpio;
 pub mod huskd;
+pub mod pods;
 pub use husk_testkit::registry;
 
 /// Everything a test needs to start sandboxes.

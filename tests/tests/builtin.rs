@@ -711,13 +711,7 @@ async fn cri_suite_backend_is_stated() -> Result<()> {
         dirs.assert_sandboxes_gone()
     }
     .await;
-    if r.is_err() {
-        eprintln!("--- huskd log ---\n{}", huskd.log_tail(40));
-    }
-    let st = huskd.terminate(Duration::from_secs(60)).await?;
-    r?;
-    ensure!(st.success(), "huskd exited with {st}");
-    Ok(())
+    huskd.finish(r, 40).await
 }
 
 /// The builtin backend's side of a huskd restart (issue 5): a launched

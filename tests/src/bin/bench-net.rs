@@ -15,9 +15,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use husk_testkit::bench::{median, rounds};
-use husk_tests::huskd::{Huskd, HuskdDirs};
-use husk_tests::registry::Registry;
-use husk_tests::TestEnv;
+use husk_tests::pods::{pod_config, pull, run_pod, verbose_status, BenchHuskd};
 use k8s_cri::v1 as cri;
 
 /// Bytes per throughput sample.
@@ -122,22 +120,11 @@ fn ms_f(v: &serde_json::Value) -> Result<f64> {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<()> {
     let n = rounds(5)?;
-    let env = TestEnv::from_env()?;
-    let registry = Registry::start()?;
-    let dirs = HuskdDirs::new(&env, &[registry.host().as_str()])?;
-    let mut huskd = Huskd::start(&dirs).await?;
-    let (mut rt, mut img) = huskd.clients().await?;
-    let log_dir = dirs.top.path().join("logs");
-    let image = registry.push_busybox("busybox:bench")?;
-    img.pull_image(cri::PullImageRequest {
-        image: Some(cri::ImageSpec {
-            image: image.clone(),
-            ..Default::default()
-        }),
-        ..Default::default()
-    })
-    .await
-    .context("PullImage")?;
+    let mut b = BenchHuskd::start().await?;
+    let (mut rt, mut img) = b.huskd.clients().await?;
+    let log_dir = b.dirs.top.path().join("logs");
+    let image = b.registry.push_busybox("busybox:bench")?;
+    pull(&mut img, &image).await?;
 
     let mut run = Vec::new();
     let mut net_setup = Vec::new();
@@ -149,45 +136,18 @@ async fn main() -> Result<()> {
     let mut loopback = Vec::new();
     let r: Result<()> = async {
         for i in 0..n {
-            let pcfg = cri::PodSandboxConfig {
-                metadata: Some(cri::PodSandboxMetadata {
-                    name: format!("net-{i}"),
-                    uid: format!("net-uid-{i}-{}", std::process::id()),
-                    namespace: "bench".into(),
-                    attempt: 0,
-                }),
-                hostname: format!("net-{i}"),
-                log_directory: log_dir.join(format!("p{i}")).display().to_string(),
-                ..Default::default()
-            };
+            let pcfg = pod_config("net", i, &log_dir);
             let t = Instant::now();
-            let pod = rt
-                .run_pod_sandbox(cri::RunPodSandboxRequest {
-                    config: Some(pcfg.clone()),
-                    runtime_handler: String::new(),
-                })
-                .await
-                .context("RunPodSandbox")?
-                .into_inner()
-                .pod_sandbox_id;
+            let pod = run_pod(&mut rt, &pcfg).await?;
             let run_ms = t.elapsed().as_secs_f64() * 1000.0;
-            let st = rt
-                .pod_sandbox_status(cri::PodSandboxStatusRequest {
-                    pod_sandbox_id: pod.clone(),
-                    verbose: true,
-                })
-                .await?
-                .into_inner();
-            let ip: Ipv4Addr = st
-                .status
+            let (status, info) = verbose_status(&mut rt, &pod).await?;
+            let ip: Ipv4Addr = status
                 .as_ref()
                 .and_then(|s| s.network.as_ref())
                 .map(|n| n.ip.clone())
                 .unwrap_or_default()
                 .parse()
                 .context("pod IP")?;
-            let info: serde_json::Value =
-                serde_json::from_str(st.info.get("info").context("no verbose info")?)?;
             let tm = &info["startTimingsMs"];
             let (net_ms, boot_ms) = (ms_f(&tm["networkSetup"])?, ms_f(&tm["guestBoot"])?);
             run.push(run_ms);
@@ -239,7 +199,7 @@ async fn main() -> Result<()> {
                 for _ in 0..3 {
                     to_pod.push(tokio::task::spawn_blocking(move || host_to_pod_sample(ip)).await??);
                     loopback.push(tokio::task::spawn_blocking(loopback_sample).await??);
-                    let l = TcpListener::bind((dirs.net.gateway, 0))?;
+                    let l = TcpListener::bind((b.dirs.net.gateway, 0))?;
                     let port = l.local_addr()?.port();
                     let rx = tokio::task::spawn_blocking(move || -> Result<Duration> {
                         let (mut s, _) = l.accept()?;
@@ -248,7 +208,7 @@ async fn main() -> Result<()> {
                     exec(
                         &mut rt,
                         &c,
-                        &format!("head -c {TRANSFER} /dev/zero | nc {} {port}", dirs.net.gateway),
+                        &format!("head -c {TRANSFER} /dev/zero | nc {} {port}", b.dirs.net.gateway),
                     )
                     .await?;
                     from_pod.push(mib_s(TRANSFER, rx.await??));
@@ -268,19 +228,14 @@ async fn main() -> Result<()> {
             stop_remove.push(t.elapsed().as_secs_f64() * 1000.0);
             eprintln!("round {i}: RunPodSandbox {run_ms:.1} ms (network {net_ms:.1} ms, guest boot {boot_ms:.1} ms)");
         }
-        dirs.assert_sandboxes_gone()
+        b.dirs.assert_sandboxes_gone()
     }
     .await;
-    if r.is_err() {
-        eprintln!("--- huskd log ---\n{}", huskd.log_tail(60));
-    }
-    let st = huskd.terminate(Duration::from_secs(60)).await?;
-    r?;
-    ensure!(st.success(), "huskd exited with {st}");
+    b.huskd.finish(r, 60).await?;
 
     println!(
         "bench-net: {n} pods on a CNI bridge network (bridge + host-local + portmap); {}",
-        env.hypervisor.description()
+        b.env.hypervisor.description()
     );
     println!("{:<52} {:>12}", "median", "value");
     let row = |k: &str, v: f64, unit: &str| println!("{k:<52} {v:>9.1} {unit}");
