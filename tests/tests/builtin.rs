@@ -36,9 +36,13 @@ use husk_tests::{init_tracing, spec_for, unique_id, LeakProbe, TestEnv};
 /// The hosts have two cores: one VM test at a time.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-fn vmm_paths() -> Result<BuiltinPaths> {
-    BuiltinPaths::resolve(env_path("HUSK_VMM_BIN").as_deref())
-        .context("the builtin backend tests need husk-vmm: cargo build -p husk-vmm --bin husk-vmm, or set HUSK_VMM_BIN")
+/// husk-vmm and virtiofsd, the two binaries every builtin backend test runs.
+fn vmm_and_virtiofsd() -> Result<(BuiltinPaths, PathBuf)> {
+    let paths = BuiltinPaths::resolve(env_path("HUSK_VMM_BIN").as_deref())
+        .context("the builtin backend tests need husk-vmm: cargo build -p husk-vmm --bin husk-vmm, or set HUSK_VMM_BIN")?;
+    let virtiofsd =
+        husk_runtime::virtiofsd::find_virtiofsd(env_path("HUSK_VIRTIOFSD_BIN").as_deref())?;
+    Ok((paths, virtiofsd))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -225,13 +229,48 @@ fn fixture(dir: &Path, virtiofsd: &Path) -> Result<Fixture> {
     })
 }
 
+/// A fresh fixture in `dir` with its husk-vmm launched, both pids recorded
+/// in `pids` for the leak check; returns the VM and husk-vmm's pid.
+async fn launch(
+    backend: &Builtin,
+    dir: &Path,
+    virtiofsd: &Path,
+    pids: &mut Vec<(&'static str, u32)>,
+) -> Result<(Fixture, Box<dyn Vm>, u32)> {
+    let fx = fixture(dir, virtiofsd)?;
+    pids.push(("virtiofsd", fx.virtiofsd.pid()));
+    let t0 = Instant::now();
+    let vm: Box<dyn Vm> = backend.launch(&fx.config).await?;
+    eprintln!("husk-vmm running after {:?}", t0.elapsed());
+    let vm_pids = vm.pids();
+    ensure!(
+        vm_pids.len() == 1 && vm_pids[0].0 == "husk-vmm",
+        "{vm_pids:?}: no husk-vsock with the builtin backend"
+    );
+    let pid = vm_pids[0].1;
+    pids.push(("husk-vmm", pid));
+    Ok((fx, vm, pid))
+}
+
+/// The end of a test that ran in `dir`: removes it, then fails with the
+/// test's error `r` or else with whatever the husk-vmm or virtiofsd of
+/// `pids` left behind.
+fn remove_and_check_clean(dir: &Path, pids: Vec<(&'static str, u32)>, r: Result<()>) -> Result<()> {
+    let _ = std::fs::remove_dir_all(dir);
+    let clean = LeakProbe {
+        dir: dir.to_path_buf(),
+        pids,
+    }
+    .assert_clean();
+    r?;
+    clean
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn husk_vmm_launch_status_shutdown() -> Result<()> {
     let _serial = SERIAL.lock().await;
     init_tracing();
-    let paths = vmm_paths()?;
-    let virtiofsd =
-        husk_runtime::virtiofsd::find_virtiofsd(env_path("HUSK_VIRTIOFSD_BIN").as_deref())?;
+    let (paths, virtiofsd) = vmm_and_virtiofsd()?;
     let probe = probe_accel();
     eprintln!("host: {}", probe.reason);
     // Built directly: select() would refuse it on a host without hardware
@@ -242,14 +281,7 @@ async fn husk_vmm_launch_status_shutdown() -> Result<()> {
     std::fs::create_dir_all(&dir)?;
     let mut pids = Vec::new();
     let r = launch_status_shutdown(&backend, &dir, &virtiofsd, &mut pids).await;
-    let _ = std::fs::remove_dir_all(&dir);
-    let clean = LeakProbe {
-        dir: dir.clone(),
-        pids,
-    }
-    .assert_clean();
-    r?;
-    clean
+    remove_and_check_clean(&dir, pids, r)
 }
 
 async fn launch_status_shutdown(
@@ -261,18 +293,7 @@ async fn launch_status_shutdown(
     let files = BuiltinFiles::in_dir(dir);
 
     // 1. Launch, status, shutdown through the control socket.
-    let mut fx = fixture(dir, virtiofsd)?;
-    pids.push(("virtiofsd", fx.virtiofsd.pid()));
-    let t0 = Instant::now();
-    let mut vm: Box<dyn Vm> = backend.launch(&fx.config).await?;
-    eprintln!("husk-vmm running after {:?}", t0.elapsed());
-    let vm_pids = vm.pids();
-    ensure!(
-        vm_pids.len() == 1 && vm_pids[0].0 == "husk-vmm",
-        "{vm_pids:?}: no husk-vsock with the builtin backend"
-    );
-    let pid = vm_pids[0].1;
-    pids.push(("husk-vmm", pid));
+    let (mut fx, mut vm, pid) = launch(backend, dir, virtiofsd, pids).await?;
 
     // Started with the generated config, in its own session.
     let cmd = std::fs::read(format!("/proc/{pid}/cmdline"))?;
@@ -374,11 +395,7 @@ async fn launch_status_shutdown(
 
     // 2. kill(): SIGKILL leaves husk-vmm no chance to clean up; the backend does.
     let _ = std::fs::remove_file(&fx.config.console_log);
-    let mut fx = fixture(&fx.dir, virtiofsd)?;
-    pids.push(("virtiofsd", fx.virtiofsd.pid()));
-    let mut vm = backend.launch(&fx.config).await?;
-    let pid = vm.pids()[0].1;
-    pids.push(("husk-vmm", pid));
+    let (mut fx, mut vm, pid) = launch(backend, dir, virtiofsd, pids).await?;
     let status = vm.kill().await?;
     ensure!(!status.success(), "killed husk-vmm exited with {status}");
     ensure!(!alive(pid), "husk-vmm pid {pid} survived kill");
@@ -389,11 +406,7 @@ async fn launch_status_shutdown(
 
     // 3. The handle is lost without a stop (huskd crashed): husk-vmm keeps
     // running, and a new huskd finds it by its pid file and stops it.
-    let mut fx = fixture(&fx.dir, virtiofsd)?;
-    pids.push(("virtiofsd", fx.virtiofsd.pid()));
-    let vm = backend.launch(&fx.config).await?;
-    let pid = vm.pids()[0].1;
-    pids.push(("husk-vmm", pid));
+    let (mut fx, vm, pid) = launch(backend, dir, virtiofsd, pids).await?;
     std::mem::forget(vm);
     tokio::time::sleep(Duration::from_millis(100)).await;
     let st = control_request(&files.control, "status", Duration::from_secs(5)).await?;
@@ -473,9 +486,7 @@ const SAY_R_AND_RESET: &[u8] = &[
 async fn sandbox_with_builtin_backend_reports_exit_and_timeout() -> Result<()> {
     let _serial = SERIAL.lock().await;
     init_tracing();
-    let paths = vmm_paths()?;
-    let virtiofsd =
-        husk_runtime::virtiofsd::find_virtiofsd(env_path("HUSK_VIRTIOFSD_BIN").as_deref())?;
+    let (paths, virtiofsd) = vmm_and_virtiofsd()?;
     let hv: std::sync::Arc<dyn Hypervisor> =
         std::sync::Arc::new(Builtin::new(paths, &probe_accel()));
     let base = tempfile::Builder::new().prefix("hs").tempdir_in("/tmp")?;
@@ -543,9 +554,7 @@ async fn sandbox_with_builtin_backend_reports_exit_and_timeout() -> Result<()> {
 async fn huskd_restart_stops_a_leftover_husk_vmm_cleanly() -> Result<()> {
     let _serial = SERIAL.lock().await;
     init_tracing();
-    let paths = vmm_paths()?;
-    let virtiofsd =
-        husk_runtime::virtiofsd::find_virtiofsd(env_path("HUSK_VIRTIOFSD_BIN").as_deref())?;
+    let (paths, virtiofsd) = vmm_and_virtiofsd()?;
     let backend = Builtin::new(paths, &probe_accel());
     let base = tempfile::Builder::new().prefix("hr").tempdir_in("/tmp")?;
     let config = husk_runtime::cri::HuskdConfig {
@@ -561,14 +570,7 @@ async fn huskd_restart_stops_a_leftover_husk_vmm_cleanly() -> Result<()> {
     std::fs::create_dir_all(&dir)?;
     let mut pids = Vec::new();
     let r = restart_after_crash(&backend, config, &dir, &virtiofsd, &mut pids).await;
-    let _ = std::fs::remove_dir_all(&dir);
-    let clean = LeakProbe {
-        dir: dir.clone(),
-        pids,
-    }
-    .assert_clean();
-    r?;
-    clean
+    remove_and_check_clean(&dir, pids, r)
 }
 
 async fn restart_after_crash(
@@ -579,11 +581,7 @@ async fn restart_after_crash(
     pids: &mut Vec<(&'static str, u32)>,
 ) -> Result<()> {
     let files = BuiltinFiles::in_dir(dir);
-    let mut fx = fixture(dir, virtiofsd)?;
-    pids.push(("virtiofsd", fx.virtiofsd.pid()));
-    let vm = backend.launch(&fx.config).await?;
-    let pid = vm.pids()[0].1;
-    pids.push(("husk-vmm", pid));
+    let (mut fx, vm, pid) = launch(backend, dir, virtiofsd, pids).await?;
     // huskd "crashes": the handle is lost without a stop or a kill.
     std::mem::forget(vm);
     let st = control_request(&files.control, "status", Duration::from_secs(5)).await?;
@@ -723,23 +721,14 @@ async fn cri_suite_backend_is_stated() -> Result<()> {
 async fn husk_vmm_detach_and_adopt() -> Result<()> {
     let _serial = SERIAL.lock().await;
     init_tracing();
-    let paths = vmm_paths()?;
-    let virtiofsd =
-        husk_runtime::virtiofsd::find_virtiofsd(env_path("HUSK_VIRTIOFSD_BIN").as_deref())?;
+    let (paths, virtiofsd) = vmm_and_virtiofsd()?;
     let backend = Builtin::new(paths, &probe_accel());
     let base = tempfile::Builder::new().prefix("ha").tempdir_in("/tmp")?;
     let dir = base.path().join(unique_id("a"));
     std::fs::create_dir_all(&dir)?;
     let mut pids = Vec::new();
     let r = detach_and_adopt(&backend, &dir, &virtiofsd, &mut pids).await;
-    let _ = std::fs::remove_dir_all(&dir);
-    let clean = LeakProbe {
-        dir: dir.clone(),
-        pids,
-    }
-    .assert_clean();
-    r?;
-    clean
+    remove_and_check_clean(&dir, pids, r)
 }
 
 async fn detach_and_adopt(
@@ -751,11 +740,7 @@ async fn detach_and_adopt(
     use husk_runtime::hypervisor::{AdoptedVm, VmControl};
     use husk_runtime::process::ProcessIdentity;
     let files = BuiltinFiles::in_dir(dir);
-    let mut fx = fixture(dir, virtiofsd)?;
-    pids.push(("virtiofsd", fx.virtiofsd.pid()));
-    let vm = backend.launch(&fx.config).await?;
-    let pid = vm.pids()[0].1;
-    pids.push(("husk-vmm", pid));
+    let (mut fx, vm, pid) = launch(backend, dir, virtiofsd, pids).await?;
     let ids: Vec<ProcessIdentity> = vm
         .pids()
         .iter()
