@@ -54,6 +54,47 @@ pub fn pod_config(prefix: &str, i: usize, log_dir: &Path) -> cri::PodSandboxConf
     }
 }
 
+/// A container of `image` running `cmd`.
+pub fn container_config(
+    name: &str,
+    image: &str,
+    cmd: &[&str],
+    log_path: &str,
+) -> cri::ContainerConfig {
+    cri::ContainerConfig {
+        metadata: Some(cri::ContainerMetadata {
+            name: name.into(),
+            attempt: 0,
+        }),
+        image: Some(cri::ImageSpec {
+            image: image.into(),
+            ..Default::default()
+        }),
+        command: cmd.iter().map(|s| s.to_string()).collect(),
+        log_path: log_path.into(),
+        ..Default::default()
+    }
+}
+
+/// CreateContainer in `pod`; returns the container id.
+pub async fn create_container(
+    rt: &mut RuntimeServiceClient<Channel>,
+    pod: &str,
+    pod_config: &cri::PodSandboxConfig,
+    config: cri::ContainerConfig,
+) -> Result<String> {
+    Ok(rt
+        .create_container(cri::CreateContainerRequest {
+            pod_sandbox_id: pod.into(),
+            config: Some(config),
+            sandbox_config: Some(pod_config.clone()),
+        })
+        .await
+        .context("CreateContainer")?
+        .into_inner()
+        .container_id)
+}
+
 /// PullImage; returns the image ref.
 pub async fn pull(img: &mut ImageServiceClient<Channel>, image: &str) -> Result<String> {
     Ok(img

@@ -252,6 +252,17 @@ async fn launch(
     Ok((fx, vm, pid))
 }
 
+/// A sandbox-like directory `<tmp>/<id>` for a fixture, in /tmp so that
+/// its socket paths stay short; `<tmp>` goes when the returned guard drops.
+fn fresh_dir(tmp_prefix: &str, id_prefix: &str) -> Result<(tempfile::TempDir, PathBuf)> {
+    let base = tempfile::Builder::new()
+        .prefix(tmp_prefix)
+        .tempdir_in("/tmp")?;
+    let dir = base.path().join(unique_id(id_prefix));
+    std::fs::create_dir_all(&dir)?;
+    Ok((base, dir))
+}
+
 /// The end of a test that ran in `dir`: removes it, then fails with the
 /// test's error `r` or else with whatever the husk-vmm or virtiofsd of
 /// `pids` left behind.
@@ -276,9 +287,7 @@ async fn husk_vmm_launch_status_shutdown() -> Result<()> {
     // Built directly: select() would refuse it on a host without hardware
     // virtualization, and this guest needs none.
     let backend = Builtin::new(paths, &probe);
-    let base = tempfile::Builder::new().prefix("hb").tempdir_in("/tmp")?;
-    let dir = base.path().join(unique_id("v"));
-    std::fs::create_dir_all(&dir)?;
+    let (_base, dir) = fresh_dir("hb", "v")?;
     let mut pids = Vec::new();
     let r = launch_status_shutdown(&backend, &dir, &virtiofsd, &mut pids).await;
     remove_and_check_clean(&dir, pids, r)
@@ -723,9 +732,7 @@ async fn husk_vmm_detach_and_adopt() -> Result<()> {
     init_tracing();
     let (paths, virtiofsd) = vmm_and_virtiofsd()?;
     let backend = Builtin::new(paths, &probe_accel());
-    let base = tempfile::Builder::new().prefix("ha").tempdir_in("/tmp")?;
-    let dir = base.path().join(unique_id("a"));
-    std::fs::create_dir_all(&dir)?;
+    let (_base, dir) = fresh_dir("ha", "a")?;
     let mut pids = Vec::new();
     let r = detach_and_adopt(&backend, &dir, &virtiofsd, &mut pids).await;
     remove_and_check_clean(&dir, pids, r)

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use husk_tests::huskd::{assert_nothing_left, Huskd, HuskdDirs, BIG_MEMORY_MIB, BIG_VCPUS};
-use husk_tests::pods::verbose_status;
+use husk_tests::pods::{self, verbose_status};
 use husk_tests::registry::Registry;
 use husk_tests::TestEnv;
 use k8s_cri::v1 as cri;
@@ -45,18 +45,8 @@ fn pod_config(name: &str, log_dir: &Path) -> cri::PodSandboxConfig {
 
 fn container_config(name: &str, image: &str, cmd: &[&str], log_path: &str) -> cri::ContainerConfig {
     cri::ContainerConfig {
-        metadata: Some(cri::ContainerMetadata {
-            name: name.into(),
-            attempt: 0,
-        }),
-        image: Some(cri::ImageSpec {
-            image: image.into(),
-            ..Default::default()
-        }),
-        command: cmd.iter().map(|s| s.to_string()).collect(),
-        log_path: log_path.into(),
         labels: HashMap::from([("ctr".into(), name.into())]),
-        ..Default::default()
+        ..pods::container_config(name, image, cmd, log_path)
     }
 }
 

@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 use anyhow::{ensure, Context, Result};
 use husk_testkit::bench::{median, rounds};
 use husk_tests::huskd::assert_nothing_left;
-use husk_tests::pods::{pod_config, pull, run_pod, verbose_status, BenchHuskd};
+use husk_tests::pods::{
+    container_config, create_container, pod_config, pull, run_pod, verbose_status, BenchHuskd,
+};
 use k8s_cri::v1 as cri;
 
 fn ms(d: Duration) -> String {
@@ -84,30 +86,9 @@ async fn main() -> Result<()> {
                 run.saturating_sub(boot),
             );
 
-            let ccfg = cri::ContainerConfig {
-                metadata: Some(cri::ContainerMetadata {
-                    name: "sleeper".into(),
-                    attempt: 0,
-                }),
-                image: Some(cri::ImageSpec {
-                    image: image_ref.clone(),
-                    ..Default::default()
-                }),
-                command: vec!["sleep".into(), "3600".into()],
-                log_path: "sleeper/0.log".into(),
-                ..Default::default()
-            };
+            let ccfg = container_config("sleeper", &image_ref, &["sleep", "3600"], "sleeper/0.log");
             let t = Instant::now();
-            let c = rt
-                .create_container(cri::CreateContainerRequest {
-                    pod_sandbox_id: pod.clone(),
-                    config: Some(ccfg),
-                    sandbox_config: Some(pcfg.clone()),
-                })
-                .await
-                .context("CreateContainer")?
-                .into_inner()
-                .container_id;
+            let c = create_container(&mut rt, &pod, &pcfg, ccfg).await?;
             s.add("CreateContainer", t.elapsed());
             let t = Instant::now();
             rt.start_container(cri::StartContainerRequest {

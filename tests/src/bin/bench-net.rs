@@ -15,7 +15,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use husk_testkit::bench::{median, rounds};
-use husk_tests::pods::{pod_config, pull, run_pod, verbose_status, BenchHuskd};
+use husk_tests::pods::{
+    container_config, create_container, pod_config, pull, run_pod, verbose_status, BenchHuskd,
+};
 use k8s_cri::v1 as cri;
 
 /// Bytes per throughput sample.
@@ -158,33 +160,9 @@ async fn main() -> Result<()> {
             if i == 0 {
                 // Throughput on the first pod only: every sample is a
                 // TCG-bound guest, more rounds on one pod say the same.
-                let ccfg = cri::ContainerConfig {
-                    metadata: Some(cri::ContainerMetadata {
-                        name: "sink".into(),
-                        attempt: 0,
-                    }),
-                    image: Some(cri::ImageSpec {
-                        image: image.clone(),
-                        ..Default::default()
-                    }),
-                    command: vec![
-                        "sh".into(),
-                        "-c".into(),
-                        "mkdir -p /www/cgi-bin && printf '#!/bin/sh\\nhead -c \"$CONTENT_LENGTH\" >/dev/null\\necho Content-Type: text/plain\\necho\\necho ok\\n' > /www/cgi-bin/sink && chmod +x /www/cgi-bin/sink && exec httpd -f -p 8080 -h /www".into(),
-                    ],
-                    log_path: "sink.log".into(),
-                    ..Default::default()
-                };
-                let c = rt
-                    .create_container(cri::CreateContainerRequest {
-                        pod_sandbox_id: pod.clone(),
-                        config: Some(ccfg),
-                        sandbox_config: Some(pcfg.clone()),
-                    })
-                    .await
-                    .context("CreateContainer")?
-                    .into_inner()
-                    .container_id;
+                let sink = "mkdir -p /www/cgi-bin && printf '#!/bin/sh\\nhead -c \"$CONTENT_LENGTH\" >/dev/null\\necho Content-Type: text/plain\\necho\\necho ok\\n' > /www/cgi-bin/sink && chmod +x /www/cgi-bin/sink && exec httpd -f -p 8080 -h /www";
+                let ccfg = container_config("sink", &image, &["sh", "-c", sink], "sink.log");
+                let c = create_container(&mut rt, &pod, &pcfg, ccfg).await?;
                 rt.start_container(cri::StartContainerRequest {
                     container_id: c.clone(),
                 })
