@@ -20,7 +20,7 @@ use husk_proto::agent::{
     CreateSandboxRequest, DestroySandboxRequest, Interface, IpAddress, NetworkConfig, Route,
 };
 use husk_proto::ttrpc::Code;
-use qemu_vm::{container_spec, QemuVm};
+use qemu_vm::{container_spec, create_sandbox, QemuVm};
 use rtnetlink::LinkVeth;
 use serde_json::Value;
 
@@ -624,18 +624,7 @@ async fn guest_network_in_a_vm() {
         let (_, client) = vm.agent().await;
         let t = Some(Duration::from_secs(60));
         let started = Instant::now();
-        client
-            .create_sandbox(
-                CreateSandboxRequest {
-                    sandbox_id: "vm1".into(),
-                    hostname: "vm1".into(),
-                    share_tag: "husk".into(),
-                    network: Some(network),
-                },
-                t,
-            )
-            .await
-            .unwrap();
+        create_sandbox(&client, Some(network), t).await;
         eprintln!(
             "CreateSandbox with the network took {:?}",
             started.elapsed()

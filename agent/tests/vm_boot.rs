@@ -11,8 +11,8 @@ mod qemu_vm;
 
 use std::time::{Duration, Instant};
 
-use husk_proto::agent::{ContainerRef, CreateSandboxRequest, DestroySandboxRequest, HealthRequest};
-use qemu_vm::{container_spec, QemuVm, CONTAINER};
+use husk_proto::agent::{ContainerRef, DestroySandboxRequest, HealthRequest};
+use qemu_vm::{container_spec, create_sandbox, QemuVm, CONTAINER};
 
 #[tokio::test]
 #[ignore = "manual: needs a guest image with this agent, husk-vsock, virtiofsd and a minute of QEMU TCG"]
@@ -25,18 +25,7 @@ async fn container_runs_in_a_vm() {
         eprintln!("ready after {:?}: {notice:?}", started.elapsed());
         let t = Some(Duration::from_secs(60));
         eprintln!("{:?}", client.health(HealthRequest {}, t).await.unwrap());
-        client
-            .create_sandbox(
-                CreateSandboxRequest {
-                    sandbox_id: "vm1".into(),
-                    hostname: "vm1".into(),
-                    share_tag: "husk".into(),
-                    network: None,
-                },
-                t,
-            )
-            .await
-            .unwrap();
+        create_sandbox(&client, None, t).await;
         let mut spec = container_spec(&["sh", "-c", "echo hello from $(hostname); exit 3"]);
         // Share the VM's UTS namespace: the output then shows the hostname
         // CreateSandbox set.

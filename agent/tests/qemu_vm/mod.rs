@@ -13,8 +13,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use husk_proto::agent::{
-    AgentClient, ContainerRef, CreateContainerRequest, ProcessRef, ReadyNotice, StdioConfig,
-    StreamAccept, StreamHello, StreamKind,
+    AgentClient, ContainerRef, CreateContainerRequest, CreateSandboxRequest, NetworkConfig,
+    ProcessRef, ReadyNotice, StdioConfig, StreamAccept, StreamHello, StreamKind,
 };
 use husk_proto::stream::{read_msg, write_msg};
 use husk_proto::ttrpc::Client;
@@ -251,6 +251,27 @@ impl Drop for QemuVm {
             let _ = c.wait();
         }
     }
+}
+
+/// CreateSandbox as huskd sends it: the guest's hostname and the
+/// virtiofs share, with `network` if the test has one.
+pub async fn create_sandbox(
+    client: &AgentClient,
+    network: Option<NetworkConfig>,
+    t: Option<Duration>,
+) {
+    client
+        .create_sandbox(
+            CreateSandboxRequest {
+                sandbox_id: "vm1".into(),
+                hostname: "vm1".into(),
+                share_tag: "husk".into(),
+                network,
+            },
+            t,
+        )
+        .await
+        .unwrap();
 }
 
 /// A default OCI spec for the container: `args` in its busybox root on the
