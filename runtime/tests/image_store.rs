@@ -356,23 +356,25 @@ fn mounted_under(path: &Path) -> Vec<String> {
         .collect()
 }
 
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
+/// A registry with the test images (and its host), an empty store root,
+/// and a runtime to pull with.
+fn registry_and_root() -> (Registry, String, tempfile::TempDir, tokio::runtime::Runtime) {
+    let reg = Registry::start().unwrap();
+    push_test_images(&reg);
+    let h = reg.host();
+    let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
-        .unwrap()
+        .unwrap();
+    (reg, h, tempfile::tempdir().unwrap(), rt)
 }
 
 // ---------------------------------------------------------------- tests
 
 #[test]
 fn pull_store_restart_rootfs_and_remove() {
-    let reg = Registry::start().unwrap();
-    push_test_images(&reg);
-    let h = reg.host();
-    let root = tempfile::tempdir().unwrap();
-    let rt = rt();
+    let (reg, h, root, rt) = registry_and_root();
     let s = store(root.path(), Some(&reg), HashMap::new());
 
     // OCI manifest, gzip layer, insecure (HTTP) registry.
@@ -577,11 +579,7 @@ fn pull_store_restart_rootfs_and_remove() {
 
 #[test]
 fn mirrors_and_errors() {
-    let reg = Registry::start().unwrap();
-    push_test_images(&reg);
-    let h = reg.host();
-    let root = tempfile::tempdir().unwrap();
-    let rt = rt();
+    let (reg, h, root, rt) = registry_and_root();
     let dead = format!("127.0.0.1:{}", free_port().unwrap());
     let mirrors = HashMap::from([(
         "registry.k8s.io".to_string(),
@@ -658,11 +656,7 @@ fn mirrors_and_errors() {
 
 #[test]
 fn concurrent_pulls_download_once() {
-    let reg = Registry::start().unwrap();
-    push_test_images(&reg);
-    let h = reg.host();
-    let root = tempfile::tempdir().unwrap();
-    let rt = rt();
+    let (reg, h, root, rt) = registry_and_root();
     let s = store(root.path(), Some(&reg), HashMap::new());
     let gets_before = blob_gets(&reg);
     // 6 pulls of v2 and 6 of plain at once: they share the base layer.
@@ -701,11 +695,7 @@ fn concurrent_pulls_download_once() {
 /// between pulls, so every pull downloads and unpacks everything. Median of 5.
 #[test]
 fn pull_time_median() {
-    let reg = Registry::start().unwrap();
-    push_test_images(&reg);
-    let h = reg.host();
-    let rt = rt();
-    let root = tempfile::tempdir().unwrap();
+    let (reg, h, root, rt) = registry_and_root();
     let s = store(root.path(), Some(&reg), HashMap::new());
     let image = format!("{h}/busybox:v1");
     let mut times = Vec::new();
