@@ -148,6 +148,18 @@ pub fn process_for(args: &[&str]) -> Result<oci_spec::runtime::Process> {
     Ok(p)
 }
 
+/// After a failed test, the end of the guest's console: where a cause
+/// inside the VM shows.
+pub fn show_console_if_failed<T>(sb: &Sandbox, r: &Result<T>) {
+    if r.is_err() {
+        eprintln!(
+            "--- console of {} ---\n{}",
+            sb.id(),
+            husk_runtime::sandbox::console_tail(&sb.console_log(), 60)
+        );
+    }
+}
+
 /// What a sandbox must not leave behind once stopped.
 #[derive(Debug, Clone)]
 pub struct LeakProbe {

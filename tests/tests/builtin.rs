@@ -31,7 +31,7 @@ use husk_runtime::process::ManagedChild;
 use husk_runtime::{Rootfs, Sandbox};
 use husk_testkit::guest::elf;
 use husk_testkit::{busybox, env_path, read_all};
-use husk_tests::{init_tracing, spec_for, unique_id, LeakProbe, TestEnv};
+use husk_tests::{init_tracing, show_console_if_failed, spec_for, unique_id, LeakProbe, TestEnv};
 
 /// The hosts have two cores: one VM test at a time.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -134,13 +134,7 @@ async fn builtin_sandbox_runs_a_container_or_says_why_not() -> Result<()> {
         Ok::<(), anyhow::Error>(())
     }
     .await;
-    if body.is_err() {
-        eprintln!(
-            "--- console of {} ---\n{}",
-            sb.id(),
-            husk_runtime::sandbox::console_tail(&sb.console_log(), 60)
-        );
-    }
+    show_console_if_failed(&sb, &body);
     let stop = sb.stop().await;
     drop(sb);
     let clean = probe_leak.assert_clean();

@@ -9,7 +9,10 @@ use anyhow::{bail, ensure, Context, Result};
 use husk_proto::agent::StdioConfig;
 use husk_runtime::{Rootfs, Sandbox, SandboxError};
 use husk_testkit::{busybox, read_all};
-use husk_tests::{pattern, process_for, sha256_hex, spec_for, unique_id, LeakProbe, TestEnv};
+use husk_tests::{
+    pattern, process_for, sha256_hex, show_console_if_failed, spec_for, unique_id, LeakProbe,
+    TestEnv,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// One VM test at a time even without --test-threads=1: the hosts have two
@@ -26,13 +29,7 @@ where
     let sb = Arc::new(Sandbox::start(env.sandbox_config(&unique_id(prefix))).await?);
     let probe = LeakProbe::of(&sb);
     let r = body(sb.clone()).await;
-    if r.is_err() {
-        eprintln!(
-            "--- console of {} ---\n{}",
-            sb.id(),
-            husk_runtime::sandbox::console_tail(&sb.console_log(), 60)
-        );
-    }
+    show_console_if_failed(&sb, &r);
     let stop = sb.stop().await;
     // Idempotent.
     sb.stop().await.context("second stop")?;
