@@ -13,14 +13,16 @@
 //!   has hardware virtualization, QEMU otherwise), `qemu` or `builtin`
 //!   (which fails at once, naming the reason, on a host without VT-x/SVM).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
+use husk_proto::agent::StdioConfig;
 use husk_runtime::config::{GuestImage, DEFAULT_GUEST_DIR};
 use husk_runtime::hypervisor::{self, HypervisorChoice, QemuPaths};
-use husk_runtime::{Hypervisor, Sandbox, SandboxConfig};
-use husk_testkit::env_path;
+use husk_runtime::{Hypervisor, Rootfs, Sandbox, SandboxConfig};
+use husk_testkit::{env_path, read_all};
 
 pub mod cni;
 pub mod cpio;
@@ -146,6 +148,35 @@ pub fn process_for(args: &[&str]) -> Result<oci_spec::runtime::Process> {
     p.set_args(Some(args.iter().map(|s| s.to_string()).collect()));
     p.set_terminal(Some(false));
     Ok(p)
+}
+
+/// A short-lived container `c1` on `rootfs`: its stdout, its stderr and
+/// its exit code each arrive, and it can be removed.
+pub async fn run_short_lived_container(sb: &Sandbox, rootfs: &Path) -> Result<()> {
+    let stdio = StdioConfig {
+        stdin: false,
+        terminal: false,
+    };
+    let spec = spec_for(&["sh", "-c", "echo hello; echo oops >&2; exit 3"])?;
+    sb.create_container("c1", spec, Rootfs::Bind(rootfs.into()), stdio)
+        .await?;
+    let io = sb.attach_stdio("c1", "", stdio).await?;
+    sb.start_container("c1").await?;
+    let (out, err) = tokio::try_join!(read_all(Some(io.stdout)), read_all(io.stderr))?;
+    let exit = tokio::time::timeout(Duration::from_secs(60), sb.wait("c1", "")).await??;
+    ensure!(
+        out == b"hello\n",
+        "stdout {:?}",
+        String::from_utf8_lossy(&out)
+    );
+    ensure!(
+        err == b"oops\n",
+        "stderr {:?}",
+        String::from_utf8_lossy(&err)
+    );
+    ensure!(exit.exit_code == 3, "exit {exit:?}");
+    sb.remove_container("c1", false).await?;
+    Ok(())
 }
 
 /// After a failed test, the end of the guest's console: where a cause

@@ -19,7 +19,6 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
-use husk_proto::agent::StdioConfig;
 use husk_runtime::hypervisor::builtin::{
     self, control_request, BuiltinFiles, BUILTIN_KERNEL_PARAM,
 };
@@ -28,10 +27,12 @@ use husk_runtime::hypervisor::{
     HypervisorChoice, HypervisorError, VirtioFsConfig, Vm, VmConfig,
 };
 use husk_runtime::process::ManagedChild;
-use husk_runtime::{Rootfs, Sandbox};
+use husk_runtime::Sandbox;
 use husk_testkit::guest::elf;
-use husk_testkit::{busybox, env_path, read_all};
-use husk_tests::{init_tracing, show_console_if_failed, spec_for, unique_id, LeakProbe, TestEnv};
+use husk_testkit::{busybox, env_path};
+use husk_tests::{
+    init_tracing, run_short_lived_container, show_console_if_failed, unique_id, LeakProbe, TestEnv,
+};
 
 /// The hosts have two cores: one VM test at a time.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -108,30 +109,7 @@ async fn builtin_sandbox_runs_a_container_or_says_why_not() -> Result<()> {
         );
         let h = sb.health().await?;
         ensure!(!h.agent_version.is_empty(), "health: {h:?}");
-        let stdio = StdioConfig {
-            stdin: false,
-            terminal: false,
-        };
-        let spec = spec_for(&["sh", "-c", "echo hello; echo oops >&2; exit 3"])?;
-        sb.create_container("c1", spec, Rootfs::Bind(rootfs.path().into()), stdio)
-            .await?;
-        let io = sb.attach_stdio("c1", "", stdio).await?;
-        sb.start_container("c1").await?;
-        let (out, err) = tokio::try_join!(read_all(Some(io.stdout)), read_all(io.stderr))?;
-        let exit = tokio::time::timeout(Duration::from_secs(60), sb.wait("c1", "")).await??;
-        ensure!(
-            out == b"hello\n",
-            "stdout {:?}",
-            String::from_utf8_lossy(&out)
-        );
-        ensure!(
-            err == b"oops\n",
-            "stderr {:?}",
-            String::from_utf8_lossy(&err)
-        );
-        ensure!(exit.exit_code == 3, "exit {exit:?}");
-        sb.remove_container("c1", false).await?;
-        Ok::<(), anyhow::Error>(())
+        run_short_lived_container(&sb, rootfs.path()).await
     }
     .await;
     show_console_if_failed(&sb, &body);

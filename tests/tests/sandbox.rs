@@ -10,8 +10,8 @@ use husk_proto::agent::StdioConfig;
 use husk_runtime::{Rootfs, Sandbox, SandboxError};
 use husk_testkit::{busybox, read_all};
 use husk_tests::{
-    pattern, process_for, sha256_hex, show_console_if_failed, spec_for, unique_id, LeakProbe,
-    TestEnv,
+    pattern, process_for, run_short_lived_container, sha256_hex, show_console_if_failed, spec_for,
+    unique_id, LeakProbe, TestEnv,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -57,35 +57,17 @@ async fn container_run_exec_and_clean_stop() -> Result<()> {
         );
 
         // A short-lived container: stdout, stderr and the exit code.
-        let stdio = StdioConfig {
-            stdin: false,
-            terminal: false,
-        };
-        let spec = spec_for(&["sh", "-c", "echo hello; echo oops >&2; exit 3"])?;
-        sb.create_container("c1", spec, Rootfs::Bind(host_rootfs.clone()), stdio)
-            .await?;
-        let io = sb.attach_stdio("c1", "", stdio).await?;
-        sb.start_container("c1").await?;
-        let (out, err) = tokio::try_join!(read_all(Some(io.stdout)), read_all(io.stderr))?;
-        let exit = tokio::time::timeout(Duration::from_secs(60), sb.wait("c1", "")).await??;
-        ensure!(
-            String::from_utf8_lossy(&out) == "hello\n",
-            "stdout {:?}",
-            String::from_utf8_lossy(&out)
-        );
-        ensure!(
-            String::from_utf8_lossy(&err) == "oops\n",
-            "stderr {:?}",
-            String::from_utf8_lossy(&err)
-        );
-        ensure!(exit.exit_code == 3, "exit {exit:?}");
-        sb.remove_container("c1", false).await?;
+        run_short_lived_container(&sb, &host_rootfs).await?;
         ensure!(
             !sb.share_dir().join("containers/c1").exists(),
             "c1 rootfs dir left in the share"
         );
 
         // A long-running container and an exec into it.
+        let stdio = StdioConfig {
+            stdin: false,
+            terminal: false,
+        };
         let spec = spec_for(&["sh", "-c", "echo up; exec sleep 600"])?;
         sb.create_container("c2", spec, Rootfs::Bind(host_rootfs.clone()), stdio)
             .await?;
