@@ -7,26 +7,22 @@
 //! independent of the one under test. Needs root.
 
 mod common;
+mod qemu_vm;
 
 use std::future::Future;
 use std::net::{SocketAddr, UdpSocket};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use husk_agent::error::AgentError;
 use husk_agent::network::{configure, configure_with_wait, validate};
 use husk_proto::agent::{
-    AgentClient, ContainerRef, CreateContainerRequest, CreateSandboxRequest, DestroySandboxRequest,
-    Interface, IpAddress, NetworkConfig, ProcessRef, ReadyNotice, Route, StdioConfig, StreamAccept,
-    StreamHello, StreamKind,
+    CreateSandboxRequest, DestroySandboxRequest, Interface, IpAddress, NetworkConfig, Route,
 };
-use husk_proto::stream::{read_msg, write_msg};
-use husk_proto::ttrpc::{Client, Code};
+use husk_proto::ttrpc::Code;
+use qemu_vm::{container_spec, create_sandbox, QemuVm};
 use rtnetlink::LinkVeth;
 use serde_json::Value;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::UnixStream;
 
 const MAC_A: &str = "02:00:00:00:00:0a";
 const MAC_B: &str = "02:00:00:00:00:0b";
@@ -538,30 +534,6 @@ async fn create_sandbox_validates_the_network_config() {
         .unwrap();
 }
 
-struct Kill(Vec<Child>);
-impl Drop for Kill {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-/// Hybrid vsock: connect to the guest's `port` through the VMM's socket.
-async fn vsock_connect(uds: &Path, port: u32) -> UnixStream {
-    let s = UnixStream::connect(uds).await.unwrap();
-    let mut r = BufReader::new(s);
-    r.get_mut()
-        .write_all(format!("CONNECT {port}\n").as_bytes())
-        .await
-        .unwrap();
-    let mut line = String::new();
-    r.read_line(&mut line).await.unwrap();
-    assert!(line.starts_with("OK "), "CONNECT {port}: {line:?}");
-    r.into_inner()
-}
-
 /// Runs `args` in the network namespace of process `pid`.
 fn in_ns_of(pid: u32, args: &[&str]) -> std::process::Output {
     Command::new("nsenter")
@@ -584,117 +556,15 @@ fn in_ns_of(pid: u32, args: &[&str]) -> std::process::Output {
 #[tokio::test]
 #[ignore = "manual: needs a guest image with this agent, husk-vsock, virtiofsd and a minute of QEMU TCG"]
 async fn guest_network_in_a_vm() {
-    let guest =
-        PathBuf::from(std::env::var("HUSK_GUEST_DIR").unwrap_or("/var/lib/husk/guest".into()));
-    let vsock_bin = std::env::var("HUSK_VSOCK_BIN").unwrap_or("husk-vsock".into());
-    let virtiofsd = std::env::var("VIRTIOFSD").unwrap_or(format!(
-        "{}/.cargo/bin/virtiofsd",
-        std::env::var("HOME").unwrap()
-    ));
-    let dir = tempfile::Builder::new()
-        .prefix("husk-agent-net-vm")
-        .tempdir()
-        .unwrap();
-    let d = dir.path();
-    let share = d.join("share");
-    let rootfs = share.join("c1/rootfs");
-    for sub in ["bin", "proc", "dev", "sys", "tmp"] {
-        std::fs::create_dir_all(rootfs.join(sub)).unwrap();
-    }
-    std::fs::copy("/bin/busybox", rootfs.join("bin/busybox")).unwrap();
-    std::os::unix::fs::symlink("busybox", rootfs.join("bin/sh")).unwrap();
-
-    let log = |n: &str| std::fs::File::create(d.join(n)).unwrap();
-    let mut kids = Kill(Vec::new());
-    kids.0.push(
-        Command::new(&virtiofsd)
-            .args(["--socket-path", d.join("fs.sock").to_str().unwrap()])
-            .args(["--shared-dir", share.to_str().unwrap(), "--sandbox", "none"])
-            .stdout(log("virtiofsd.log"))
-            .stderr(log("virtiofsd.err"))
-            .spawn()
-            .expect("virtiofsd"),
-    );
-    let uds = d.join("hv.sock");
-    kids.0.push(
-        Command::new(&vsock_bin)
-            .args(["--socket", d.join("vsock.sock").to_str().unwrap()])
-            .args(["--uds", uds.to_str().unwrap(), "--guest-cid", "3"])
-            .stdout(log("vsock.log"))
-            .stderr(log("vsock.err"))
-            .spawn()
-            .expect("husk-vsock"),
-    );
-    let ready = tokio::net::UnixListener::bind(format!("{}_1023", uds.display())).unwrap();
-    for s in ["fs.sock", "vsock.sock"] {
-        let t = Instant::now();
-        while !d.join(s).exists() {
-            assert!(t.elapsed() < Duration::from_secs(10), "{s} never appeared");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-    let mut append = "console=ttyS0 panic=-1 quiet".to_string();
-    if let Some(k) = tsc_khz() {
-        append.push_str(&format!(" tsc_early_khz={k}"));
-    }
-    let mut qemu = Command::new("qemu-system-x86_64");
+    let (mut vm, mut qemu) = QemuVm::prepare("husk-agent-net-vm").await;
     qemu.args([
-        "-accel",
-        "tcg",
-        "-M",
-        "microvm,x-option-roms=off,memory-backend=mem,rtc=on",
-    ])
-    .args([
-        "-bios",
-        "/usr/share/qemu/qboot.rom",
-        "-cpu",
-        "max",
-        "-m",
-        "512",
-        "-smp",
-        "1",
-    ])
-    .args(["-object", "memory-backend-memfd,id=mem,size=512M,share=on"])
-    .args([
-        "-nodefaults",
-        "-no-user-config",
-        "-no-reboot",
-        "-display",
-        "none",
-    ])
-    .args([
-        "-chardev",
-        &format!("socket,id=fs0,path={}", d.join("fs.sock").display()),
-    ])
-    .args([
-        "-device",
-        "vhost-user-fs-device,chardev=fs0,tag=husk,queue-size=1024",
-    ])
-    .args([
-        "-chardev",
-        &format!("socket,id=vsock0,path={}", d.join("vsock.sock").display()),
-    ])
-    .args(["-device", "vhost-user-vsock-device,chardev=vsock0"])
-    .args([
         "-netdev",
         "tap,id=n0,ifname=tap0,script=no,downscript=no,vhost=off",
     ])
     .args([
         "-device",
         &format!("virtio-net-device,netdev=n0,mac={MAC_A}"),
-    ])
-    .args([
-        "-serial",
-        &format!("file:{}", d.join("console.log").display()),
-    ])
-    .arg("-kernel")
-    .arg(guest.join("vmlinuz"))
-    .arg("-initrd")
-    .arg(guest.join("initrd.img"))
-    .args(["-append", &append])
-    .stdin(Stdio::null())
-    .stdout(log("qemu.log"))
-    .stderr(log("qemu.err"));
+    ]);
     // SAFETY: between fork and exec the closure only makes one syscall,
     // unshare(2), which is async-signal-safe, and allocates nothing.
     unsafe {
@@ -702,8 +572,7 @@ async fn guest_network_in_a_vm() {
             nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).map_err(Into::into)
         });
     }
-    kids.0.push(qemu.spawn().expect("qemu"));
-    let qemu_pid = kids.0.last().unwrap().id();
+    let qemu_pid = vm.spawn(qemu);
     // The pod's side of the link, as a CNI plugin would leave it: the
     // gateway's addresses on the tap, plus one address (192.0.2.1) outside
     // the pod's subnet that only the guest's default route leads back to.
@@ -751,30 +620,29 @@ async fn guest_network_in_a_vm() {
             route("192.168.50.0/24", "", "pod0"),
         ],
     };
-    let console = d.join("console.log");
     let result = tokio::time::timeout(Duration::from_secs(300), async {
-        let (mut c, _) = ready.accept().await.unwrap();
-        let _: ReadyNotice = read_msg(&mut c, 1024).await.unwrap();
-        let client = AgentClient::new(Client::new(vsock_connect(&uds, 1024).await));
+        let (_, client) = vm.agent().await;
         let t = Some(Duration::from_secs(60));
         let started = Instant::now();
-        client
-            .create_sandbox(
-                CreateSandboxRequest {
-                    sandbox_id: "vm1".into(),
-                    hostname: "vm1".into(),
-                    share_tag: "husk".into(),
-                    network: Some(network),
-                },
-                t,
-            )
-            .await
-            .unwrap();
-        eprintln!("CreateSandbox with the network took {:?}", started.elapsed());
+        create_sandbox(&client, Some(network), t).await;
+        eprintln!(
+            "CreateSandbox with the network took {:?}",
+            started.elapsed()
+        );
         let mut pings = Vec::new();
         for args in [
             &["busybox", "ping", "-c", "1", "-W", "5", "10.0.2.15"][..],
-            &["busybox", "ping", "-c", "1", "-W", "5", "-I", "192.0.2.1", "10.0.2.15"],
+            &[
+                "busybox",
+                "ping",
+                "-c",
+                "1",
+                "-W",
+                "5",
+                "-I",
+                "192.0.2.1",
+                "10.0.2.15",
+            ],
             &["busybox", "ping", "-6", "-c", "1", "-W", "5", "fec0::15"],
         ] {
             let out = in_ns_of(qemu_pid, args);
@@ -784,45 +652,12 @@ async fn guest_network_in_a_vm() {
         }
         let script = "busybox ip -o link show pod0; busybox ip -o addr show dev pod0; \
              busybox ip route; busybox ip -6 route; echo done";
-        let mut spec: serde_json::Value =
-            serde_json::to_value(libcontainer::oci_spec::runtime::Spec::default()).unwrap();
-        spec["root"] = serde_json::json!({"path": format!("{}/c1/rootfs", husk_proto::GUEST_SHARE_DIR), "readonly": false});
-        spec["process"]["args"] = serde_json::json!(["sh", "-c", script]);
-        spec["process"]["env"] = serde_json::json!(["PATH=/bin"]);
+        let mut spec = container_spec(&["sh", "-c", script]);
         // The VM's own network namespace: the one the agent configured.
         let ns = spec["linux"]["namespaces"].as_array_mut().unwrap();
         ns.retain(|n| n["type"] != "network");
-        client
-            .create_container(
-                CreateContainerRequest {
-                    container_id: "c1".into(),
-                    oci_spec_json: serde_json::to_vec(&spec).unwrap(),
-                    stdio: Some(StdioConfig::default()),
-                },
-                t,
-            )
-            .await
-            .unwrap();
-        let mut out = vsock_connect(&uds, 1025).await;
-        let init = ProcessRef {
-            container_id: "c1".into(),
-            exec_id: String::new(),
-        };
-        let hello = StreamHello {
-            process: Some(init.clone()),
-            kind: StreamKind::Stdout as i32,
-        };
-        write_msg(&mut out, &hello).await.unwrap();
-        let acc: StreamAccept = read_msg(&mut out, 4096).await.unwrap();
-        assert_eq!(acc.error, "");
-        client
-            .start_container(ContainerRef { container_id: "c1".into() }, t)
-            .await
-            .unwrap();
-        let mut text = String::new();
-        out.read_to_string(&mut text).await.unwrap();
-        let w = client.wait_process(init, t).await.unwrap();
-        eprintln!("guest output (exit {}):\n{text}", w.exit_code);
+        let (text, exit_code) = vm.run_container(&client, &spec, t).await;
+        eprintln!("guest output (exit {exit_code}):\n{text}");
         client
             .destroy_sandbox(DestroySandboxRequest { poweroff: true }, t)
             .await
@@ -832,10 +667,7 @@ async fn guest_network_in_a_vm() {
     .await;
     let (text, pings) = match result {
         Ok(r) => r,
-        Err(_) => panic!(
-            "timed out; console:\n{}",
-            std::fs::read_to_string(&console).unwrap_or_default()
-        ),
+        Err(_) => panic!("timed out; console:\n{}", vm.console()),
     };
     for want in [
         "pod0: <",
@@ -862,26 +694,5 @@ async fn guest_network_in_a_vm() {
     for (cmd, ok, out) in &pings {
         assert!(ok, "{cmd} from the tap side failed:\n{out}");
     }
-    let qemu = kids.0.last_mut().unwrap();
-    let t = Instant::now();
-    while qemu.try_wait().unwrap().is_none() {
-        assert!(
-            t.elapsed() < Duration::from_secs(30),
-            "VM did not power off"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-fn tsc_khz() -> Option<u64> {
-    let out = Command::new("dmesg").output().ok()?;
-    let log = String::from_utf8_lossy(&out.stdout);
-    let line = log.lines().find(|l| l.contains("tsc: Detected "))?;
-    let mhz = line
-        .split("tsc: Detected ")
-        .nth(1)?
-        .split_whitespace()
-        .next()?;
-    let (i, f) = mhz.split_once('.').unwrap_or((mhz, "0"));
-    Some(i.parse::<u64>().ok()? * 1000 + format!("{f:0<3}")[..3].parse::<u64>().ok()?)
+    vm.wait_poweroff().await;
 }

@@ -9,6 +9,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use husk_guest_image::{build, installed, BuildOptions, Compression, Error};
+use husk_testkit::bench::median;
 
 /// Compiles the stand-in /init (tests/fixtures/standin-init.c) statically.
 /// `pad` is appended after the ELF (the loader ignores it) to give the
@@ -445,11 +446,6 @@ fn unknown_kernel_package_names_it_and_the_fix() {
     );
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
-
 /// Boot-time benchmark used to choose the default compression:
 /// `HUSK_BENCH_RUNS` boots per compression (default 5); `HUSK_BENCH_PAD` is a
 /// file appended to the stand-in to give /init a real agent's size.
@@ -499,17 +495,17 @@ fn boot_time_by_compression() {
              qemu cpu median {:.2} s min {:.2} s | guest uptime median {:.2} s min {:.2} s | \
              qemu rss median {:.1} MiB",
             img.manifest.initrd.size,
-            median(unpack.clone()),
+            median(&unpack),
             min(&unpack),
-            median(init_at.clone()),
+            median(&init_at),
             min(&init_at),
-            median(wall.clone()),
+            median(&wall),
             min(&wall),
-            median(cpu.clone()),
+            median(&cpu),
             min(&cpu),
-            median(up.clone()),
+            median(&up),
             min(&up),
-            median(rss),
+            median(&rss),
         );
     }
 }

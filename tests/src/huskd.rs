@@ -275,6 +275,19 @@ impl Huskd {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
+
+    /// Ends a run whose result is `r`: on failure shows the last
+    /// `log_lines` of huskd's log (the likely cause), then terminates huskd
+    /// either way and requires a clean exit once `r` passed.
+    pub async fn finish(&mut self, r: Result<()>, log_lines: usize) -> Result<()> {
+        if r.is_err() {
+            eprintln!("--- huskd log ---\n{}", self.log_tail(log_lines));
+        }
+        let st = self.terminate(Duration::from_secs(60)).await?;
+        r?;
+        ensure!(st.success(), "huskd exited with {st}");
+        Ok(())
+    }
 }
 
 impl Drop for Huskd {

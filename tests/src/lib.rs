@@ -1,7 +1,7 @@
 //! Shared harness of husk's end-to-end tests and benchmarks: where the
 //! binaries and the guest image are (environment variables with defaults;
-//! anything missing is an error, never a skip), busybox root filesystems,
-//! OCI specs, and checks that a stopped sandbox left nothing behind.
+//! anything missing is an error, never a skip), OCI specs, and checks that
+//! a stopped sandbox left nothing behind.
 //!
 //! Environment:
 //! - `HUSK_GUEST_DIR` (default /var/lib/husk/guest): vmlinuz + initrd.img
@@ -17,23 +17,21 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
+use husk_proto::agent::StdioConfig;
 use husk_runtime::components::{GuestImage, DEFAULT_GUEST_DIR};
 use husk_runtime::hypervisor::{self, HypervisorChoice, QemuPaths};
-use husk_runtime::{Hypervisor, Sandbox, SandboxConfig};
+use husk_runtime::{Hypervisor, Rootfs, Sandbox, SandboxConfig};
+use husk_testkit::{env_path, read_all};
 
 pub mod cni;
 pub mod cpio;
 pub mod cri_client;
 pub mod huskd;
-pub mod registry;
-
-fn env_path(name: &str) -> Option<PathBuf> {
-    std::env::var_os(name)
-        .filter(|v| !v.is_empty())
-        .map(PathBuf::from)
-}
+pub mod pods;
+pub use husk_testkit::registry;
 
 /// Everything a test needs to start sandboxes.
 #[derive(Debug, Clone)]
@@ -128,47 +126,6 @@ pub fn init_tracing() {
         .try_init();
 }
 
-/// A busybox root filesystem: bin/busybox (Debian's busybox-static) and one
-/// symlink per applet, plus the directories an OCI runtime mounts onto.
-pub fn busybox_rootfs(dir: &Path) -> Result<()> {
-    let busybox = ["/bin/busybox", "/usr/bin/busybox"]
-        .into_iter()
-        .map(Path::new)
-        .find(|p| p.exists())
-        .context("busybox not found: apt-get install busybox-static (scripts/install-deps)")?;
-    let out = std::process::Command::new(busybox).arg("--list").output()?;
-    if !out.status.success() {
-        bail!("busybox --list failed");
-    }
-    // A dynamically linked busybox would not run in the guest's rootfs.
-    let ldd = std::process::Command::new("file").arg(busybox).output();
-    if let Ok(o) = ldd {
-        if String::from_utf8_lossy(&o.stdout).contains("dynamically linked") {
-            bail!(
-                "{} is dynamically linked: install busybox-static",
-                busybox.display()
-            );
-        }
-    }
-    for d in ["bin", "proc", "sys", "dev", "tmp", "etc", "root"] {
-        std::fs::create_dir_all(dir.join(d))?;
-    }
-    std::fs::copy(busybox, dir.join("bin/busybox"))?;
-    for applet in String::from_utf8_lossy(&out.stdout).lines() {
-        let applet = applet.trim();
-        if applet.is_empty() || applet == "busybox" || applet.contains('/') {
-            continue;
-        }
-        let link = dir.join("bin").join(applet);
-        if !link.exists() {
-            std::os::unix::fs::symlink("busybox", &link)?;
-        }
-    }
-    std::fs::write(dir.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n")?;
-    std::fs::write(dir.join("etc/group"), "root:x:0:\n")?;
-    Ok(())
-}
-
 /// A default OCI spec running `args` without a terminal.
 pub fn spec_for(args: &[&str]) -> Result<oci_spec::runtime::Spec> {
     let mut spec = oci_spec::runtime::Spec::default();
@@ -194,6 +151,47 @@ pub fn process_for(args: &[&str]) -> Result<oci_spec::runtime::Process> {
     p.set_args(Some(args.iter().map(|s| s.to_string()).collect()));
     p.set_terminal(Some(false));
     Ok(p)
+}
+
+/// A short-lived container `c1` on `rootfs`: its stdout, its stderr and
+/// its exit code each arrive, and it can be removed.
+pub async fn run_short_lived_container(sb: &Sandbox, rootfs: &Path) -> Result<()> {
+    let stdio = StdioConfig {
+        stdin: false,
+        terminal: false,
+    };
+    let spec = spec_for(&["sh", "-c", "echo hello; echo oops >&2; exit 3"])?;
+    sb.create_container("c1", spec, Rootfs::Bind(rootfs.into()), stdio)
+        .await?;
+    let io = sb.attach_stdio("c1", "", stdio).await?;
+    sb.start_container("c1").await?;
+    let (out, err) = tokio::try_join!(read_all(Some(io.stdout)), read_all(io.stderr))?;
+    let exit = tokio::time::timeout(Duration::from_secs(60), sb.wait("c1", "")).await??;
+    ensure!(
+        out == b"hello\n",
+        "stdout {:?}",
+        String::from_utf8_lossy(&out)
+    );
+    ensure!(
+        err == b"oops\n",
+        "stderr {:?}",
+        String::from_utf8_lossy(&err)
+    );
+    ensure!(exit.exit_code == 3, "exit {exit:?}");
+    sb.remove_container("c1", false).await?;
+    Ok(())
+}
+
+/// After a failed test, the end of the guest's console: where a cause
+/// inside the VM shows.
+pub fn show_console_if_failed<T>(sb: &Sandbox, r: &Result<T>) {
+    if r.is_err() {
+        eprintln!(
+            "--- console of {} ---\n{}",
+            sb.id(),
+            husk_runtime::sandbox::console_tail(&sb.console_log(), 60)
+        );
+    }
 }
 
 /// What a sandbox must not leave behind once stopped.
@@ -270,7 +268,4 @@ pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
     v
 }
 
-pub fn sha256_hex(data: &[u8]) -> String {
-    use sha2::Digest;
-    hex::encode(sha2::Sha256::digest(data))
-}
+pub use husk_testkit::sha256_hex;

@@ -19,7 +19,6 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
-use husk_proto::agent::StdioConfig;
 use husk_runtime::hypervisor::builtin::{
     self, control_request, BuiltinFiles, Request, Status, VmState, BUILTIN_KERNEL_PARAM,
 };
@@ -28,30 +27,23 @@ use husk_runtime::hypervisor::{
     HypervisorChoice, HypervisorError, VirtioFsConfig, Vm, VmConfig,
 };
 use husk_runtime::process::ManagedChild;
-use husk_runtime::{Rootfs, Sandbox};
-use husk_tests::{busybox_rootfs, init_tracing, spec_for, unique_id, LeakProbe, TestEnv};
-use tokio::io::AsyncReadExt;
+use husk_runtime::Sandbox;
+use husk_testkit::guest::elf;
+use husk_testkit::{busybox, env_path};
+use husk_tests::{
+    init_tracing, run_short_lived_container, show_console_if_failed, unique_id, LeakProbe, TestEnv,
+};
 
 /// The hosts have two cores: one VM test at a time.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-fn env_path(name: &str) -> Option<PathBuf> {
-    std::env::var_os(name)
-        .filter(|v| !v.is_empty())
-        .map(PathBuf::from)
-}
-
-fn vmm_paths() -> Result<BuiltinPaths> {
-    BuiltinPaths::resolve(env_path("HUSK_VMM_BIN").as_deref())
-        .context("the builtin backend tests need husk-vmm: cargo build -p husk-vmm --bin husk-vmm, or set HUSK_VMM_BIN")
-}
-
-async fn read_all(s: Option<tokio::net::UnixStream>) -> Result<Vec<u8>> {
-    let mut v = Vec::new();
-    if let Some(mut s) = s {
-        s.read_to_end(&mut v).await?;
-    }
-    Ok(v)
+/// husk-vmm and virtiofsd, the two binaries every builtin backend test runs.
+fn vmm_and_virtiofsd() -> Result<(BuiltinPaths, PathBuf)> {
+    let paths = BuiltinPaths::resolve(env_path("HUSK_VMM_BIN").as_deref())
+        .context("the builtin backend tests need husk-vmm: cargo build -p husk-vmm --bin husk-vmm, or set HUSK_VMM_BIN")?;
+    let virtiofsd =
+        husk_runtime::virtiofsd::find_virtiofsd(env_path("HUSK_VIRTIOFSD_BIN").as_deref())?;
+    Ok((paths, virtiofsd))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -100,7 +92,7 @@ async fn builtin_sandbox_runs_a_container_or_says_why_not() -> Result<()> {
     let mut cfg = env.sandbox_config(&unique_id("bi"));
     cfg.hypervisor = h.into();
     let rootfs = tempfile::tempdir()?;
-    busybox_rootfs(rootfs.path())?;
+    busybox::rootfs(rootfs.path())?;
     let sb = Sandbox::start(cfg).await?;
     let probe_leak = LeakProbe::of(&sb);
     let body = async {
@@ -117,75 +109,16 @@ async fn builtin_sandbox_runs_a_container_or_says_why_not() -> Result<()> {
         );
         let h = sb.health().await?;
         ensure!(!h.agent_version.is_empty(), "health: {h:?}");
-        let stdio = StdioConfig {
-            stdin: false,
-            terminal: false,
-        };
-        let spec = spec_for(&["sh", "-c", "echo hello; echo oops >&2; exit 3"])?;
-        sb.create_container("c1", spec, Rootfs::Bind(rootfs.path().into()), stdio)
-            .await?;
-        let io = sb.attach_stdio("c1", "", stdio).await?;
-        sb.start_container("c1").await?;
-        let (out, err) = tokio::try_join!(read_all(Some(io.stdout)), read_all(io.stderr))?;
-        let exit = tokio::time::timeout(Duration::from_secs(60), sb.wait("c1", "")).await??;
-        ensure!(
-            out == b"hello\n",
-            "stdout {:?}",
-            String::from_utf8_lossy(&out)
-        );
-        ensure!(
-            err == b"oops\n",
-            "stderr {:?}",
-            String::from_utf8_lossy(&err)
-        );
-        ensure!(exit.exit_code == 3, "exit {exit:?}");
-        sb.remove_container("c1", false).await?;
-        Ok::<(), anyhow::Error>(())
+        run_short_lived_container(&sb, rootfs.path()).await
     }
     .await;
-    if body.is_err() {
-        eprintln!(
-            "--- console of {} ---\n{}",
-            sb.id(),
-            husk_runtime::sandbox::console_tail(&sb.console_log(), 60)
-        );
-    }
+    show_console_if_failed(&sb, &body);
     let stop = sb.stop().await;
     drop(sb);
     let clean = probe_leak.assert_clean();
     body?;
     stop?;
     clean
-}
-
-/// An ELF64 executable whose one segment is `code` at 2 MiB, entry at its
-/// first byte: enough for husk-vmm's loader and 64-bit boot set-up.
-fn tiny_elf(code: &[u8]) -> Vec<u8> {
-    const LOAD: u64 = 0x20_0000;
-    let mut f = vec![0u8; 0x1000];
-    f[0..4].copy_from_slice(b"\x7fELF");
-    f[4] = 2; // ELFCLASS64
-    f[5] = 1; // little endian
-    f[6] = 1; // EV_CURRENT
-    f[16..18].copy_from_slice(&2u16.to_le_bytes()); // ET_EXEC
-    f[18..20].copy_from_slice(&62u16.to_le_bytes()); // EM_X86_64
-    f[20..24].copy_from_slice(&1u32.to_le_bytes());
-    f[24..32].copy_from_slice(&LOAD.to_le_bytes()); // e_entry
-    f[32..40].copy_from_slice(&64u64.to_le_bytes()); // e_phoff
-    f[52..54].copy_from_slice(&64u16.to_le_bytes()); // e_ehsize
-    f[54..56].copy_from_slice(&56u16.to_le_bytes()); // e_phentsize
-    f[56..58].copy_from_slice(&1u16.to_le_bytes()); // e_phnum
-    let ph = &mut f[64..120];
-    ph[0..4].copy_from_slice(&1u32.to_le_bytes()); // PT_LOAD
-    ph[4..8].copy_from_slice(&7u32.to_le_bytes()); // RWX
-    ph[8..16].copy_from_slice(&0x1000u64.to_le_bytes()); // p_offset
-    ph[16..24].copy_from_slice(&LOAD.to_le_bytes()); // p_vaddr
-    ph[24..32].copy_from_slice(&LOAD.to_le_bytes()); // p_paddr
-    ph[32..40].copy_from_slice(&(code.len() as u64).to_le_bytes()); // p_filesz
-    ph[40..48].copy_from_slice(&(code.len() as u64).to_le_bytes()); // p_memsz
-    ph[48..56].copy_from_slice(&0x1000u64.to_le_bytes()); // p_align
-    f.extend_from_slice(code);
-    f
 }
 
 /// `out 0x3f8, 'H'; out 0x3f8, 'i'` then spin (`jmp $`): the guest's first
@@ -230,7 +163,7 @@ fn fixture(dir: &Path, virtiofsd: &Path) -> Result<Fixture> {
     let share = dir.join("share");
     std::fs::create_dir_all(&share)?;
     let kernel = dir.join("guest.elf");
-    std::fs::write(&kernel, tiny_elf(SAY_HI_AND_SPIN))?;
+    std::fs::write(&kernel, elf(SAY_HI_AND_SPIN))?;
     // husk-vmm loads it where a Linux initramfs would go; contents unused.
     let initrd = dir.join("initrd.img");
     std::fs::write(&initrd, vec![0u8; 4096])?;
@@ -277,31 +210,68 @@ fn fixture(dir: &Path, virtiofsd: &Path) -> Result<Fixture> {
     })
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn husk_vmm_launch_status_shutdown() -> Result<()> {
-    let _serial = SERIAL.lock().await;
-    init_tracing();
-    let paths = vmm_paths()?;
-    let virtiofsd =
-        husk_runtime::virtiofsd::find_virtiofsd(env_path("HUSK_VIRTIOFSD_BIN").as_deref())?;
-    let probe = probe_accel();
-    eprintln!("host: {}", probe.reason);
-    // Built directly: select() would refuse it on a host without hardware
-    // virtualization, and this guest needs none.
-    let backend = Builtin::new(paths, &probe);
-    let base = tempfile::Builder::new().prefix("hb").tempdir_in("/tmp")?;
-    let dir = base.path().join(unique_id("v"));
+/// A fresh fixture in `dir` with its husk-vmm launched, both pids recorded
+/// in `pids` for the leak check; returns the VM and husk-vmm's pid.
+async fn launch(
+    backend: &Builtin,
+    dir: &Path,
+    virtiofsd: &Path,
+    pids: &mut Vec<(&'static str, u32)>,
+) -> Result<(Fixture, Box<dyn Vm>, u32)> {
+    let fx = fixture(dir, virtiofsd)?;
+    pids.push(("virtiofsd", fx.virtiofsd.pid()));
+    let t0 = Instant::now();
+    let vm: Box<dyn Vm> = backend.launch(&fx.config).await?;
+    eprintln!("husk-vmm running after {:?}", t0.elapsed());
+    let vm_pids = vm.pids();
+    ensure!(
+        vm_pids.len() == 1 && vm_pids[0].0 == "husk-vmm",
+        "{vm_pids:?}: no husk-vsock with the builtin backend"
+    );
+    let pid = vm_pids[0].1;
+    pids.push(("husk-vmm", pid));
+    Ok((fx, vm, pid))
+}
+
+/// A sandbox-like directory `<tmp>/<id>` for a fixture, in /tmp so that
+/// its socket paths stay short; `<tmp>` goes when the returned guard drops.
+fn fresh_dir(tmp_prefix: &str, id_prefix: &str) -> Result<(tempfile::TempDir, PathBuf)> {
+    let base = tempfile::Builder::new()
+        .prefix(tmp_prefix)
+        .tempdir_in("/tmp")?;
+    let dir = base.path().join(unique_id(id_prefix));
     std::fs::create_dir_all(&dir)?;
-    let mut pids = Vec::new();
-    let r = launch_status_shutdown(&backend, &dir, &virtiofsd, &mut pids).await;
-    let _ = std::fs::remove_dir_all(&dir);
+    Ok((base, dir))
+}
+
+/// The end of a test that ran in `dir`: removes it, then fails with the
+/// test's error `r` or else with whatever the husk-vmm or virtiofsd of
+/// `pids` left behind.
+fn remove_and_check_clean(dir: &Path, pids: Vec<(&'static str, u32)>, r: Result<()>) -> Result<()> {
+    let _ = std::fs::remove_dir_all(dir);
     let clean = LeakProbe {
-        dir: dir.clone(),
+        dir: dir.to_path_buf(),
         pids,
     }
     .assert_clean();
     r?;
     clean
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn husk_vmm_launch_status_shutdown() -> Result<()> {
+    let _serial = SERIAL.lock().await;
+    init_tracing();
+    let (paths, virtiofsd) = vmm_and_virtiofsd()?;
+    let probe = probe_accel();
+    eprintln!("host: {}", probe.reason);
+    // Built directly: select() would refuse it on a host without hardware
+    // virtualization, and this guest needs none.
+    let backend = Builtin::new(paths, &probe);
+    let (_base, dir) = fresh_dir("hb", "v")?;
+    let mut pids = Vec::new();
+    let r = launch_status_shutdown(&backend, &dir, &virtiofsd, &mut pids).await;
+    remove_and_check_clean(&dir, pids, r)
 }
 
 async fn launch_status_shutdown(
@@ -313,18 +283,7 @@ async fn launch_status_shutdown(
     let files = BuiltinFiles::in_dir(dir);
 
     // 1. Launch, status, shutdown through the control socket.
-    let mut fx = fixture(dir, virtiofsd)?;
-    pids.push(("virtiofsd", fx.virtiofsd.pid()));
-    let t0 = Instant::now();
-    let mut vm: Box<dyn Vm> = backend.launch(&fx.config).await?;
-    eprintln!("husk-vmm running after {:?}", t0.elapsed());
-    let vm_pids = vm.pids();
-    ensure!(
-        vm_pids.len() == 1 && vm_pids[0].0 == "husk-vmm",
-        "{vm_pids:?}: no husk-vsock with the builtin backend"
-    );
-    let pid = vm_pids[0].1;
-    pids.push(("husk-vmm", pid));
+    let (mut fx, mut vm, pid) = launch(backend, dir, virtiofsd, pids).await?;
 
     // Started with the generated config, in its own session.
     let cmd = std::fs::read(format!("/proc/{pid}/cmdline"))?;
@@ -428,11 +387,7 @@ async fn launch_status_shutdown(
 
     // 2. kill(): SIGKILL leaves husk-vmm no chance to clean up; the backend does.
     let _ = std::fs::remove_file(&fx.config.console_log);
-    let mut fx = fixture(&fx.dir, virtiofsd)?;
-    pids.push(("virtiofsd", fx.virtiofsd.pid()));
-    let mut vm = backend.launch(&fx.config).await?;
-    let pid = vm.pids()[0].1;
-    pids.push(("husk-vmm", pid));
+    let (mut fx, mut vm, pid) = launch(backend, dir, virtiofsd, pids).await?;
     let status = vm.kill().await?;
     ensure!(!status.success(), "killed husk-vmm exited with {status}");
     ensure!(!alive(pid), "husk-vmm pid {pid} survived kill");
@@ -443,11 +398,7 @@ async fn launch_status_shutdown(
 
     // 3. The handle is lost without a stop (huskd crashed): husk-vmm keeps
     // running, and a new huskd finds it by its pid file and stops it.
-    let mut fx = fixture(&fx.dir, virtiofsd)?;
-    pids.push(("virtiofsd", fx.virtiofsd.pid()));
-    let vm = backend.launch(&fx.config).await?;
-    let pid = vm.pids()[0].1;
-    pids.push(("husk-vmm", pid));
+    let (mut fx, vm, pid) = launch(backend, dir, virtiofsd, pids).await?;
     std::mem::forget(vm);
     tokio::time::sleep(Duration::from_millis(100)).await;
     let st = vmm_status(&files).await?;
@@ -524,9 +475,7 @@ const SAY_R_AND_RESET: &[u8] = &[
 async fn sandbox_with_builtin_backend_reports_exit_and_timeout() -> Result<()> {
     let _serial = SERIAL.lock().await;
     init_tracing();
-    let paths = vmm_paths()?;
-    let virtiofsd =
-        husk_runtime::virtiofsd::find_virtiofsd(env_path("HUSK_VIRTIOFSD_BIN").as_deref())?;
+    let (paths, virtiofsd) = vmm_and_virtiofsd()?;
     let hv: std::sync::Arc<dyn Hypervisor> =
         std::sync::Arc::new(Builtin::new(paths, &probe_accel()));
     let base = tempfile::Builder::new().prefix("hs").tempdir_in("/tmp")?;
@@ -538,7 +487,7 @@ async fn sandbox_with_builtin_backend_reports_exit_and_timeout() -> Result<()> {
         let kernel = base
             .path()
             .join(if want_exit { "reset.elf" } else { "spin.elf" });
-        std::fs::write(&kernel, tiny_elf(code))?;
+        std::fs::write(&kernel, elf(code))?;
         let id = unique_id("s");
         let mut cfg = husk_runtime::SandboxConfig::new(
             id.clone(),
@@ -594,9 +543,7 @@ async fn sandbox_with_builtin_backend_reports_exit_and_timeout() -> Result<()> {
 async fn huskd_restart_stops_a_leftover_husk_vmm_cleanly() -> Result<()> {
     let _serial = SERIAL.lock().await;
     init_tracing();
-    let paths = vmm_paths()?;
-    let virtiofsd =
-        husk_runtime::virtiofsd::find_virtiofsd(env_path("HUSK_VIRTIOFSD_BIN").as_deref())?;
+    let (paths, virtiofsd) = vmm_and_virtiofsd()?;
     let backend = Builtin::new(paths, &probe_accel());
     let base = tempfile::Builder::new().prefix("hr").tempdir_in("/tmp")?;
     let config = huskd::cri::HuskdConfig {
@@ -612,14 +559,7 @@ async fn huskd_restart_stops_a_leftover_husk_vmm_cleanly() -> Result<()> {
     std::fs::create_dir_all(&dir)?;
     let mut pids = Vec::new();
     let r = restart_after_crash(&backend, config, &dir, &virtiofsd, &mut pids).await;
-    let _ = std::fs::remove_dir_all(&dir);
-    let clean = LeakProbe {
-        dir: dir.clone(),
-        pids,
-    }
-    .assert_clean();
-    r?;
-    clean
+    remove_and_check_clean(&dir, pids, r)
 }
 
 async fn restart_after_crash(
@@ -630,11 +570,7 @@ async fn restart_after_crash(
     pids: &mut Vec<(&'static str, u32)>,
 ) -> Result<()> {
     let files = BuiltinFiles::in_dir(dir);
-    let mut fx = fixture(dir, virtiofsd)?;
-    pids.push(("virtiofsd", fx.virtiofsd.pid()));
-    let vm = backend.launch(&fx.config).await?;
-    let pid = vm.pids()[0].1;
-    pids.push(("husk-vmm", pid));
+    let (mut fx, vm, pid) = launch(backend, dir, virtiofsd, pids).await?;
     // huskd "crashes": the handle is lost without a stop or a kill.
     std::mem::forget(vm);
     let st = vmm_status(&files).await?;
@@ -762,13 +698,7 @@ async fn cri_suite_backend_is_stated() -> Result<()> {
         dirs.assert_sandboxes_gone()
     }
     .await;
-    if r.is_err() {
-        eprintln!("--- huskd log ---\n{}", huskd.log_tail(40));
-    }
-    let st = huskd.terminate(Duration::from_secs(60)).await?;
-    r?;
-    ensure!(st.success(), "huskd exited with {st}");
-    Ok(())
+    huskd.finish(r, 40).await
 }
 
 /// The builtin backend's side of a huskd restart (issue 5): a launched
@@ -780,23 +710,12 @@ async fn cri_suite_backend_is_stated() -> Result<()> {
 async fn husk_vmm_detach_and_adopt() -> Result<()> {
     let _serial = SERIAL.lock().await;
     init_tracing();
-    let paths = vmm_paths()?;
-    let virtiofsd =
-        husk_runtime::virtiofsd::find_virtiofsd(env_path("HUSK_VIRTIOFSD_BIN").as_deref())?;
+    let (paths, virtiofsd) = vmm_and_virtiofsd()?;
     let backend = Builtin::new(paths, &probe_accel());
-    let base = tempfile::Builder::new().prefix("ha").tempdir_in("/tmp")?;
-    let dir = base.path().join(unique_id("a"));
-    std::fs::create_dir_all(&dir)?;
+    let (_base, dir) = fresh_dir("ha", "a")?;
     let mut pids = Vec::new();
     let r = detach_and_adopt(&backend, &dir, &virtiofsd, &mut pids).await;
-    let _ = std::fs::remove_dir_all(&dir);
-    let clean = LeakProbe {
-        dir: dir.clone(),
-        pids,
-    }
-    .assert_clean();
-    r?;
-    clean
+    remove_and_check_clean(&dir, pids, r)
 }
 
 async fn detach_and_adopt(
@@ -806,11 +725,7 @@ async fn detach_and_adopt(
     pids: &mut Vec<(&'static str, u32)>,
 ) -> Result<()> {
     let files = BuiltinFiles::in_dir(dir);
-    let mut fx = fixture(dir, virtiofsd)?;
-    pids.push(("virtiofsd", fx.virtiofsd.pid()));
-    let vm = backend.launch(&fx.config).await?;
-    let pid = vm.pids()[0].1;
-    pids.push(("husk-vmm", pid));
+    let (mut fx, vm, pid) = launch(backend, dir, virtiofsd, pids).await?;
     // What the pod record keeps: the backend's own record of the VM.
     let record = vm.record();
     ensure!(

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use husk_tests::huskd::{assert_nothing_left, Huskd, HuskdDirs, BIG_MEMORY_MIB, BIG_VCPUS};
+use husk_tests::pods::{self, verbose_status};
 use husk_tests::registry::Registry;
 use husk_tests::TestEnv;
 use k8s_cri::v1 as cri;
@@ -44,18 +45,8 @@ fn pod_config(name: &str, log_dir: &Path) -> cri::PodSandboxConfig {
 
 fn container_config(name: &str, image: &str, cmd: &[&str], log_path: &str) -> cri::ContainerConfig {
     cri::ContainerConfig {
-        metadata: Some(cri::ContainerMetadata {
-            name: name.into(),
-            attempt: 0,
-        }),
-        image: Some(cri::ImageSpec {
-            image: image.into(),
-            ..Default::default()
-        }),
-        command: cmd.iter().map(|s| s.to_string()).collect(),
-        log_path: log_path.into(),
         labels: HashMap::from([("ctr".into(), name.into())]),
-        ..Default::default()
+        ..pods::container_config(name, image, cmd, log_path)
     }
 }
 
@@ -499,21 +490,13 @@ async fn cri_pod_lifecycle() -> Result<()> {
             pod_state(&mut rt, &pod).await? == cri::PodSandboxState::SandboxReady as i32,
             "pod not Ready"
         );
-        let ps = rt
-            .pod_sandbox_status(cri::PodSandboxStatusRequest {
-                pod_sandbox_id: pod.clone(),
-                verbose: true,
-            })
-            .await?
-            .into_inner();
-        let status = ps.status.context("status")?;
+        let (status, info) = verbose_status(&mut rt, &pod).await?;
+        let status = status.context("status")?;
         ensure!(
             status.metadata == pcfg.metadata && status.labels == pcfg.labels,
             "{status:?}"
         );
         ensure!(status.runtime_handler == "husk", "{status:?}");
-        let info: serde_json::Value =
-            serde_json::from_str(ps.info.get("info").context("verbose PodSandboxStatus")?)?;
         ensure!(info["vcpus"] == 1 && info["memoryMiB"] == 256, "{info}");
         let tm = &info["startTimingsMs"];
         for k in ["hostSetup", "guestBoot", "agentSetup", "total"] {
@@ -1428,15 +1411,7 @@ async fn cri_vm_death() -> Result<()> {
             container_config("sleeper", &image, &["sleep", "3600"], "sleeper/0.log"),
         )
         .await?;
-        let ps = rt
-            .pod_sandbox_status(cri::PodSandboxStatusRequest {
-                pod_sandbox_id: pod.clone(),
-                verbose: true,
-            })
-            .await?
-            .into_inner();
-        let info: serde_json::Value =
-            serde_json::from_str(ps.info.get("info").context("verbose PodSandboxStatus")?)?;
+        let (_, info) = verbose_status(&mut rt, &pod).await?;
         let pids = info["pids"].as_array().context("pids")?;
         let vmm = pids
             .iter()

@@ -8,22 +8,16 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context, Result};
 use husk_proto::agent::StdioConfig;
 use husk_runtime::{Rootfs, Sandbox, SandboxError};
+use husk_testkit::{busybox, read_all};
 use husk_tests::{
-    busybox_rootfs, pattern, process_for, sha256_hex, spec_for, unique_id, LeakProbe, TestEnv,
+    pattern, process_for, run_short_lived_container, sha256_hex, show_console_if_failed, spec_for,
+    unique_id, LeakProbe, TestEnv,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// One VM test at a time even without --test-threads=1: the hosts have two
 /// cores and TCG boots are CPU-bound.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-async fn read_all(s: Option<tokio::net::UnixStream>) -> Result<Vec<u8>> {
-    let mut v = Vec::new();
-    if let Some(mut s) = s {
-        s.read_to_end(&mut v).await?;
-    }
-    Ok(v)
-}
 
 /// Runs `body` against a fresh sandbox, then stops it and checks that
 /// nothing is left, whether or not `body` failed.
@@ -35,13 +29,7 @@ where
     let sb = Arc::new(Sandbox::start(env.sandbox_config(&unique_id(prefix))).await?);
     let probe = LeakProbe::of(&sb);
     let r = body(sb.clone()).await;
-    if r.is_err() {
-        eprintln!(
-            "--- console of {} ---\n{}",
-            sb.id(),
-            husk_runtime::sandbox::console_tail(&sb.console_log(), 60)
-        );
-    }
+    show_console_if_failed(&sb, &r);
     let stop = sb.stop().await;
     // Idempotent.
     sb.stop().await.context("second stop")?;
@@ -57,7 +45,7 @@ async fn container_run_exec_and_clean_stop() -> Result<()> {
     let _serial = SERIAL.lock().await;
     let env = TestEnv::from_env()?;
     let rootfs = tempfile::tempdir()?;
-    busybox_rootfs(rootfs.path())?;
+    busybox::rootfs(rootfs.path())?;
     let host_rootfs = rootfs.path().to_path_buf();
     with_sandbox(&env, "run", |sb| async move {
         let t = sb.timings();
@@ -69,35 +57,17 @@ async fn container_run_exec_and_clean_stop() -> Result<()> {
         );
 
         // A short-lived container: stdout, stderr and the exit code.
-        let stdio = StdioConfig {
-            stdin: false,
-            terminal: false,
-        };
-        let spec = spec_for(&["sh", "-c", "echo hello; echo oops >&2; exit 3"])?;
-        sb.create_container("c1", spec, Rootfs::Bind(host_rootfs.clone()), stdio)
-            .await?;
-        let io = sb.attach_stdio("c1", "", stdio).await?;
-        sb.start_container("c1").await?;
-        let (out, err) = tokio::try_join!(read_all(Some(io.stdout)), read_all(io.stderr))?;
-        let exit = tokio::time::timeout(Duration::from_secs(60), sb.wait("c1", "")).await??;
-        ensure!(
-            String::from_utf8_lossy(&out) == "hello\n",
-            "stdout {:?}",
-            String::from_utf8_lossy(&out)
-        );
-        ensure!(
-            String::from_utf8_lossy(&err) == "oops\n",
-            "stderr {:?}",
-            String::from_utf8_lossy(&err)
-        );
-        ensure!(exit.exit_code == 3, "exit {exit:?}");
-        sb.remove_container("c1", false).await?;
+        run_short_lived_container(&sb, &host_rootfs).await?;
         ensure!(
             !sb.share_dir().join("containers/c1").exists(),
             "c1 rootfs dir left in the share"
         );
 
         // A long-running container and an exec into it.
+        let stdio = StdioConfig {
+            stdin: false,
+            terminal: false,
+        };
         let spec = spec_for(&["sh", "-c", "echo up; exec sleep 600"])?;
         sb.create_container("c2", spec, Rootfs::Bind(host_rootfs.clone()), stdio)
             .await?;
@@ -162,7 +132,7 @@ async fn container_run_exec_and_clean_stop() -> Result<()> {
 
 /// An initramfs whose /init is not the agent.
 fn broken_initrd(dir: &std::path::Path, init_script: &str) -> Result<std::path::PathBuf> {
-    let busybox = std::fs::read("/bin/busybox").context("busybox-static")?;
+    let busybox = std::fs::read(busybox::path()?).context("busybox-static")?;
     let mut c = husk_tests::cpio::Cpio::new();
     c.dir("dev").chardev("dev/console", 5, 1).dir("bin");
     c.file("bin/busybox", 0o755, &busybox);
@@ -239,7 +209,7 @@ async fn stress_stdin_stdout_64mib_concurrent_containers() -> Result<()> {
     let _serial = SERIAL.lock().await;
     let env = TestEnv::from_env()?;
     let rootfs = tempfile::tempdir()?;
-    busybox_rootfs(rootfs.path())?;
+    busybox::rootfs(rootfs.path())?;
     with_sandbox(&env, "stress", |sb| async move {
         let stdio = StdioConfig {
             stdin: true,

@@ -9,7 +9,6 @@ pub mod builder;
 pub mod config;
 pub mod control;
 pub mod event_loop;
-pub mod test_guest;
 pub mod vstate;
 
 pub use builder::{launch, Outcome, Vmm};

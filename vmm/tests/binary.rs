@@ -36,7 +36,7 @@ fn binary_runs_in_own_session_and_obeys_control_socket() {
     let kernel = dir.path().join("spin.elf");
     std::fs::write(
         &kernel,
-        husk_vmm::test_guest::elf(husk_vmm::test_guest::MARK_AND_SPIN),
+        husk_testkit::guest::elf(husk_testkit::guest::MARK_AND_SPIN),
     )
     .unwrap();
     let sock = dir.path().join("ctl.sock");

@@ -116,7 +116,7 @@ fn stop_handle_stops_a_spinning_guest() {
     let kernel = dir.path().join("spin.elf");
     std::fs::write(
         &kernel,
-        husk_vmm::test_guest::elf(husk_vmm::test_guest::MARK_AND_SPIN),
+        husk_testkit::guest::elf(husk_testkit::guest::MARK_AND_SPIN),
     )
     .unwrap();
     let mut cfg = guest_config(&dir, &Asm::new());

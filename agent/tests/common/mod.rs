@@ -14,7 +14,7 @@ use husk_proto::agent::{
 use husk_proto::stream::{read_msg, write_msg};
 use husk_proto::ttrpc::{Client, Code, Error};
 use libcontainer::oci_spec::runtime::{ProcessBuilder, RootBuilder, Spec, UserBuilder};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::UnixStream;
 
 pub const T: Option<Duration> = Some(Duration::from_secs(60));
@@ -74,17 +74,14 @@ fn kill_cgroup(dir: &Path) {
 
 fn make_rootfs(dir: &Path) -> PathBuf {
     let rootfs = dir.join("rootfs");
-    std::fs::create_dir_all(rootfs.join("bin")).unwrap();
-    for d in ["proc", "dev", "sys", "tmp", "etc"] {
-        std::fs::create_dir_all(rootfs.join(d)).unwrap();
-    }
-    std::fs::copy("/bin/busybox", rootfs.join("bin/busybox"))
-        .expect("/bin/busybox (Debian busybox-static) is required");
-    for applet in [
-        "sh", "echo", "cat", "sleep", "true", "stty", "head", "dd", "tail",
-    ] {
-        std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(applet)).unwrap();
-    }
+    husk_testkit::busybox::minimal_rootfs(
+        &rootfs,
+        &["proc", "dev", "sys", "tmp", "etc"],
+        &[
+            "sh", "echo", "cat", "sleep", "true", "stty", "head", "dd", "tail",
+        ],
+    )
+    .unwrap();
     rootfs
 }
 
@@ -227,9 +224,8 @@ impl Agent {
     }
 }
 
-pub async fn read_all(mut s: UnixStream) -> String {
-    let mut out = Vec::new();
-    tokio::time::timeout(Duration::from_secs(30), s.read_to_end(&mut out))
+pub async fn read_all(s: UnixStream) -> String {
+    let out = tokio::time::timeout(Duration::from_secs(30), husk_testkit::read_all(Some(s)))
         .await
         .expect("stream did not reach EOF within 30 s")
         .unwrap();

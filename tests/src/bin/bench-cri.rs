@@ -10,17 +10,13 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, ensure, Context, Result};
-use husk_tests::huskd::{assert_nothing_left, Huskd, HuskdDirs};
-use husk_tests::registry::Registry;
-use husk_tests::TestEnv;
+use anyhow::{ensure, Context, Result};
+use husk_testkit::bench::{median, rounds};
+use husk_tests::huskd::assert_nothing_left;
+use husk_tests::pods::{
+    container_config, create_container, pod_config, pull, run_pod, verbose_status, BenchHuskd,
+};
 use k8s_cri::v1 as cri;
-
-fn median(v: &[Duration]) -> Duration {
-    let mut v = v.to_vec();
-    v.sort();
-    v[v.len() / 2]
-}
 
 fn ms(d: Duration) -> String {
     format!("{:.1} ms", d.as_secs_f64() * 1000.0)
@@ -52,72 +48,25 @@ impl Samples {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<()> {
-    let n: usize = std::env::args()
-        .nth(1)
-        .map(|s| s.parse())
-        .transpose()?
-        .unwrap_or(5);
-    if n == 0 {
-        bail!("N must be at least 1");
-    }
-    let env = TestEnv::from_env()?;
-    let registry = Registry::start()?;
-    let dirs = HuskdDirs::new(&env, &[registry.host().as_str()])?;
-    let mut huskd = Huskd::start(&dirs).await?;
-    let (mut rt, mut img) = huskd.clients().await?;
+    let n = rounds(5)?;
+    let mut b = BenchHuskd::start().await?;
+    let (mut rt, mut img) = b.huskd.clients().await?;
     let mut s = Samples::default();
-    let log_dir = dirs.top.path().join("logs");
+    let log_dir = b.dirs.top.path().join("logs");
     let r: Result<()> = async {
         for i in 0..n {
             // A fresh tag each round: every pull downloads and unpacks.
-            let image = registry.push_busybox(&format!("busybox:r{i}"))?;
+            let image = b.registry.push_busybox(&format!("busybox:r{i}"))?;
             let t = Instant::now();
-            let image_ref = img
-                .pull_image(cri::PullImageRequest {
-                    image: Some(cri::ImageSpec {
-                        image: image.clone(),
-                        ..Default::default()
-                    }),
-                    ..Default::default()
-                })
-                .await
-                .context("PullImage")?
-                .into_inner()
-                .image_ref;
+            let image_ref = pull(&mut img, &image).await?;
             s.add("PullImage (local registry, busybox image)", t.elapsed());
 
-            let pcfg = cri::PodSandboxConfig {
-                metadata: Some(cri::PodSandboxMetadata {
-                    name: format!("bench-{i}"),
-                    uid: format!("bench-uid-{i}-{}", std::process::id()),
-                    namespace: "bench".into(),
-                    attempt: 0,
-                }),
-                hostname: format!("bench-{i}"),
-                log_directory: log_dir.join(format!("p{i}")).display().to_string(),
-                ..Default::default()
-            };
+            let pcfg = pod_config("bench", i, &log_dir);
             let t = Instant::now();
-            let pod = rt
-                .run_pod_sandbox(cri::RunPodSandboxRequest {
-                    config: Some(pcfg.clone()),
-                    runtime_handler: String::new(),
-                })
-                .await
-                .context("RunPodSandbox")?
-                .into_inner()
-                .pod_sandbox_id;
+            let pod = run_pod(&mut rt, &pcfg).await?;
             let run = t.elapsed();
             s.add("RunPodSandbox", run);
-            let st = rt
-                .pod_sandbox_status(cri::PodSandboxStatusRequest {
-                    pod_sandbox_id: pod.clone(),
-                    verbose: true,
-                })
-                .await?
-                .into_inner();
-            let info: serde_json::Value =
-                serde_json::from_str(st.info.get("info").context("no verbose info")?)?;
+            let (_, info) = verbose_status(&mut rt, &pod).await?;
             let tm = &info["startTimingsMs"];
             let host_setup = ms_f(&tm["hostSetup"])?;
             let boot = ms_f(&tm["guestBoot"])?;
@@ -139,30 +88,9 @@ async fn main() -> Result<()> {
                 run.saturating_sub(boot),
             );
 
-            let ccfg = cri::ContainerConfig {
-                metadata: Some(cri::ContainerMetadata {
-                    name: "sleeper".into(),
-                    attempt: 0,
-                }),
-                image: Some(cri::ImageSpec {
-                    image: image_ref.clone(),
-                    ..Default::default()
-                }),
-                command: vec!["sleep".into(), "3600".into()],
-                log_path: "sleeper/0.log".into(),
-                ..Default::default()
-            };
+            let ccfg = container_config("sleeper", &image_ref, &["sleep", "3600"], "sleeper/0.log");
             let t = Instant::now();
-            let c = rt
-                .create_container(cri::CreateContainerRequest {
-                    pod_sandbox_id: pod.clone(),
-                    config: Some(ccfg),
-                    sandbox_config: Some(pcfg.clone()),
-                })
-                .await
-                .context("CreateContainer")?
-                .into_inner()
-                .container_id;
+            let c = create_container(&mut rt, &pod, &pcfg, ccfg).await?;
             s.add("CreateContainer", t.elapsed());
             let t = Instant::now();
             rt.start_container(cri::StartContainerRequest {
@@ -215,17 +143,12 @@ async fn main() -> Result<()> {
         Ok(())
     }
     .await;
-    if r.is_err() {
-        eprintln!("--- huskd log ---\n{}", huskd.log_tail(60));
-    }
-    let st = huskd.terminate(Duration::from_secs(60)).await?;
-    r?;
-    ensure!(st.success(), "huskd exited with {st}");
-    assert_nothing_left(dirs.state.path())?;
+    b.huskd.finish(r, 60).await?;
+    assert_nothing_left(b.dirs.state.path())?;
 
     println!(
         "bench-cri: {n} rounds through huskd's CRI socket; {}",
-        env.hypervisor.description()
+        b.env.hypervisor.description()
     );
     println!(
         "{:<48} {:>10} {:>10} {:>10}",

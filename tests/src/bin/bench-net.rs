@@ -16,19 +16,14 @@ use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
-use husk_tests::huskd::{Huskd, HuskdDirs};
-use husk_tests::registry::Registry;
-use husk_tests::TestEnv;
+use husk_testkit::bench::{median, rounds};
+use husk_tests::pods::{
+    container_config, create_container, pod_config, pull, run_pod, verbose_status, BenchHuskd,
+};
 use k8s_cri::v1 as cri;
 
 /// Bytes per throughput sample.
 const TRANSFER: usize = 32 << 20;
-
-fn median(v: &[f64]) -> f64 {
-    let mut v = v.to_vec();
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
 
 fn mib_s(bytes: usize, d: Duration) -> f64 {
     bytes as f64 / (1 << 20) as f64 / d.as_secs_f64()
@@ -128,30 +123,12 @@ fn ms_f(v: &serde_json::Value) -> Result<f64> {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<()> {
-    let n: usize = std::env::args()
-        .nth(1)
-        .map(|s| s.parse())
-        .transpose()?
-        .unwrap_or(5);
-    if n == 0 {
-        bail!("N must be at least 1");
-    }
-    let env = TestEnv::from_env()?;
-    let registry = Registry::start()?;
-    let dirs = HuskdDirs::new(&env, &[registry.host().as_str()])?;
-    let mut huskd = Huskd::start(&dirs).await?;
-    let (mut rt, mut img) = huskd.clients().await?;
-    let log_dir = dirs.top.path().join("logs");
-    let image = registry.push_busybox("busybox:bench")?;
-    img.pull_image(cri::PullImageRequest {
-        image: Some(cri::ImageSpec {
-            image: image.clone(),
-            ..Default::default()
-        }),
-        ..Default::default()
-    })
-    .await
-    .context("PullImage")?;
+    let n = rounds(5)?;
+    let mut b = BenchHuskd::start().await?;
+    let (mut rt, mut img) = b.huskd.clients().await?;
+    let log_dir = b.dirs.top.path().join("logs");
+    let image = b.registry.push_busybox("busybox:bench")?;
+    pull(&mut img, &image).await?;
 
     let mut run = Vec::new();
     let mut net_setup = Vec::new();
@@ -163,45 +140,18 @@ async fn main() -> Result<()> {
     let mut loopback = Vec::new();
     let r: Result<()> = async {
         for i in 0..n {
-            let pcfg = cri::PodSandboxConfig {
-                metadata: Some(cri::PodSandboxMetadata {
-                    name: format!("net-{i}"),
-                    uid: format!("net-uid-{i}-{}", std::process::id()),
-                    namespace: "bench".into(),
-                    attempt: 0,
-                }),
-                hostname: format!("net-{i}"),
-                log_directory: log_dir.join(format!("p{i}")).display().to_string(),
-                ..Default::default()
-            };
+            let pcfg = pod_config("net", i, &log_dir);
             let t = Instant::now();
-            let pod = rt
-                .run_pod_sandbox(cri::RunPodSandboxRequest {
-                    config: Some(pcfg.clone()),
-                    runtime_handler: String::new(),
-                })
-                .await
-                .context("RunPodSandbox")?
-                .into_inner()
-                .pod_sandbox_id;
+            let pod = run_pod(&mut rt, &pcfg).await?;
             let run_ms = t.elapsed().as_secs_f64() * 1000.0;
-            let st = rt
-                .pod_sandbox_status(cri::PodSandboxStatusRequest {
-                    pod_sandbox_id: pod.clone(),
-                    verbose: true,
-                })
-                .await?
-                .into_inner();
-            let ip: Ipv4Addr = st
-                .status
+            let (status, info) = verbose_status(&mut rt, &pod).await?;
+            let ip: Ipv4Addr = status
                 .as_ref()
                 .and_then(|s| s.network.as_ref())
                 .map(|n| n.ip.clone())
                 .unwrap_or_default()
                 .parse()
                 .context("pod IP")?;
-            let info: serde_json::Value =
-                serde_json::from_str(st.info.get("info").context("no verbose info")?)?;
             let tm = &info["startTimingsMs"];
             let (net_ms, boot_ms) = (ms_f(&tm["networkSetup"])?, ms_f(&tm["guestBoot"])?);
             run.push(run_ms);
@@ -212,33 +162,9 @@ async fn main() -> Result<()> {
             if i == 0 {
                 // Throughput on the first pod only: every sample is a
                 // TCG-bound guest, more rounds on one pod say the same.
-                let ccfg = cri::ContainerConfig {
-                    metadata: Some(cri::ContainerMetadata {
-                        name: "sink".into(),
-                        attempt: 0,
-                    }),
-                    image: Some(cri::ImageSpec {
-                        image: image.clone(),
-                        ..Default::default()
-                    }),
-                    command: vec![
-                        "sh".into(),
-                        "-c".into(),
-                        "mkdir -p /www/cgi-bin && printf '#!/bin/sh\\nhead -c \"$CONTENT_LENGTH\" >/dev/null\\necho Content-Type: text/plain\\necho\\necho ok\\n' > /www/cgi-bin/sink && chmod +x /www/cgi-bin/sink && exec httpd -f -p 8080 -h /www".into(),
-                    ],
-                    log_path: "sink.log".into(),
-                    ..Default::default()
-                };
-                let c = rt
-                    .create_container(cri::CreateContainerRequest {
-                        pod_sandbox_id: pod.clone(),
-                        config: Some(ccfg),
-                        sandbox_config: Some(pcfg.clone()),
-                    })
-                    .await
-                    .context("CreateContainer")?
-                    .into_inner()
-                    .container_id;
+                let sink = "mkdir -p /www/cgi-bin && printf '#!/bin/sh\\nhead -c \"$CONTENT_LENGTH\" >/dev/null\\necho Content-Type: text/plain\\necho\\necho ok\\n' > /www/cgi-bin/sink && chmod +x /www/cgi-bin/sink && exec httpd -f -p 8080 -h /www";
+                let ccfg = container_config("sink", &image, &["sh", "-c", sink], "sink.log");
+                let c = create_container(&mut rt, &pod, &pcfg, ccfg).await?;
                 rt.start_container(cri::StartContainerRequest {
                     container_id: c.clone(),
                 })
@@ -253,7 +179,7 @@ async fn main() -> Result<()> {
                 for _ in 0..3 {
                     to_pod.push(tokio::task::spawn_blocking(move || host_to_pod_sample(ip)).await??);
                     loopback.push(tokio::task::spawn_blocking(loopback_sample).await??);
-                    let l = TcpListener::bind((dirs.net.gateway, 0))?;
+                    let l = TcpListener::bind((b.dirs.net.gateway, 0))?;
                     let port = l.local_addr()?.port();
                     let rx = tokio::task::spawn_blocking(move || -> Result<Duration> {
                         let (mut s, _) = l.accept()?;
@@ -262,7 +188,7 @@ async fn main() -> Result<()> {
                     exec(
                         &mut rt,
                         &c,
-                        &format!("head -c {TRANSFER} /dev/zero | nc {} {port}", dirs.net.gateway),
+                        &format!("head -c {TRANSFER} /dev/zero | nc {} {port}", b.dirs.net.gateway),
                     )
                     .await?;
                     from_pod.push(mib_s(TRANSFER, rx.await??));
@@ -282,19 +208,14 @@ async fn main() -> Result<()> {
             stop_remove.push(t.elapsed().as_secs_f64() * 1000.0);
             eprintln!("round {i}: RunPodSandbox {run_ms:.1} ms (network {net_ms:.1} ms, guest boot {boot_ms:.1} ms)");
         }
-        dirs.assert_sandboxes_gone()
+        b.dirs.assert_sandboxes_gone()
     }
     .await;
-    if r.is_err() {
-        eprintln!("--- huskd log ---\n{}", huskd.log_tail(60));
-    }
-    let st = huskd.terminate(Duration::from_secs(60)).await?;
-    r?;
-    ensure!(st.success(), "huskd exited with {st}");
+    b.huskd.finish(r, 60).await?;
 
     println!(
         "bench-net: {n} pods on a CNI bridge network (bridge + host-local + portmap); {}",
-        env.hypervisor.description()
+        b.env.hypervisor.description()
     );
     println!("{:<52} {:>12}", "median", "value");
     let row = |k: &str, v: f64, unit: &str| println!("{k:<52} {v:>9.1} {unit}");

@@ -12,6 +12,7 @@ use anyhow::{bail, Context, Result};
 use husk_runtime::hypervisor::probe::{host_tsc_rate, probe_accel};
 use husk_runtime::hypervisor::qemu::kernel_cmdline;
 use husk_runtime::Sandbox;
+use husk_testkit::bench::{median, rounds};
 use husk_tests::{unique_id, TestEnv};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
@@ -100,25 +101,13 @@ async fn raw_boot(env: &TestEnv, memory_mib: u32) -> Result<Raw> {
     })
 }
 
-fn median(v: &mut [Duration]) -> Duration {
-    v.sort();
-    v[v.len() / 2]
-}
-
 fn ms(d: Duration) -> String {
     format!("{:.0} ms", d.as_secs_f64() * 1000.0)
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<()> {
-    let n: usize = std::env::args()
-        .nth(1)
-        .map(|s| s.parse())
-        .transpose()?
-        .unwrap_or(10);
-    if n == 0 {
-        bail!("N must be at least 1");
-    }
+    let n = rounds(10)?;
     let env = TestEnv::from_env()?;
     let (mut setup, mut boot, mut guest_own, mut agent, mut total, mut stop) =
         (vec![], vec![], vec![], vec![], vec![], vec![]);
@@ -152,12 +141,11 @@ async fn main() -> Result<()> {
         );
     }
     let ready: Vec<Duration> = setup.iter().zip(&boot).map(|(a, b)| *a + *b).collect();
-    let mut ready_m = ready.clone();
-    let ready_med = median(&mut ready_m);
-    let raw_agent_med = median(&mut raw_agent);
-    let raw_first_med = median(&mut raw_first);
-    let setup_med = median(&mut setup);
-    let boot_med = median(&mut boot);
+    let ready_med = median(&ready);
+    let raw_agent_med = median(&raw_agent);
+    let raw_first_med = median(&raw_first);
+    let setup_med = median(&setup);
+    let boot_med = median(&boot);
     println!(
         "bench-sandbox: {n} sandboxes, one after another; {}",
         env.hypervisor.description()
@@ -170,16 +158,13 @@ async fn main() -> Result<()> {
         setup_med,
     );
     row("  guest boot (QEMU exec -> ready notice)", boot_med);
-    row(
-        "  guest's own CLOCK_BOOTTIME at ready",
-        median(&mut guest_own),
-    );
+    row("  guest's own CLOCK_BOOTTIME at ready", median(&guest_own));
     row(
         "agent set-up (ttrpc connect + CreateSandbox)",
-        median(&mut agent),
+        median(&agent),
     );
-    row("sandbox start total", median(&mut total));
-    row("sandbox stop", median(&mut stop));
+    row("sandbox start total", median(&total));
+    row("sandbox stop", median(&stop));
     row("raw QEMU: first console line", raw_first_med);
     row("raw QEMU: agent's first log line", raw_agent_med);
     let ratio = |a: Duration, b: Duration| a.as_secs_f64() / b.as_secs_f64();

@@ -10,7 +10,7 @@ pub const COM1: u16 = 0x3f8;
 /// modern layout (virtio 1.x, 4.1.4): common config at 0, notify at 0x3000, device config
 /// at 0x2000.
 pub const VIRTIO_BAR: u64 = 0xc000_4000;
-pub use husk_vmm::test_guest::LOAD_ADDR;
+pub use husk_testkit::guest::LOAD_ADDR;
 /// Data blobs are placed this far after the code.
 const DATA_OFFSET: usize = 0x8000;
 
@@ -201,7 +201,7 @@ impl Asm {
     }
 }
 
-pub use husk_vmm::test_guest::elf;
+pub use husk_testkit::guest::elf;
 
 /// A scratch directory removed on drop.
 pub struct TempDir(pub PathBuf);

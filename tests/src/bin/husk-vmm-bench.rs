@@ -3,10 +3,15 @@
 //! running `husk-vmm` process. Prints Firecracker's published targets beside them.
 //!
 //! `husk-vmm-bench [ITERATIONS]`; expects the `husk-vmm` binary next to itself.
+//!
+//! In husk-tests rather than husk-vmm: its guest comes from husk-testkit,
+//! which husk-vmm may only use in its tests.
 
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use husk_testkit::bench::median;
+use husk_testkit::guest::{elf, MARK_AND_SPIN};
 use husk_vmm::builder::Vmm;
 use husk_vmm::config::VmConfig;
 
@@ -28,11 +33,6 @@ fn status_kib(pid: u32, key: &str) -> Result<u64> {
         .with_context(|| format!("{key} missing in /proc/{pid}/status"))
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
-
 fn main() -> Result<()> {
     let iterations: usize = std::env::args()
         .nth(1)
@@ -42,10 +42,7 @@ fn main() -> Result<()> {
     let dir = std::env::temp_dir().join(format!("husk-vmm-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let kernel = dir.join("guest.elf");
-    std::fs::write(
-        &kernel,
-        husk_vmm::test_guest::elf(husk_vmm::test_guest::MARK_AND_SPIN),
-    )?;
+    std::fs::write(&kernel, elf(MARK_AND_SPIN))?;
     let cfg = VmConfig {
         id: "bench".into(),
         kernel,
@@ -127,8 +124,8 @@ fn main() -> Result<()> {
     );
     println!(
         "  start-up to first guest instruction: median {:.2} ms wall, {:.2} CPU-ms (min {:.2} / max {:.2} ms wall)",
-        median(wall.clone()),
-        median(cpu),
+        median(&wall),
+        median(&cpu),
         wall.iter().cloned().fold(f64::INFINITY, f64::min),
         wall.iter().cloned().fold(0.0, f64::max)
     );

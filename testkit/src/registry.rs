@@ -6,8 +6,8 @@
 //! (HTTP Basic; distribution 2.8 accepts it over plain HTTP, so no TLS is
 //! needed on 127.0.0.1), and pushes then carry the credentials.
 //!
-//! The same fixture as runtime/tests/image_store.rs (which lives in the
-//! runtime crate and cannot use this one without a dependency cycle).
+//! Here rather than in husk-tests so that husk-runtime's own tests
+//! (image_store.rs) can use it: husk-tests depends on husk-runtime.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -28,7 +28,8 @@ pub struct Registry {
     creds: Option<String>,
 }
 
-fn free_port() -> Result<u16> {
+/// A port nothing listens on at the time of asking.
+pub fn free_port() -> Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
@@ -129,6 +130,11 @@ impl Registry {
         self.port
     }
 
+    /// The registry's output, its access log included.
+    pub fn log(&self) -> &Path {
+        &self.log
+    }
+
     /// Stops the registry (pulls then fail as Unavailable).
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
@@ -170,12 +176,8 @@ impl Drop for Registry {
     }
 }
 
-fn sha(data: &[u8]) -> String {
-    format!("sha256:{}", crate::sha256_hex(data))
-}
-
 fn write_blob(layout: &Path, data: &[u8]) -> Result<(String, usize)> {
-    let d = sha(data);
+    let d = crate::sha256_digest(data);
     std::fs::write(
         layout
             .join("blobs/sha256")
@@ -190,12 +192,12 @@ fn write_blob(layout: &Path, data: &[u8]) -> Result<(String, usize)> {
 /// the directories a container runtime mounts onto.
 fn build_busybox_layout(layout: &Path) -> Result<()> {
     let tmp = tempfile::tempdir()?;
-    crate::busybox_rootfs(tmp.path())?;
+    crate::busybox::rootfs(tmp.path())?;
     let mut b = tar::Builder::new(Vec::new());
     b.follow_symlinks(false);
     b.append_dir_all(".", tmp.path())?;
     let tar = b.into_inner()?;
-    let diff_id = sha(&tar);
+    let diff_id = crate::sha256_digest(&tar);
     let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
     gz.write_all(&tar)?;
     let blob = gz.finish()?;
@@ -224,4 +226,27 @@ fn build_busybox_layout(layout: &Path) -> Result<()> {
         "annotations": {"org.opencontainers.image.ref.name": "latest"}}]});
     std::fs::write(layout.join("index.json"), serde_json::to_vec(&index)?)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pushed_image_is_served_and_auth_is_enforced() {
+        let reg = Registry::start().unwrap();
+        let image = reg.push_busybox("tk/busybox:1").unwrap();
+        assert_eq!(image, format!("{}/tk/busybox:1", reg.host()));
+        // The tag list: a manifest GET without an Accept header naming the
+        // OCI type is a 404 for an OCI manifest.
+        assert_eq!(
+            http_get_status(reg.port(), "/v2/tk/busybox/tags/list"),
+            Some(200)
+        );
+
+        let auth = Registry::start_with_auth("user", "secret").unwrap();
+        assert_eq!(http_get_status(auth.port(), "/v2/"), Some(401));
+        auth.push_busybox("tk/busybox:1").unwrap();
+        assert!(Registry::start_with_auth("a:b", "x").is_err());
+    }
 }
