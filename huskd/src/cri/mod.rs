@@ -54,7 +54,7 @@ use tokio::sync::watch;
 
 use crate::logs::LogFile;
 use crate::state::{LoadReport, StateStore};
-use husk_runtime::hypervisor::{self, AccelProbe, Hypervisor, HypervisorChoice, QemuPaths};
+use husk_runtime::hypervisor::{self, AccelProbe, Hypervisor, HypervisorChoice};
 use husk_runtime::image::{ImageStore, ImageStoreConfig};
 use husk_runtime::sandbox::{ExitInfo, Sandbox};
 use husk_runtime::{GuestImage, MissingComponent};
@@ -162,6 +162,10 @@ impl Husk {
         })?;
         let (state, report) = StateStore::open(&config.root)?;
         let probe = hypervisor::probe_accel();
+        let binaries = hypervisor::ConfiguredBinaries {
+            qemu: config.qemu_path().map(Into::into),
+            husk_vsock: config.husk_vsock_path().map(Into::into),
+        };
         let mut handlers = BTreeMap::new();
         for (name, h) in &config.handlers {
             let hv = match &backend {
@@ -171,10 +175,7 @@ impl Husk {
                     .parse::<HypervisorChoice>()
                     .map_err(|e| e.to_string())
                     .and_then(|choice| {
-                        hypervisor::select(choice, || {
-                            QemuPaths::resolve(config.qemu_path(), None, config.husk_vsock_path())
-                        })
-                        .map_err(|e| e.to_string())
+                        hypervisor::select_configured(choice, &binaries).map_err(|e| e.to_string())
                     })
                     .map(Arc::from),
             };

@@ -307,6 +307,29 @@ impl FromStr for HypervisorChoice {
     }
 }
 
+/// Helper binaries configured by the operator (`None`: search the usual
+/// places). The front-end passes these through without knowing which
+/// backend uses which.
+#[derive(Debug, Clone, Default)]
+pub struct ConfiguredBinaries {
+    pub qemu: Option<PathBuf>,
+    pub husk_vsock: Option<PathBuf>,
+}
+
+/// [`select`] with the operator's configured binaries.
+pub fn select_configured(
+    choice: HypervisorChoice,
+    binaries: &ConfiguredBinaries,
+) -> Result<Box<dyn Hypervisor>, HypervisorError> {
+    select(choice, || {
+        QemuPaths::resolve(
+            binaries.qemu.as_deref(),
+            None,
+            binaries.husk_vsock.as_deref(),
+        )
+    })
+}
+
 /// Picks and builds a backend for this host. `qemu_paths` resolves QEMU's
 /// binaries (by [`QemuPaths::resolve`] or given explicitly); husk-vmm is
 /// looked up with [`BuiltinPaths::resolve`] when the builtin backend is
