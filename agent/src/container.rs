@@ -38,6 +38,11 @@ pub struct Config {
     pub run_dir: PathBuf,
     /// Container cgroups are `/<cgroup_parent>/<id>`.
     pub cgroup_parent: PathBuf,
+    /// Lower process rlimits to the agent's own hard limits. On a host (no
+    /// VM) the kernel refuses to raise a hard limit without
+    /// CAP_SYS_RESOURCE, which husk's nodes may lack; in the guest the agent
+    /// is PID 1 with every limit available.
+    pub clamp_rlimits: bool,
     /// Enter container roots with MS_MOVE + chroot instead of pivot_root
     /// (only when the agent could not leave the initial rootfs).
     pub no_pivot: bool,
@@ -352,7 +357,12 @@ impl Containers {
 
     pub async fn create(&self, id: &str, spec_json: &[u8], req: StdioRequest) -> Result<()> {
         spec::validate_id("container_id", id)?;
-        let spec = spec::prepare_spec(id, spec_json, req.terminal, &self.cfg.cgroup_parent)?;
+        let mut spec = spec::prepare_spec(id, spec_json, req.terminal, &self.cfg.cgroup_parent)?;
+        if self.cfg.clamp_rlimits {
+            if let Some(p) = spec.process_mut() {
+                spec::clamp_rlimits(p);
+            }
+        }
         {
             let mut map = lock(&self.map);
             if map.contains_key(id) {
@@ -509,7 +519,10 @@ impl Containers {
             ));
         }
         spec::validate_id("exec_id", exec_id)?;
-        let process = spec::prepare_process(process_json, req.terminal)?;
+        let mut process = spec::prepare_process(process_json, req.terminal)?;
+        if self.cfg.clamp_rlimits {
+            spec::clamp_rlimits(&mut process);
+        }
         let c = self.get(id)?;
         let lc = c.lifecycle.lock().await;
         if lc.removed {

@@ -117,6 +117,7 @@ fn run(is_pid1: bool) -> Result<()> {
             Config {
                 run_dir,
                 cgroup_parent: args.cgroup_parent,
+                clamp_rlimits: mode == Mode::Host,
                 no_pivot,
             },
             reaper,

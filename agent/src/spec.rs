@@ -121,6 +121,53 @@ pub fn prepare_process(json: &[u8], terminal: bool) -> Result<Process, AgentErro
     Ok(process)
 }
 
+/// Lowers each rlimit of `process` to this process's own hard limit (see
+/// `Config::clamp_rlimits`).
+pub fn clamp_rlimits(process: &mut Process) {
+    use libcontainer::oci_spec::runtime::{PosixRlimitBuilder, PosixRlimitType as T};
+    let Some(mut limits) = process.rlimits().clone() else {
+        return;
+    };
+    for l in limits.iter_mut() {
+        let res = match l.typ() {
+            T::RlimitCpu => libc::RLIMIT_CPU,
+            T::RlimitFsize => libc::RLIMIT_FSIZE,
+            T::RlimitData => libc::RLIMIT_DATA,
+            T::RlimitStack => libc::RLIMIT_STACK,
+            T::RlimitCore => libc::RLIMIT_CORE,
+            T::RlimitRss => libc::RLIMIT_RSS,
+            T::RlimitNproc => libc::RLIMIT_NPROC,
+            T::RlimitNofile => libc::RLIMIT_NOFILE,
+            T::RlimitMemlock => libc::RLIMIT_MEMLOCK,
+            T::RlimitAs => libc::RLIMIT_AS,
+            T::RlimitLocks => libc::RLIMIT_LOCKS,
+            T::RlimitSigpending => libc::RLIMIT_SIGPENDING,
+            T::RlimitMsgqueue => libc::RLIMIT_MSGQUEUE,
+            T::RlimitNice => libc::RLIMIT_NICE,
+            T::RlimitRtprio => libc::RLIMIT_RTPRIO,
+            T::RlimitRttime => libc::RLIMIT_RTTIME,
+        };
+        let mut cur = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit writes one rlimit into the struct we own.
+        if unsafe { libc::getrlimit(res, &mut cur) } != 0 {
+            continue;
+        }
+        let hard = l.hard().min(cur.rlim_max);
+        if let Ok(clamped) = PosixRlimitBuilder::default()
+            .typ(l.typ())
+            .hard(hard)
+            .soft(l.soft().min(hard))
+            .build()
+        {
+            *l = clamped;
+        }
+    }
+    process.set_rlimits(Some(limits));
+}
+
 pub fn parse_resources(json: &[u8]) -> Result<LinuxResources, AgentError> {
     parse_json("resources_json", json)
 }

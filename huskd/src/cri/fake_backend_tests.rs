@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use husk_runtime::hypervisor::fake::FakeHypervisor;
+use husk_runtime::hypervisor::fake::{self, FakeHypervisor};
 use husk_runtime::Hypervisor;
 use k8s_cri::v1 as cri;
 use k8s_cri::v1::runtime_service_server::RuntimeService;
@@ -29,6 +29,8 @@ struct Env {
     bridge: String,
     config: HuskdConfig,
     backend: Arc<dyn Hypervisor>,
+    /// Every pod this test ran, to check what they leave.
+    pods: std::sync::Mutex<Vec<String>>,
 }
 
 static N: AtomicU32 = AtomicU32::new(0);
@@ -109,6 +111,7 @@ impl Env {
             bridge,
             config,
             backend,
+            pods: Default::default(),
         }
     }
 
@@ -128,6 +131,13 @@ impl Env {
 
 impl Drop for Env {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            for d in self.sandboxes() {
+                if let Ok(log) = std::fs::read_to_string(d.join("agent.log")) {
+                    eprintln!("---- {}/agent.log ----\n{log}", d.display());
+                }
+            }
+        }
         // As a clean huskd exit with no pods: the netns directory's own
         // mount goes (it fails, leaving it, while a pod network is up).
         let released =
@@ -139,6 +149,22 @@ impl Drop for Env {
         if !std::thread::panicking() {
             // Every test removes its pods: nothing may hold the directory.
             assert!(matches!(released, Ok(true)), "netns dir: {released:?}");
+        }
+        if !std::thread::panicking() {
+            let left: Vec<PathBuf> = std::fs::read_dir("/sys/fs/cgroup")
+                .into_iter()
+                .flatten()
+                .flatten()
+                .flat_map(|c| {
+                    std::fs::read_dir(c.path().join(fake::CGROUP_ROOT))
+                        .into_iter()
+                        .flatten()
+                        .flatten()
+                })
+                .map(|e| e.path())
+                .filter(|p| self.pods.lock().unwrap().iter().any(|id| p.ends_with(id)))
+                .collect();
+            assert!(left.is_empty(), "cgroups left: {left:?}");
         }
         let _ = std::process::Command::new("ip")
             .args(["link", "del", &self.bridge])
@@ -160,15 +186,25 @@ fn pod_config(name: &str) -> cri::PodSandboxConfig {
     }
 }
 
-async fn run_pod(rt: &CriRuntime, name: &str) -> String {
-    rt.run_pod_sandbox(Request::new(cri::RunPodSandboxRequest {
-        config: Some(pod_config(name)),
-        runtime_handler: String::new(),
-    }))
-    .await
-    .unwrap_or_else(|s| panic!("RunPodSandbox {name}: {s:?}"))
-    .into_inner()
-    .pod_sandbox_id
+impl Env {
+    async fn run_pod(&self, rt: &CriRuntime, name: &str) -> String {
+        self.run_pod_with(rt, pod_config(name)).await
+    }
+
+    async fn run_pod_with(&self, rt: &CriRuntime, config: cri::PodSandboxConfig) -> String {
+        let name = config.metadata.as_ref().unwrap().name.clone();
+        let id = rt
+            .run_pod_sandbox(Request::new(cri::RunPodSandboxRequest {
+                config: Some(config),
+                runtime_handler: String::new(),
+            }))
+            .await
+            .unwrap_or_else(|s| panic!("RunPodSandbox {name}: {s:?}"))
+            .into_inner()
+            .pod_sandbox_id;
+        self.pods.lock().unwrap().push(id.clone());
+        id
+    }
 }
 
 async fn pod_status(rt: &CriRuntime, id: &str) -> Result<cri::PodSandboxStatus, tonic::Status> {
@@ -214,7 +250,7 @@ fn agent_pid(rt: &CriRuntime, id: &str) -> u32 {
 async fn pod_lifecycle() {
     let env = Env::new();
     let rt = env.open().await;
-    let id = run_pod(&rt, "web").await;
+    let id = env.run_pod(&rt, "web").await;
     let st = pod_status(&rt, &id).await.unwrap();
     assert_eq!(st.state, cri::PodSandboxState::SandboxReady as i32);
     let ip = st.network.unwrap().ip;
@@ -268,7 +304,7 @@ async fn pod_lifecycle() {
 async fn concurrent_calls_on_one_pod() {
     let env = Env::new();
     let rt = env.open().await;
-    let id = run_pod(&rt, "busy").await;
+    let id = env.run_pod(&rt, "busy").await;
     let agent = agent_pid(&rt, &id);
     let mut calls = tokio::task::JoinSet::new();
     for i in 0..12 {
@@ -300,8 +336,8 @@ async fn concurrent_calls_on_one_pod() {
 async fn restart_reconciles_records_processes_and_orphans() {
     let env = Env::new();
     let rt = env.open().await;
-    let kept = run_pod(&rt, "kept").await;
-    let lost = run_pod(&rt, "lost").await;
+    let kept = env.run_pod(&rt, "kept").await;
+    let lost = env.run_pod(&rt, "lost").await;
     let kept_agent = agent_pid(&rt, &kept);
     let lost_agent = agent_pid(&rt, &lost);
     // huskd exits (SIGTERM path): the sandboxes are left running.
@@ -353,4 +389,146 @@ async fn restart_reconciles_records_processes_and_orphans() {
         remove_pod(&rt, id).await.unwrap();
     }
     assert!(env.sandboxes().is_empty(), "{:?}", env.sandboxes());
+}
+
+async fn exec_sync(rt: &CriRuntime, id: &str, cmd: &[&str]) -> cri::ExecSyncResponse {
+    rt.exec_sync(Request::new(cri::ExecSyncRequest {
+        container_id: id.into(),
+        cmd: cmd.iter().map(|s| s.to_string()).collect(),
+        timeout: 10,
+    }))
+    .await
+    .unwrap_or_else(|s| panic!("ExecSync {cmd:?}: {s:?}"))
+    .into_inner()
+}
+
+async fn container_state(rt: &CriRuntime, id: &str) -> Result<cri::ContainerStatus, tonic::Status> {
+    rt.container_status(Request::new(cri::ContainerStatusRequest {
+        container_id: id.into(),
+        verbose: false,
+    }))
+    .await
+    .map(|r| r.into_inner().status.unwrap())
+}
+
+/// A container from a real image (pulled from a docker-registry on
+/// loopback): created over the pod's share, started, exec'd into, its
+/// output in the CRI log, stopped and removed, with nothing left mounted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn container_lifecycle() {
+    use k8s_cri::v1::image_service_server::ImageService;
+    let registry = husk_testkit::registry::Registry::start().unwrap();
+    let image = registry.push_busybox("fake/busybox:1").unwrap();
+    let mut env = Env::new();
+    env.config.registry.insecure = vec![registry.host()];
+    let rt = env.open().await;
+    let images = super::image_service::CriImages {
+        husk: rt.husk.clone(),
+    };
+    let spec = cri::ImageSpec {
+        image: image.clone(),
+        ..Default::default()
+    };
+    images
+        .pull_image(Request::new(cri::PullImageRequest {
+            image: Some(spec.clone()),
+            ..Default::default()
+        }))
+        .await
+        .unwrap();
+    let log_dir = env.base.path().join("pods/app");
+    let mut pod_cfg = pod_config("app");
+    pod_cfg.log_directory = log_dir.display().to_string();
+    pod_cfg.hostname = "app-host".into();
+    let pod = env.run_pod_with(&rt, pod_cfg.clone()).await;
+    let created = rt
+        .create_container(Request::new(cri::CreateContainerRequest {
+            pod_sandbox_id: pod.clone(),
+            config: Some(cri::ContainerConfig {
+                metadata: Some(cri::ContainerMetadata {
+                    name: "main".into(),
+                    attempt: 0,
+                }),
+                image: Some(spec),
+                command: vec![
+                    "sh".into(),
+                    "-c".into(),
+                    "echo hello; exec sleep 1000".into(),
+                ],
+                log_path: "main.log".into(),
+                ..Default::default()
+            }),
+            sandbox_config: Some(pod_cfg),
+        }))
+        .await
+        .unwrap_or_else(|s| {
+            let log = env.state.join("sandboxes").join(&pod).join("agent.log");
+            let log = std::fs::read_to_string(log).unwrap_or_default();
+            panic!("CreateContainer: {s:?}\nagent log:\n{log}")
+        })
+        .into_inner()
+        .container_id;
+    let st = container_state(&rt, &created).await.unwrap();
+    assert_eq!(st.state, cri::ContainerState::ContainerCreated as i32);
+    rt.start_container(Request::new(cri::StartContainerRequest {
+        container_id: created.clone(),
+    }))
+    .await
+    .unwrap();
+    assert_eq!(
+        container_state(&rt, &created).await.unwrap().state,
+        cri::ContainerState::ContainerRunning as i32
+    );
+    // The pod files reach the container through the share.
+    let r = exec_sync(&rt, &created, &["cat", "/etc/hostname"]).await;
+    assert_eq!(String::from_utf8_lossy(&r.stdout), "app-host\n");
+    let r = exec_sync(
+        &rt,
+        &created,
+        &["sh", "-c", "echo out; echo err >&2; exit 3"],
+    )
+    .await;
+    assert_eq!(
+        (r.stdout.as_slice(), r.stderr.as_slice(), r.exit_code),
+        (&b"out\n"[..], &b"err\n"[..], 3)
+    );
+    let log = log_dir.join("main.log");
+    let mut logged = String::new();
+    for _ in 0..100 {
+        logged = std::fs::read_to_string(&log).unwrap_or_default();
+        if logged.contains("stdout F hello") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(logged.contains("stdout F hello"), "CRI log: {logged:?}");
+
+    rt.stop_container(Request::new(cri::StopContainerRequest {
+        container_id: created.clone(),
+        timeout: 1,
+    }))
+    .await
+    .unwrap();
+    let st = container_state(&rt, &created).await.unwrap();
+    assert_eq!(st.state, cri::ContainerState::ContainerExited as i32);
+    assert!(
+        matches!(st.exit_code, 137 | 143),
+        "exit code {}",
+        st.exit_code
+    );
+    rt.remove_container(Request::new(cri::RemoveContainerRequest {
+        container_id: created.clone(),
+    }))
+    .await
+    .unwrap();
+    assert_eq!(
+        container_state(&rt, &created).await.unwrap_err().code(),
+        Code::NotFound
+    );
+    stop_pod(&rt, &pod).await.unwrap();
+    remove_pod(&rt, &pod).await.unwrap();
+    assert!(env.sandboxes().is_empty(), "{:?}", env.sandboxes());
+    // (The netns directory's own mount stays until huskd exits: Env's drop.)
+    let left = husk_runtime::mounts::mounts_under(&env.state.join("sandboxes")).unwrap();
+    assert!(left.is_empty(), "mounts left: {left:?}");
 }

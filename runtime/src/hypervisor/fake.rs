@@ -24,8 +24,23 @@ use super::adopted::{AdoptedControl, AdoptedVm};
 use super::{Backend, Hypervisor, HypervisorError, Vm, VmConfig, VmRecord};
 use crate::agent::guest_to_host_path;
 use crate::process::ManagedChild;
+use crate::sandbox::SandboxPaths;
 
 const ROLE_AGENT: &str = "husk-agent";
+/// Parent of every fake VM's container cgroups (`<root>/<sandbox id>`).
+pub const CGROUP_ROOT: &str = "husk-fake";
+
+/// Removes the (empty) cgroup a fake VM's agent put its containers under,
+/// in every hierarchy: the agent removes the containers' own cgroups, and
+/// in a VM the parent goes with the guest.
+fn remove_cgroups(id: &str) {
+    let Ok(rd) = std::fs::read_dir("/sys/fs/cgroup") else {
+        return;
+    };
+    for e in rd.flatten() {
+        let _ = std::fs::remove_dir(e.path().join(CGROUP_ROOT).join(id));
+    }
+}
 
 /// The fake backend's entry points for adoption and orphan cleanup.
 pub static BACKEND: Backend = Backend {
@@ -81,14 +96,34 @@ impl Hypervisor for FakeHypervisor {
         .map_err(|e| HypervisorError::io("link the ready socket", e))?;
         let shim = Shim::start(&config.vsock.uds, &agent_dir)?;
         let log = config.sandbox_dir.join("agent.log");
+        let share = SandboxPaths::new(&config.sandbox_dir).share;
+        share_for_agent(&share)?;
+        // The agent finds container root filesystems and pod files under
+        // GUEST_SHARE_DIR, as in a VM: it runs in its own mount namespace
+        // (a slave of the host's) with the share bind-mounted there, and
+        // the share is a shared mount, so overlays huskd mounts in it later
+        // appear in the agent's view as they do through virtio-fs.
+        let script = format!(
+            "mkdir -p {guest} && mount --bind \"$0\" {guest} && exec \"$@\"",
+            guest = husk_proto::GUEST_SHARE_DIR
+        );
+        let cgroup_parent = format!("{CGROUP_ROOT}/{}", config.id);
         let agent = ManagedChild::spawn(
             ROLE_AGENT,
-            &self.agent,
+            Path::new("/usr/bin/unshare"),
             [
+                "--mount".as_ref(),
+                "--propagation".as_ref(),
+                "slave".as_ref(),
+                "sh".as_ref(),
+                "-c".as_ref(),
+                script.as_ref(),
+                share.as_os_str(),
+                self.agent.as_os_str(),
                 "--listen-unix".as_ref(),
                 agent_dir.as_os_str(),
                 "--cgroup-parent".as_ref(),
-                format!("husk-fake-{}", config.id).as_ref(),
+                std::ffi::OsStr::new(&cgroup_parent),
             ],
             &log,
         )?;
@@ -102,6 +137,7 @@ impl Hypervisor for FakeHypervisor {
             }),
         };
         Ok(Box::new(FakeVm {
+            id: config.id.clone(),
             agent,
             shim,
             log,
@@ -109,6 +145,22 @@ impl Hypervisor for FakeHypervisor {
             launched_at: Instant::now(),
         }))
     }
+}
+
+/// Makes the share a shared mount point (a bind onto itself), so that
+/// mounts made in it propagate to the agent's namespace. The sandbox's
+/// removal unmounts it with everything else under its directory.
+fn share_for_agent(share: &Path) -> Result<(), HypervisorError> {
+    crate::mounts::bind(share, share)
+        .map_err(|e| HypervisorError::io(format!("bind {} onto itself", share.display()), e))?;
+    nix::mount::mount(
+        None::<&str>,
+        share,
+        None::<&str>,
+        nix::mount::MsFlags::MS_SHARED,
+        None::<&str>,
+    )
+    .map_err(|e| HypervisorError::io(format!("make {} shared", share.display()), e.into()))
 }
 
 /// The hybrid-vsock shim: `CONNECT <port>\n`, `OK <port>\n`, then bytes
@@ -169,6 +221,7 @@ impl Shim {
 /// A husk-agent on the host standing in for a VM.
 #[derive(Debug)]
 pub struct FakeVm {
+    id: String,
     agent: ManagedChild,
     shim: Shim,
     log: PathBuf,
@@ -210,15 +263,19 @@ impl Vm for FakeVm {
             .await
             .map_err(|e| HypervisorError::io("stop husk-agent", e));
         self.shim.stop();
+        remove_cgroups(&self.id);
         s
     }
 
     async fn kill(&mut self) -> Result<ExitStatus, HypervisorError> {
         self.shim.stop();
-        self.agent
+        let s = self
+            .agent
             .kill()
             .await
-            .map_err(|e| HypervisorError::io("kill husk-agent", e))
+            .map_err(|e| HypervisorError::io("kill husk-agent", e));
+        remove_cgroups(&self.id);
+        s
     }
 
     fn detach(self: Box<Self>) {
@@ -242,6 +299,7 @@ async fn adopt(record: &VmRecord, id: &str) -> Result<Box<dyn Vm>, HypervisorErr
         Box::new(FakeControl {
             shim: Mutex::new(Some(shim)),
             pid: record.processes.first().map_or(0, |p| p.pid),
+            id: id.to_string(),
         }),
         st.log,
     )?;
@@ -254,6 +312,7 @@ async fn adopt(record: &VmRecord, id: &str) -> Result<Box<dyn Vm>, HypervisorErr
 struct FakeControl {
     shim: Mutex<Option<Shim>>,
     pid: u32,
+    id: String,
 }
 
 #[async_trait::async_trait]
@@ -266,6 +325,18 @@ impl AdoptedControl for FakeControl {
             nix::unistd::Pid::from_raw(self.pid as i32),
             nix::sys::signal::Signal::SIGTERM,
         )
-        .map_err(|e| HypervisorError::io("SIGTERM husk-agent", e.into()))
+        .map_err(|e| HypervisorError::io("SIGTERM husk-agent", e.into()))?;
+        // The cgroup can go once the agent (its last user) has exited.
+        let (pid, id) = (self.pid, self.id.clone());
+        tokio::spawn(async move {
+            for _ in 0..250 {
+                if !crate::procfs::is_alive(pid) {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            remove_cgroups(&id);
+        });
+        Ok(())
     }
 }
