@@ -6,6 +6,7 @@
 
 pub mod agent;
 pub mod components;
+pub mod confined;
 pub mod files;
 pub mod hypervisor;
 pub mod mounts;

@@ -179,7 +179,7 @@ pub(super) async fn create_container(
         h.images
             .prepare_rootfs(&image.id.0, &id, &rootfs)
             .map_err(|e| image_error(&e))?;
-        let user = spec::resolve_user(&config, &image.config, &rootfs)?;
+        let user = spec::resolve_user_off_thread(&config, &image.config, &rootfs).await?;
         let oci = spec::build(&SpecInputs {
             config: &config,
             image: &image.config,

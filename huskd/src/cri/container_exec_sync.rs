@@ -42,18 +42,21 @@ pub(super) async fn exec_sync(
     let rootfs = sandbox
         .container_rootfs(&c.id)
         .map_err(|e| sandbox_error(&e))?;
-    let user = spec::resolve_user(&c.config, &image, &rootfs)?;
+    let user = spec::resolve_user_off_thread(&c.config, &image, &rootfs).await?;
     let process = spec::exec_process(&c.config, &image, &user, &req.cmd)?;
     let exec_id = format!("exec-{}", &super::new_id()[..16]);
     let stdio = StdioConfig {
         stdin: false,
         terminal: false,
     };
-    sandbox
-        .exec(&c.id, &exec_id, &process, stdio)
-        .await
-        .map_err(|e| sandbox_error(&e))?;
+    // The caller's timeout covers the whole exec, its start included: a
+    // process that never gets going (a container that broke its own user
+    // database, say) must not hold the call for the agent's RPC timeout.
     let run = async {
+        sandbox
+            .exec(&c.id, &exec_id, &process, stdio)
+            .await
+            .map_err(|e| sandbox_error(&e))?;
         let streams = sandbox
             .attach_stdio(&c.id, &exec_id, stdio)
             .await

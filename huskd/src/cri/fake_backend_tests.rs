@@ -411,11 +411,14 @@ async fn container_state(rt: &CriRuntime, id: &str) -> Result<cri::ContainerStat
     .map(|r| r.into_inner().status.unwrap())
 }
 
-/// A container from a real image (pulled from a docker-registry on
-/// loopback): created over the pod's share, started, exec'd into, its
-/// output in the CRI log, stopped and removed, with nothing left mounted.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn container_lifecycle() {
+/// A registry on loopback with busybox in it, and an Env whose huskd
+/// trusts it and has pulled the image.
+async fn env_with_busybox() -> (
+    husk_testkit::registry::Registry,
+    Env,
+    CriRuntime,
+    cri::ImageSpec,
+) {
     use k8s_cri::v1::image_service_server::ImageService;
     let registry = husk_testkit::registry::Registry::start().unwrap();
     let image = registry.push_busybox("fake/busybox:1").unwrap();
@@ -426,7 +429,7 @@ async fn container_lifecycle() {
         husk: rt.husk.clone(),
     };
     let spec = cri::ImageSpec {
-        image: image.clone(),
+        image,
         ..Default::default()
     };
     images
@@ -436,45 +439,74 @@ async fn container_lifecycle() {
         }))
         .await
         .unwrap();
+    (registry, env, rt, spec)
+}
+
+impl Env {
+    /// CreateContainer + StartContainer of `config` in `pod`; the agent's
+    /// log is in the panic message of a failure.
+    async fn start_container(
+        &self,
+        rt: &CriRuntime,
+        pod: &str,
+        pod_config: &cri::PodSandboxConfig,
+        config: cri::ContainerConfig,
+    ) -> String {
+        let id = rt
+            .create_container(Request::new(cri::CreateContainerRequest {
+                pod_sandbox_id: pod.into(),
+                config: Some(config),
+                sandbox_config: Some(pod_config.clone()),
+            }))
+            .await
+            .unwrap_or_else(|s| {
+                let log = self.state.join("sandboxes").join(pod).join("agent.log");
+                let log = std::fs::read_to_string(log).unwrap_or_default();
+                panic!("CreateContainer: {s:?}\nagent log:\n{log}")
+            })
+            .into_inner()
+            .container_id;
+        rt.start_container(Request::new(cri::StartContainerRequest {
+            container_id: id.clone(),
+        }))
+        .await
+        .unwrap();
+        id
+    }
+}
+
+fn container_config(name: &str, image: &cri::ImageSpec, script: &str) -> cri::ContainerConfig {
+    cri::ContainerConfig {
+        metadata: Some(cri::ContainerMetadata {
+            name: name.into(),
+            attempt: 0,
+        }),
+        image: Some(image.clone()),
+        command: vec!["sh".into(), "-c".into(), script.into()],
+        log_path: format!("{name}.log"),
+        ..Default::default()
+    }
+}
+
+/// A container from a real image (pulled from a docker-registry on
+/// loopback): created over the pod's share, started, exec'd into, its
+/// output in the CRI log, stopped and removed, with nothing left mounted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn container_lifecycle() {
+    let (_registry, env, rt, spec) = env_with_busybox().await;
     let log_dir = env.base.path().join("pods/app");
     let mut pod_cfg = pod_config("app");
     pod_cfg.log_directory = log_dir.display().to_string();
     pod_cfg.hostname = "app-host".into();
     let pod = env.run_pod_with(&rt, pod_cfg.clone()).await;
-    let created = rt
-        .create_container(Request::new(cri::CreateContainerRequest {
-            pod_sandbox_id: pod.clone(),
-            config: Some(cri::ContainerConfig {
-                metadata: Some(cri::ContainerMetadata {
-                    name: "main".into(),
-                    attempt: 0,
-                }),
-                image: Some(spec),
-                command: vec![
-                    "sh".into(),
-                    "-c".into(),
-                    "echo hello; exec sleep 1000".into(),
-                ],
-                log_path: "main.log".into(),
-                ..Default::default()
-            }),
-            sandbox_config: Some(pod_cfg),
-        }))
-        .await
-        .unwrap_or_else(|s| {
-            let log = env.state.join("sandboxes").join(&pod).join("agent.log");
-            let log = std::fs::read_to_string(log).unwrap_or_default();
-            panic!("CreateContainer: {s:?}\nagent log:\n{log}")
-        })
-        .into_inner()
-        .container_id;
-    let st = container_state(&rt, &created).await.unwrap();
-    assert_eq!(st.state, cri::ContainerState::ContainerCreated as i32);
-    rt.start_container(Request::new(cri::StartContainerRequest {
-        container_id: created.clone(),
-    }))
-    .await
-    .unwrap();
+    let created = env
+        .start_container(
+            &rt,
+            &pod,
+            &pod_cfg,
+            container_config("main", &spec, "echo hello; exec sleep 1000"),
+        )
+        .await;
     assert_eq!(
         container_state(&rt, &created).await.unwrap().state,
         cri::ContainerState::ContainerRunning as i32
@@ -531,4 +563,117 @@ async fn container_lifecycle() {
     // (The netns directory's own mount stays until huskd exits: Env's drop.)
     let left = husk_runtime::mounts::mounts_under(&env.state.join("sandboxes")).unwrap();
     assert!(left.is_empty(), "mounts left: {left:?}");
+}
+
+/// The attack of issue 14: a tenant replaces its own /etc/passwd with a
+/// FIFO and /etc/group with a symlink to /dev/zero, then gets ExecSync
+/// calls (an exec probe is enough). huskd reads those files to resolve the
+/// exec's user; it must neither block nor read without end, and every
+/// other CRI call must keep answering.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenant_fifo_passwd_does_not_stall_huskd() {
+    // The CRI calls run on this test's runtime: a read that blocks its
+    // workers would hang the test rather than fail it. A thread outside the
+    // runtime turns that into a loud failure.
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watch = done.clone();
+    std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(120));
+        if !watch.load(Ordering::SeqCst) {
+            eprintln!("tenant_fifo_passwd_does_not_stall_huskd: huskd stalled for 120 s");
+            std::process::abort();
+        }
+    });
+    let (_registry, env, rt, spec) = env_with_busybox().await;
+    let mut pod_cfg = pod_config("tenant");
+    pod_cfg.log_directory = env.base.path().join("pods/tenant").display().to_string();
+    let pod = env.run_pod_with(&rt, pod_cfg.clone()).await;
+    let attack = "rm /etc/passwd && mkfifo /etc/passwd && ln -sf /dev/zero /etc/group \
+                  && touch /tmp/armed; exec sleep 1000";
+    let numeric = env
+        .start_container(
+            &rt,
+            &pod,
+            &pod_cfg,
+            container_config("numeric", &spec, attack),
+        )
+        .await;
+    let mut named_cfg = container_config("named", &spec, attack);
+    named_cfg.linux = Some(cri::LinuxContainerConfig {
+        security_context: Some(cri::LinuxContainerSecurityContext {
+            run_as_username: "root".into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    // Created before the attack (the name resolves), in the same image.
+    let named = env.start_container(&rt, &pod, &pod_cfg, named_cfg).await;
+    let rootfs = rt
+        .husk
+        .sandbox(&pod)
+        .unwrap()
+        .container_rootfs(&numeric)
+        .unwrap();
+    for _ in 0..250 {
+        if rootfs.join("tmp/armed").exists() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(rootfs.join("tmp/armed").exists(), "the attack did not run");
+
+    let bounded = Duration::from_secs(10);
+    let mut calls = tokio::task::JoinSet::new();
+    for _ in 0..8 {
+        let rt = rt.clone();
+        let id = numeric.clone();
+        calls.spawn(async move {
+            rt.exec_sync(Request::new(cri::ExecSyncRequest {
+                container_id: id,
+                cmd: vec!["true".into()],
+                timeout: 5,
+            }))
+            .await
+        });
+    }
+    // huskd keeps answering while the execs run.
+    for _ in 0..5 {
+        let t = std::time::Instant::now();
+        rt.version(Request::new(cri::VersionRequest::default()))
+            .await
+            .unwrap();
+        assert!(
+            t.elapsed() < Duration::from_secs(1),
+            "Version took {:?}",
+            t.elapsed()
+        );
+    }
+    let all = tokio::time::timeout(bounded, async {
+        while let Some(r) = calls.join_next().await {
+            // A numeric user needs no name: the exec itself works.
+            assert_eq!(r.unwrap().unwrap().into_inner().exit_code, 0);
+        }
+    })
+    .await;
+    assert!(
+        all.is_ok(),
+        "ExecSync calls did not finish within {bounded:?}"
+    );
+    // A container that runs as a name now gets a clear error naming why.
+    let e = tokio::time::timeout(
+        bounded,
+        rt.exec_sync(Request::new(cri::ExecSyncRequest {
+            container_id: named.clone(),
+            cmd: vec!["true".into()],
+            timeout: 5,
+        })),
+    )
+    .await
+    .expect("ExecSync of a named user hung")
+    .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("FIFO"), "{}", e.message());
+    stop_pod(&rt, &pod).await.unwrap();
+    remove_pod(&rt, &pod).await.unwrap();
+    done.store(true, Ordering::SeqCst);
 }

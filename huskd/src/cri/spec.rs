@@ -91,11 +91,50 @@ pub struct ProcessUser {
     pub uid: u32,
     pub gid: u32,
     pub additional_gids: Vec<u32>,
+    /// HOME for the process when neither the image nor the config sets it:
+    /// the user's home in the image's /etc/passwd, else "/". Given here so
+    /// that the runtime in the guest never looks the user up in the
+    /// container's own (tenant-controlled) files.
+    pub home: String,
+}
+
+/// Largest /etc/passwd or /etc/group read from a container's rootfs.
+const ACCOUNT_FILE_MAX: u64 = 4 << 20;
+
+/// A container's /etc/passwd or /etc/group, read confined to its rootfs
+/// (the tenant controls that file: see [`husk_runtime::confined`]). A
+/// missing file is empty; one that cannot be read safely is empty too, and
+/// the second value says why, for the error of a name that is not found.
+fn account_file(rootfs: &Path, path: &str) -> (String, String) {
+    match husk_runtime::confined::read_in_root(rootfs, Path::new(path), ACCOUNT_FILE_MAX) {
+        Ok(b) => (String::from_utf8_lossy(&b).into_owned(), String::new()),
+        Err(husk_runtime::confined::ConfinedError::NotFound(_)) => {
+            (String::new(), " (it has none)".into())
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "not reading a container's account file");
+            (String::new(), format!(" (not read: {e})"))
+        }
+    }
+}
+
+/// [`resolve_user`] on a blocking thread: it reads files of the container's
+/// rootfs, which must never hold up the async workers serving every CRI
+/// call of the node.
+pub async fn resolve_user_off_thread(
+    config: &ContainerConfig,
+    image: &ImageConfig,
+    rootfs: &Path,
+) -> Result<ProcessUser, Status> {
+    let (config, image, rootfs) = (config.clone(), image.clone(), rootfs.to_path_buf());
+    tokio::task::spawn_blocking(move || resolve_user(&config, &image, &rootfs))
+        .await
+        .map_err(|e| Status::internal(format!("resolving the container user: {e}")))?
 }
 
 /// Resolves the container's user from its security context or the image's
 /// `User`, reading names from the rootfs' /etc/passwd and /etc/group (the
-/// host has the rootfs mounted).
+/// host has the rootfs mounted). Blocking: run it off the async workers.
 pub fn resolve_user(
     config: &ContainerConfig,
     image: &ImageConfig,
@@ -105,8 +144,8 @@ pub fn resolve_user(
         .linux
         .as_ref()
         .and_then(|l| l.security_context.as_ref());
-    let passwd = std::fs::read_to_string(rootfs.join("etc/passwd")).unwrap_or_default();
-    let group = std::fs::read_to_string(rootfs.join("etc/group")).unwrap_or_default();
+    let (passwd, passwd_err) = account_file(rootfs, "/etc/passwd");
+    let (group, group_err) = account_file(rootfs, "/etc/group");
     let lookup_user = |name: &str| -> Option<(u32, u32)> {
         passwd.lines().find_map(|l| {
             let f: Vec<&str> = l.split(':').collect();
@@ -130,7 +169,7 @@ pub fn resolve_user(
             Err(_) => {
                 let (uid, gid) = lookup_user(u).ok_or_else(|| {
                     Status::invalid_argument(format!(
-                        "{field}: user {u:?} is not in the image's /etc/passwd"
+                        "{field}: user {u:?} is not in the image's /etc/passwd{passwd_err}"
                     ))
                 })?;
                 (uid, Some(gid))
@@ -142,7 +181,7 @@ pub fn resolve_user(
                 Ok(n) => n,
                 Err(_) => lookup_group(g).ok_or_else(|| {
                     Status::invalid_argument(format!(
-                        "{field}: group {g:?} is not in the image's /etc/group"
+                        "{field}: group {g:?} is not in the image's /etc/group{group_err}"
                     ))
                 })?,
             }),
@@ -201,6 +240,17 @@ pub fn resolve_user(
         uid,
         gid: gid.unwrap_or(0),
         additional_gids,
+        home: passwd_home(&passwd, uid).unwrap_or_else(|| "/".into()),
+    })
+}
+
+/// The home directory of `uid` in an /etc/passwd text (field 6), if it is
+/// an absolute path.
+fn passwd_home(passwd: &str, uid: u32) -> Option<String> {
+    passwd.lines().find_map(|l| {
+        let f: Vec<&str> = l.split(':').collect();
+        (f.len() >= 6 && f[2].parse::<u32>().ok() == Some(uid) && f[5].starts_with('/'))
+            .then(|| f[5].to_string())
     })
 }
 
@@ -260,6 +310,14 @@ pub fn env(config: &ContainerConfig, image: &ImageConfig) -> Vec<String> {
         );
     }
     out.into_iter().map(|(k, v)| format!("{k}={v}")).collect()
+}
+
+/// Adds HOME unless the environment has it (see [`ProcessUser::home`]).
+fn with_home(mut env: Vec<String>, home: &str) -> Vec<String> {
+    if !env.iter().any(|e| e.starts_with("HOME=")) {
+        env.push(format!("HOME={home}"));
+    }
+    env
 }
 
 fn capabilities(config: &ContainerConfig) -> Result<Vec<String>, Status> {
@@ -389,7 +447,7 @@ fn process_json(
             "additionalGids": user.additional_gids,
         },
         "args": args,
-        "env": env(c, image),
+        "env": with_home(env(c, image), &user.home),
         "cwd": cwd,
         "capabilities": {
             "bounding": caps, "effective": caps, "permitted": caps,
@@ -624,6 +682,7 @@ mod tests {
             uid: 1,
             gid: 2,
             additional_gids: vec![],
+            home: "/".into(),
         };
         let inp = SpecInputs {
             config: &c,
@@ -699,6 +758,7 @@ mod tests {
             uid: 0,
             gid: 0,
             additional_gids: vec![],
+            home: "/".into(),
         };
         let spec = |c: &ContainerConfig| {
             build(&SpecInputs {
@@ -769,6 +829,7 @@ mod tests {
             uid: 7,
             gid: 8,
             additional_gids: vec![],
+            home: "/".into(),
         };
         let p = exec_process(&c, &image(), &user, &["id".into()]).unwrap();
         let v = serde_json::to_value(&p).unwrap();
