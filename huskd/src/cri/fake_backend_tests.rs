@@ -677,3 +677,43 @@ async fn tenant_fifo_passwd_does_not_stall_huskd() {
     remove_pod(&rt, &pod).await.unwrap();
     done.store(true, Ordering::SeqCst);
 }
+
+/// A guest that stops answering (its agent frozen) before StopPodSandbox:
+/// the stop still finishes within a bound and nothing of the VM is left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_of_a_silent_guest_is_bounded() {
+    let (_registry, env, rt, spec) = env_with_busybox().await;
+    let mut pod_cfg = pod_config("silent");
+    pod_cfg.log_directory = env.base.path().join("pods/silent").display().to_string();
+    let pod = env.run_pod_with(&rt, pod_cfg.clone()).await;
+    for name in ["a", "b", "c"] {
+        env.start_container(
+            &rt,
+            &pod,
+            &pod_cfg,
+            container_config(name, &spec, "exec sleep 1000"),
+        )
+        .await;
+    }
+    let agent = agent_pid(&rt, &pod);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(agent as i32),
+        nix::sys::signal::Signal::SIGSTOP,
+    )
+    .unwrap();
+    let t = std::time::Instant::now();
+    stop_pod(&rt, &pod).await.unwrap();
+    let took = t.elapsed();
+    // 2 s for the kills, 3 s for DestroySandbox, 5 s for the VM's stop.
+    assert!(
+        took < Duration::from_secs(15),
+        "StopPodSandbox took {took:?}"
+    );
+    assert!(!alive(agent), "the silent guest's VM is still running");
+    assert_eq!(
+        pod_status(&rt, &pod).await.unwrap().state,
+        cri::PodSandboxState::SandboxNotready as i32
+    );
+    remove_pod(&rt, &pod).await.unwrap();
+    assert!(env.sandboxes().is_empty(), "{:?}", env.sandboxes());
+}

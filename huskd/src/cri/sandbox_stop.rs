@@ -1,6 +1,7 @@
 //! StopPodSandbox: containers killed, their host side released, the VM
 //! stopped, the network released; the record stays (NotReady).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_cri::v1 as cri;
@@ -14,31 +15,69 @@ use super::{now_ns, Husk};
 use crate::state::{ContainerState, PodState};
 use husk_runtime::sandbox::reap_orphan_dir;
 
+/// Each container's SIGKILL through the agent: a guest that does not
+/// answer this fast is not waited for (the VM is stopped anyway).
+const KILL_RPC_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long the killed containers get to report their exits (output
+/// drained to the logs) before the VM goes.
+const KILLED_EXIT_WAIT: Duration = Duration::from_secs(5);
+
 pub(super) async fn stop_pod_sandbox(
-    h: &Husk,
+    h: &Arc<Husk>,
     req: cri::StopPodSandboxRequest,
 ) -> Result<cri::StopPodSandboxResponse, Status> {
     let Some(p) = find_pod_opt(h, "pod_sandbox_id", &req.pod_sandbox_id)? else {
         return Ok(cri::StopPodSandboxResponse {});
     };
-    let lock = h.pod_lock(&p.id);
-    let _g = lock.lock().await;
-    stop_pod_inner(h, &p.id, "stopped by StopPodSandbox").await;
+    stop_detached(h, p.id, "stopped by StopPodSandbox").await;
     Ok(cri::StopPodSandboxResponse {})
+}
+
+/// [`stop_pod_inner`] under the pod's lock, in a task of its own: a caller
+/// that goes away (its gRPC deadline passed) does not cancel a stop
+/// halfway, which could leave a VM running or a network set up.
+pub(super) async fn stop_detached(h: &Arc<Husk>, pod_id: String, reason: &'static str) {
+    let h = h.clone();
+    let task = tokio::spawn(async move {
+        let lock = h.pod_lock(&pod_id);
+        let _g = lock.lock().await;
+        stop_pod_inner(&h, &pod_id, reason).await;
+    });
+    if let Err(e) = task.await {
+        tracing::error!(error = %e, "the pod stop task failed");
+    }
 }
 
 /// Stops a pod: its containers are killed, their rootfs and mounts
 /// released, the VM stopped. The record stays (NotReady). Never fails:
 /// what cannot be cleaned is logged and retried by RemovePodSandbox.
+/// Bounded even when the guest never answers: the containers are killed
+/// concurrently, each kill waits at most [`KILL_RPC_TIMEOUT`], and exits
+/// are awaited only from a guest that took the kills.
 pub(super) async fn stop_pod_inner(h: &Husk, pod_id: &str, reason: &str) {
     let containers = h.state.containers_of(pod_id);
     let sandbox = h.sandbox(pod_id);
-    for c in &containers {
-        if c.state == ContainerState::Running {
-            if let Some(sb) = &sandbox {
-                let _ = sb.signal(&c.id, "", libc::SIGKILL).await;
-                wait_exit(h, &c.id, Duration::from_secs(5)).await;
-            }
+    if let Some(sb) = &sandbox {
+        let running: Vec<_> = containers
+            .iter()
+            .filter(|c| c.state == ContainerState::Running)
+            .collect();
+        let kills = running
+            .iter()
+            .map(|c| tokio::time::timeout(KILL_RPC_TIMEOUT, sb.signal(&c.id, "", libc::SIGKILL)));
+        let answered = futures_util::future::join_all(kills)
+            .await
+            .into_iter()
+            .all(|r| r.is_ok());
+        if answered {
+            futures_util::future::join_all(
+                running
+                    .iter()
+                    .map(|c| wait_exit(h, &c.id, KILLED_EXIT_WAIT)),
+            )
+            .await;
+        } else {
+            tracing::warn!("the guest did not answer the containers' kill; stopping the VM");
         }
     }
     for c in &containers {

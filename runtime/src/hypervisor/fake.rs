@@ -30,15 +30,53 @@ const ROLE_AGENT: &str = "husk-agent";
 /// Parent of every fake VM's container cgroups (`<root>/<sandbox id>`).
 pub const CGROUP_ROOT: &str = "husk-fake";
 
-/// Removes the (empty) cgroup a fake VM's agent put its containers under,
-/// in every hierarchy: the agent removes the containers' own cgroups, and
-/// in a VM the parent goes with the guest.
+/// Ends what a fake VM leaves on the host once its agent is gone: in a VM
+/// the containers die with the guest, here they are host processes in
+/// the cgroups below `<CGROUP_ROOT>/<id>`. They are SIGKILLed, then the
+/// cgroups removed, in every hierarchy.
 fn remove_cgroups(id: &str) {
     let Ok(rd) = std::fs::read_dir("/sys/fs/cgroup") else {
         return;
     };
-    for e in rd.flatten() {
-        let _ = std::fs::remove_dir(e.path().join(CGROUP_ROOT).join(id));
+    let parents: Vec<PathBuf> = rd
+        .flatten()
+        .map(|e| e.path().join(CGROUP_ROOT).join(id))
+        .filter(|p| p.is_dir())
+        .collect();
+    let children = |p: &Path| -> Vec<PathBuf> {
+        std::fs::read_dir(p)
+            .map(|rd| {
+                rd.flatten()
+                    .map(|e| e.path())
+                    .filter(|p| p.is_dir())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    for _ in 0..50 {
+        let mut alive = false;
+        for p in &parents {
+            for c in children(p) {
+                let procs = std::fs::read_to_string(c.join("cgroup.procs")).unwrap_or_default();
+                for pid in procs.lines().filter_map(|l| l.parse::<i32>().ok()) {
+                    alive = true;
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
+            }
+        }
+        if !alive {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for p in &parents {
+        for c in children(p) {
+            let _ = std::fs::remove_dir(c);
+        }
+        let _ = std::fs::remove_dir(p);
     }
 }
 
