@@ -5,6 +5,7 @@ use std::ffi::OsStr;
 use std::fs;
 use std::io::{self, Write};
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -32,6 +33,10 @@ impl From<WriteError> for io::Error {
 /// it over `path` and fsyncs the directory, without which the rename itself
 /// may be lost. On failure the temporary is removed; one a crash leaves
 /// behind is recognised by [`is_temporary`].
+///
+/// The file is created mode 0600: records hold what kubelet put in pod and
+/// container configs (environment variables filled from Secrets among
+/// them), for nobody but root.
 pub fn write_atomic(path: &Path, data: &[u8]) -> Result<(), WriteError> {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let dir = match path.parent() {
@@ -53,10 +58,15 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> Result<(), WriteError> {
             source,
         }
     };
-    let written = fs::File::create(&tmp).and_then(|mut f| {
-        f.write_all(data)?;
-        f.sync_all()
-    });
+    let written = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .and_then(|mut f| {
+            f.write_all(data)?;
+            f.sync_all()
+        });
     written.map_err(|e| fail("writing", &tmp, e))?;
     fs::rename(&tmp, path).map_err(|e| fail("renaming over", path, e))?;
     fs::File::open(dir)
@@ -78,6 +88,16 @@ pub fn is_temporary(name: &OsStr) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn records_are_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("r.json");
+        write_atomic(&p, b"{}").unwrap();
+        let mode = fs::metadata(&p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{mode:o}");
+    }
 
     #[test]
     fn replaces_content_and_leaves_no_temporary() {

@@ -257,6 +257,26 @@ async fn pod_lifecycle() {
     assert!(ip.starts_with("10.197."), "pod IP {ip:?}");
     let agent = agent_pid(&rt, &id);
     assert!(alive(agent));
+    // Records (kubelet's configs, Secrets in env among them), image layers
+    // and sandbox directories are root's alone.
+    let mode = |p: &Path| {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+    };
+    let record = env
+        .config
+        .root
+        .join("state/pods")
+        .join(format!("{id}.json"));
+    assert_eq!(mode(&record), 0o600, "{}", record.display());
+    for d in [
+        env.config.root.clone(),
+        env.config.root.join("images"),
+        env.state.clone(),
+        env.state.join("sandboxes").join(&id),
+    ] {
+        assert_eq!(mode(&d), 0o700, "{}", d.display());
+    }
     // The same pod attempt again is refused; a ready-state filter finds it.
     let again = rt
         .run_pod_sandbox(Request::new(cri::RunPodSandboxRequest {

@@ -144,11 +144,17 @@ impl Husk {
         config: HuskdConfig,
         backend: Option<Arc<dyn Hypervisor>>,
     ) -> Result<(Arc<Self>, LoadReport), HuskError> {
+        // Records (with the environment kubelet fills from Secrets), image
+        // layers and container root filesystems live below these: root's
+        // alone, whatever the umask.
         for d in [&config.root, &config.state, &config.state.join("sandboxes")] {
-            std::fs::create_dir_all(d).map_err(|source| HuskError::Dir {
-                path: d.clone(),
-                source,
-            })?;
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::create_dir_all(d)
+                .and_then(|()| std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o700)))
+                .map_err(|source| HuskError::Dir {
+                    path: d.clone(),
+                    source,
+                })?;
         }
         let images = ImageStore::open(ImageStoreConfig {
             root: config.root.clone(),

@@ -217,6 +217,13 @@ impl ImageStore {
         ] {
             fs::create_dir_all(d).ctx(|| format!("creating {}", d.display()))?;
         }
+        // Layers hold whatever images carry (setuid binaries, device
+        // nodes): no other host user may reach them.
+        {
+            use std::os::unix::fs::PermissionsExt;
+            fs::set_permissions(&dirs.images, fs::Permissions::from_mode(0o700))
+                .ctx(|| format!("chmod {}", dirs.images.display()))?;
+        }
 
         let mut mirrors: HashMap<String, Vec<Endpoint>> = HashMap::new();
         let mut http_hosts: Vec<String> = config.insecure.clone();
