@@ -262,6 +262,7 @@ impl VsockMuxer {
         let mut data = std::mem::take(&mut self.tx_data);
         let res = (|| loop {
             queue.disable_notification(mem)?;
+            check_avail_ring(mem, queue)?;
             while let Some(chain) = queue.pop_descriptor_chain(mem) {
                 let head = chain.head_index();
                 match read_tx_packet(mem, chain, &mut data) {
@@ -292,6 +293,7 @@ impl VsockMuxer {
     ) -> Result<bool, MuxerError> {
         let mut used = false;
         while self.has_pending_rx() {
+            check_avail_ring(mem, queue)?;
             let Some(chain) = queue.pop_descriptor_chain(mem) else {
                 if queue.enable_notification(mem)? {
                     continue;
@@ -684,6 +686,22 @@ impl VsockMuxer {
             }
         }
     }
+}
+
+/// Fails on an avail ring whose index is more than a queue's worth ahead of
+/// what the device consumed. virtio-queue's `pop_descriptor_chain` turns
+/// that into `None` while `enable_notification` keeps reporting new
+/// buffers, so a guest that wrote such an index would otherwise pin a host
+/// core in the loops above forever; a broken ring fails the device.
+fn check_avail_ring<M: GuestMemory>(mem: &M, queue: &Queue) -> Result<(), MuxerError> {
+    let avail = queue.avail_idx(mem, std::sync::atomic::Ordering::Acquire)?;
+    let pending = avail - Wrapping(queue.next_avail());
+    if pending.0 > queue.size() {
+        return Err(MuxerError::Queue(
+            virtio_queue::Error::InvalidAvailRingIndex,
+        ));
+    }
+    Ok(())
 }
 
 impl AsRawFd for VsockMuxer {

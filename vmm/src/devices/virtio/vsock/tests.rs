@@ -731,3 +731,26 @@ fn reset_forgets_connections() {
     // The listener still works.
     let (_c2, _) = r.host_connect(1024);
 }
+
+/// A guest that writes an avail index more than a queue's worth ahead of
+/// the device (issue 14): the muxer must fail the queue, on TX and on RX,
+/// instead of looping forever over a ring it cannot read.
+#[test]
+fn corrupted_avail_index_fails_the_device_instead_of_spinning() {
+    let t = std::time::Instant::now();
+    // RX: a connect to a port nobody serves leaves an RST pending for the
+    // guest, then the RX ring's index jumps past the queue size.
+    let mut r = rig();
+    r.send(hdr(op::REQUEST, 40001, 5001), &[], Layout::HeaderData);
+    assert!(r.mux.has_pending_rx());
+    r.rxq.avail().idx().store(QSIZE + 7);
+    let e = r.mux.process_rx_queue(r.mem, &mut r.rx).unwrap_err();
+    assert!(e.to_string().contains("virtqueue"), "{e}");
+    // TX: one real chain, then an index far past it.
+    let mut r = rig();
+    r.push_tx_raw(&[(TX_DATA, HDR_SIZE as u32, false)]);
+    r.txq.avail().idx().store(QSIZE * 3);
+    let e = r.mux.process_tx_queue(r.mem, &mut r.tx).unwrap_err();
+    assert!(e.to_string().contains("virtqueue"), "{e}");
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+}
