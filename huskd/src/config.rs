@@ -54,6 +54,17 @@ insecure = []
 # Layers downloaded at once per pull.
 max_concurrent_downloads = 3
 
+# What an image may hold (images are untrusted input); a pull that
+# exceeds a limit fails naming it, and nothing of it is kept.
+# The image config, read into memory whole:
+max_config_bytes = 8388608
+# Per layer, uncompressed bytes (a gzip bomb stops here):
+max_layer_bytes = 68719476736
+# Per layer, entries (files, directories, links, whiteouts):
+max_layer_entries = 2000000
+# One tar long-name or PAX record (read into memory whole):
+max_tar_metadata_bytes = 1048576
+
 # Registry host -> mirror URLs tried in order before the registry itself.
 # A mirror replaces the registry host and keeps the repository path; the
 # image keeps its original name. Example:
@@ -140,6 +151,24 @@ pub struct RegistryConfig {
     pub insecure: Vec<String>,
     pub max_concurrent_downloads: usize,
     pub mirrors: BTreeMap<String, Vec<String>>,
+    pub max_config_bytes: u64,
+    pub max_layer_bytes: u64,
+    pub max_layer_entries: u64,
+    pub max_tar_metadata_bytes: u64,
+}
+
+impl RegistryConfig {
+    /// The image store's limits from these keys.
+    pub fn image_limits(&self) -> husk_runtime::image::ImageLimits {
+        husk_runtime::image::ImageLimits {
+            max_config_bytes: self.max_config_bytes,
+            layer: husk_runtime::image::LayerLimits {
+                max_bytes: self.max_layer_bytes,
+                max_entries: self.max_layer_entries,
+                max_metadata_record: self.max_tar_metadata_bytes,
+            },
+        }
+    }
 }
 
 /// One runtime handler: how pod VMs of this RuntimeClass are built.
@@ -173,6 +202,10 @@ impl Default for RegistryConfig {
             insecure: Vec::new(),
             max_concurrent_downloads: 3,
             mirrors: BTreeMap::new(),
+            max_config_bytes: husk_runtime::image::ImageLimits::default().max_config_bytes,
+            max_layer_bytes: husk_runtime::image::LayerLimits::default().max_bytes,
+            max_layer_entries: husk_runtime::image::LayerLimits::default().max_entries,
+            max_tar_metadata_bytes: husk_runtime::image::LayerLimits::default().max_metadata_record,
         }
     }
 }
@@ -345,6 +378,22 @@ impl HuskdConfig {
                 "registry.max_concurrent_downloads",
                 "must be between 1 and 64".into(),
             );
+        }
+        for (key, v) in [
+            ("registry.max_config_bytes", self.registry.max_config_bytes),
+            ("registry.max_layer_bytes", self.registry.max_layer_bytes),
+            (
+                "registry.max_layer_entries",
+                self.registry.max_layer_entries,
+            ),
+            (
+                "registry.max_tar_metadata_bytes",
+                self.registry.max_tar_metadata_bytes,
+            ),
+        ] {
+            if v == 0 {
+                return err(key, "must be at least 1".into());
+            }
         }
         for (i, h) in self.registry.insecure.iter().enumerate() {
             if let Err(m) = check_host_port(h) {

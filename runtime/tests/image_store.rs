@@ -334,6 +334,7 @@ fn store(root: &Path, reg: Option<&Registry>, mirrors: HashMap<String, Vec<Strin
         mirrors,
         insecure: reg.map(|r| vec![r.host()]).unwrap_or_default(),
         max_concurrent_downloads: 0,
+        limits: Default::default(),
     })
     .unwrap()
 }
@@ -724,4 +725,100 @@ fn pull_time_median() {
         "config + layer downloaded on every pull"
     );
     assert!(median(&times) < Duration::from_secs(5));
+}
+
+/// Hostile images (issue 14): a gzip bomb, a tar long-name record far
+/// larger than any path, and whiteouts that name the layer's own
+/// directories. Each pull fails at once with a clear error naming the
+/// layer, and no layer, image record or temporary is left behind.
+#[test]
+fn hostile_images_fail_cleanly() {
+    let reg = Registry::start().unwrap();
+    let gz = |tar: &[u8]| {
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+        e.write_all(tar).unwrap();
+        BuiltLayer {
+            blob: e.finish().unwrap(),
+            diff_id: sha256_digest(tar),
+            media_type: "application/vnd.oci.image.layer.v1.tar+gzip",
+        }
+    };
+    let tar_of = |build: &dyn Fn(&mut tar::Builder<Vec<u8>>)| {
+        let mut b = tar::Builder::new(Vec::new());
+        build(&mut b);
+        b.into_inner().unwrap()
+    };
+    let file = |b: &mut tar::Builder<Vec<u8>>, name: &str, data: &[u8]| {
+        let mut h = tar::Header::new_ustar();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(0);
+        h.set_entry_type(tar::EntryType::Regular);
+        {
+            let n = &mut h.as_old_mut().name;
+            n.fill(0);
+            n[..name.len()].copy_from_slice(name.as_bytes());
+        }
+        h.set_cksum();
+        b.append(&h, data).unwrap();
+    };
+    // 256 MiB of zeros: about 250 KiB of gzip.
+    let bomb = gz(&tar_of(&|b| file(b, "zeros", &vec![0u8; 256 << 20])));
+    assert!(bomb.blob.len() < 1 << 20);
+    // A 16 MiB GNU long-name record (the tar crate would read it whole).
+    let long_name = gz(&tar_of(&|b| {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::GNULongName);
+        h.set_size(16 << 20);
+        {
+            let n = &mut h.as_old_mut().name;
+            n[..13].copy_from_slice(b"././@LongLink");
+        }
+        h.set_cksum();
+        b.append(&h, &vec![b'a'; 16 << 20][..]).unwrap();
+        file(b, "short", b"x");
+    }));
+    let whiteout = gz(&tar_of(&|b| file(b, ".wh...", b"")));
+    for (name, layer, want) in [
+        ("hostile/bomb:1", &bomb, "bytes uncompressed"),
+        ("hostile/longname:1", &long_name, "metadata record"),
+        ("hostile/whiteout:1", &whiteout, "names no file"),
+    ] {
+        push_uncompressed(&reg, &[layer], name);
+        let root = tempfile::tempdir().unwrap();
+        let s = ImageStore::open(ImageStoreConfig {
+            root: root.path().to_path_buf(),
+            insecure: vec![reg.host()],
+            limits: husk_runtime::image::ImageLimits {
+                layer: husk_runtime::image::LayerLimits {
+                    max_bytes: 64 << 20,
+                    ..Default::default()
+                },
+                ..Default::default()
+            },
+            ..Default::default()
+        })
+        .unwrap();
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let t = std::time::Instant::now();
+        let e = rt
+            .block_on(s.pull(&format!("{}/{name}", reg.host()), None))
+            .unwrap_err();
+        let msg = e.to_string();
+        assert!(msg.contains(want), "{name}: {msg}");
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "{name}: {:?}",
+            t.elapsed()
+        );
+        assert!(s.list().is_empty());
+        let images = root.path().join("images");
+        for d in ["layers", "tmp", "meta"] {
+            assert_eq!(count_entries(&images.join(d)), 0, "{name}: {d} not empty");
+        }
+        // The store's own directory holds nothing of the layer's content.
+        assert!(!root.path().join("zeros").exists() && !root.path().join("short").exists());
+    }
 }

@@ -161,6 +161,7 @@ impl Husk {
             mirrors: config.registry.mirrors.clone().into_iter().collect(),
             insecure: config.registry.insecure.clone(),
             max_concurrent_downloads: config.registry.max_concurrent_downloads,
+            limits: config.registry.image_limits(),
         })
         .map_err(|source| HuskError::Images {
             root: config.root.clone(),

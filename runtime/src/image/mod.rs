@@ -38,5 +38,7 @@ pub use reference::ImageRef;
 pub use registry::RegistryAuth;
 pub use rootfs::RootfsMount;
 pub use store::{
-    FsInfo, Image, ImageConfig, ImageId, ImageStore, ImageStoreConfig, Layer, RemoveOutcome,
+    FsInfo, Image, ImageConfig, ImageId, ImageLimits, ImageStore, ImageStoreConfig, Layer,
+    RemoveOutcome,
 };
+pub use unpack::LayerLimits;

@@ -214,6 +214,13 @@ impl Inner {
         pin_keys.extend(manifest.layers.iter().map(|l| l.digest.clone()));
         let _pins = self.pin(pin_keys);
 
+        let max_config = self.limits.max_config_bytes;
+        if manifest.config.size < 0 || manifest.config.size as u64 > max_config {
+            return Err(unsupported(format!(
+                "image config of {} bytes (at most {max_config})",
+                manifest.config.size
+            )));
+        }
         let config_desc = descriptor(&manifest.config);
         self.ensure_blob(&client, &oref, &config_desc, &image, &ep.host)
             .await?;
@@ -317,9 +324,16 @@ impl Inner {
                 let expected = layer.diff_id.clone();
                 let (img, host_s, digest) =
                     (image.to_string(), host.to_string(), layer.digest.clone());
+                let limits = self.limits.layer;
                 let usage = tokio::task::spawn_blocking(move || {
-                    let res =
-                        unpack_into(&blob, &work, &final_dir, &expected, &img, &host_s, &digest);
+                    let res = unpack_into(
+                        &blob,
+                        &work,
+                        &final_dir,
+                        &expected,
+                        &limits,
+                        (&img, &host_s, &digest),
+                    );
                     if res.is_err() {
                         let _ = fs::remove_dir_all(&work);
                     }
@@ -447,13 +461,12 @@ fn unpack_into(
     work: &Path,
     final_dir: &Path,
     expected_diff_id: &str,
-    image: &str,
-    host: &str,
-    digest: &str,
+    limits: &unpack::LayerLimits,
+    (image, host, digest): (&str, &str, &str),
 ) -> Result<LayerUsage> {
     let fs_dir = work.join("fs");
     fs::create_dir_all(&fs_dir).ctx(|| format!("creating {}", fs_dir.display()))?;
-    let unpacked = unpack::unpack_layer(blob, &fs_dir).map_err(|e| match e {
+    let unpacked = unpack::unpack_layer(blob, &fs_dir, limits).map_err(|e| match e {
         unpack::UnpackError::Unsafe(detail) => Error::BadLayer {
             image: image.to_string(),
             layer: digest.to_string(),

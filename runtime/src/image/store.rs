@@ -32,6 +32,27 @@ pub struct ImageStoreConfig {
     pub insecure: Vec<String>,
     /// Layers downloaded at once per pull (0 = 3).
     pub max_concurrent_downloads: usize,
+    /// What an (untrusted) image may hold.
+    pub limits: ImageLimits,
+}
+
+/// Bounds on what a pulled image may make the host store or hold in
+/// memory: its config is read whole, its layers are unpacked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ImageLimits {
+    /// The image config blob (JSON, read into memory).
+    pub max_config_bytes: u64,
+    /// Each layer (see [`super::unpack::LayerLimits`]).
+    pub layer: super::unpack::LayerLimits,
+}
+
+impl Default for ImageLimits {
+    fn default() -> Self {
+        Self {
+            max_config_bytes: 8 << 20,
+            layer: Default::default(),
+        }
+    }
 }
 
 /// An image id: `sha256:<hex>` digest of the image config.
@@ -147,6 +168,7 @@ pub(super) struct Inner {
     pub(super) mirrors: HashMap<String, Vec<Endpoint>>,
     pub(super) clients: Clients,
     pub(super) concurrency: usize,
+    pub(super) limits: ImageLimits,
     pub(super) state: Mutex<State>,
     pub(super) pulls: Flights<Image>,
     pub(super) blob_flights: Flights<()>,
@@ -285,6 +307,7 @@ impl ImageStore {
                 mirrors,
                 clients: Clients::new(http_hosts),
                 concurrency,
+                limits: config.limits,
                 state: Mutex::new(state),
                 pulls: Flights::new(),
                 blob_flights: Flights::new(),

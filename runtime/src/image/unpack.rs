@@ -21,6 +21,30 @@ const WHITEOUT_PREFIX: &str = ".wh.";
 const OPAQUE_WHITEOUT: &str = ".wh..wh..opq";
 const OVERLAY_XATTR_PREFIX: &[u8] = b"trusted.overlay.";
 
+/// What one layer may hold. A layer is untrusted input: a few megabytes of
+/// gzip can expand to terabytes, a tar can declare a gigabyte file name
+/// (GNU long-name and PAX records are read into memory whole) or millions
+/// of entries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LayerLimits {
+    /// Uncompressed tar stream bytes.
+    pub max_bytes: u64,
+    /// Entries (files, directories, links, whiteouts).
+    pub max_entries: u64,
+    /// One GNU long-name/long-link or PAX record.
+    pub max_metadata_record: u64,
+}
+
+impl Default for LayerLimits {
+    fn default() -> Self {
+        Self {
+            max_bytes: 64 << 30,
+            max_entries: 2_000_000,
+            max_metadata_record: 1 << 20,
+        }
+    }
+}
+
 /// Why a layer could not be unpacked.
 #[derive(Debug)]
 pub(crate) enum UnpackError {
@@ -32,8 +56,30 @@ pub(crate) enum UnpackError {
 
 impl From<io::Error> for UnpackError {
     fn from(e: io::Error) -> Self {
-        UnpackError::Io(e)
+        match guard_message(&e) {
+            Some(m) => UnpackError::Unsafe(m),
+            None => UnpackError::Io(e),
+        }
     }
+}
+
+/// The [`TarGuard`] refusal inside `e`, which the `tar` crate may have
+/// wrapped (its wrapper's message hides the cause).
+fn guard_message(e: &io::Error) -> Option<String> {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        let m = err.to_string();
+        if let Some(i) = m.find(GUARD_TAG) {
+            return Some(format!("the layer holds {}", &m[i + GUARD_TAG.len()..]));
+        }
+        cur = match err.downcast_ref::<io::Error>() {
+            Some(io) => io
+                .get_ref()
+                .map(|inner| inner as &(dyn std::error::Error + 'static)),
+            None => err.source(),
+        };
+    }
+    None
 }
 
 impl std::fmt::Display for UnpackError {
@@ -89,7 +135,11 @@ impl<R: Read> Read for HashingReader<R> {
 }
 
 /// Unpacks the layer blob at `blob` into the existing, empty directory `dest`.
-pub(crate) fn unpack_layer(blob: &Path, dest: &Path) -> Result<Unpacked, UnpackError> {
+pub(crate) fn unpack_layer(
+    blob: &Path,
+    dest: &Path,
+    limits: &LayerLimits,
+) -> Result<Unpacked, UnpackError> {
     let file = File::open(blob)?;
     let mut buffered = BufReader::with_capacity(256 * 1024, file);
     let compression = sniff(buffered.fill_buf()?);
@@ -98,13 +148,17 @@ pub(crate) fn unpack_layer(blob: &Path, dest: &Path) -> Result<Unpacked, UnpackE
         Compression::Zstd => Box::new(zstd::stream::read::Decoder::with_buffer(buffered)?),
         Compression::None => Box::new(buffered),
     };
-    unpack_stream(reader, dest)
+    unpack_stream(reader, dest, limits)
 }
 
 /// Unpacks an uncompressed tar stream into `dest`.
-pub(crate) fn unpack_stream(reader: impl Read, dest: &Path) -> Result<Unpacked, UnpackError> {
+pub(crate) fn unpack_stream(
+    reader: impl Read,
+    dest: &Path,
+    limits: &LayerLimits,
+) -> Result<Unpacked, UnpackError> {
     let mut hashing = HashingReader {
-        inner: reader,
+        inner: TarGuard::new(reader, *limits),
         hasher: Sha256::new(),
     };
     let root = dest.canonicalize()?;
@@ -128,6 +182,16 @@ pub(crate) fn unpack_stream(reader: impl Read, dest: &Path) -> Result<Unpacked, 
             };
             let name_bytes = name.as_bytes();
             if name_bytes.starts_with(WHITEOUT_PREFIX.as_bytes()) {
+                let hidden = &name_bytes[WHITEOUT_PREFIX.len()..];
+                // `.wh.`, `.wh..` and `.wh...` would white out the directory
+                // itself or its parent, which is outside this entry's say
+                // (and, at the top, outside the layer).
+                if matches!(hidden, b"" | b"." | b"..") {
+                    return Err(UnpackError::Unsafe(format!(
+                        "whiteout entry {} names no file",
+                        raw_path.display()
+                    )));
+                }
                 let parent = ensure_dir_inside(&root, rel.parent().unwrap_or(Path::new("")))?;
                 if name == OsStr::new(OPAQUE_WHITEOUT) {
                     xattr::set(&parent, "trusted.overlay.opaque", b"y")?;
@@ -188,9 +252,200 @@ pub(crate) fn unpack_stream(reader: impl Read, dest: &Path) -> Result<Unpacked, 
     })
 }
 
+/// Tracks a tar stream's headers as the `tar` crate reads it, to refuse
+/// what would make the crate allocate or work without bound before it
+/// does: a GNU long-name/long-link or PAX record larger than
+/// `max_metadata_record`, more than `max_entries` entries, more than
+/// `max_bytes` in all. It follows the format itself (512-byte blocks, the
+/// size field in octal or base-256, a PAX `size` overriding the next
+/// entry's, old-GNU sparse extension headers), so it knows where each
+/// header is without buffering the stream.
+struct TarGuard<R> {
+    inner: R,
+    limits: LayerLimits,
+    total: u64,
+    entries: u64,
+    /// Bytes of the current header block seen so far.
+    header: Vec<u8>,
+    /// Data bytes (rounded up to blocks) left in the current entry.
+    skip: u64,
+    /// Sparse extension headers still to come, and the data after them.
+    sparse_ext: bool,
+    pending_data: u64,
+    /// Content of the current PAX record, to find its `size`.
+    pax: Option<Vec<u8>>,
+    pax_left: u64,
+    /// A PAX `size` for the next entry.
+    next_size: Option<u64>,
+}
+
+fn guard_error(msg: String) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, format!("{GUARD_TAG}{msg}"))
+}
+
+/// Marks the guard's errors so that they become [`UnpackError::Unsafe`].
+const GUARD_TAG: &str = "layer limit: ";
+
+impl<R> TarGuard<R> {
+    fn new(inner: R, limits: LayerLimits) -> Self {
+        Self {
+            inner,
+            limits,
+            total: 0,
+            entries: 0,
+            header: Vec::with_capacity(512),
+            skip: 0,
+            sparse_ext: false,
+            pending_data: 0,
+            pax: None,
+            pax_left: 0,
+            next_size: None,
+        }
+    }
+
+    fn observe(&mut self, mut data: &[u8]) -> io::Result<()> {
+        while !data.is_empty() {
+            if self.skip > 0 {
+                let n = (data.len() as u64).min(self.skip) as usize;
+                if let Some(p) = self.pax.as_mut() {
+                    let take = (n as u64).min(self.pax_left) as usize;
+                    p.extend_from_slice(&data[..take]);
+                    self.pax_left -= take as u64;
+                }
+                self.skip -= n as u64;
+                data = &data[n..];
+                if self.skip == 0 {
+                    if let Some(p) = self.pax.take() {
+                        self.next_size = pax_size(&p);
+                    }
+                }
+                continue;
+            }
+            let n = (512 - self.header.len()).min(data.len());
+            self.header.extend_from_slice(&data[..n]);
+            data = &data[n..];
+            if self.header.len() == 512 {
+                let h = std::mem::replace(&mut self.header, Vec::with_capacity(512));
+                self.on_header(&h)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn on_header(&mut self, h: &[u8]) -> io::Result<()> {
+        if self.sparse_ext {
+            // An old-GNU sparse extension block: more follow while its
+            // last flag is set; the entry's data comes after the last.
+            self.sparse_ext = h[504] != 0;
+            if !self.sparse_ext {
+                self.skip = self.pending_data;
+            }
+            return Ok(());
+        }
+        if h.iter().all(|&b| b == 0) {
+            return Ok(());
+        }
+        let kind = h[156];
+        let size = parse_size(&h[124..136])
+            .ok_or_else(|| guard_error("a tar header with a bad size field".into()))?;
+        let round = |n: u64| n.div_ceil(512).saturating_mul(512);
+        match kind {
+            b'L' | b'K' | b'x' | b'g' => {
+                if size > self.limits.max_metadata_record {
+                    return Err(guard_error(format!(
+                        "a tar metadata record of {size} bytes (more than {})",
+                        self.limits.max_metadata_record
+                    )));
+                }
+                if kind == b'x' {
+                    self.pax = Some(Vec::with_capacity(size as usize));
+                    self.pax_left = size;
+                }
+                self.skip = round(size);
+            }
+            _ => {
+                self.entries += 1;
+                if self.entries > self.limits.max_entries {
+                    return Err(guard_error(format!(
+                        "more than {} entries",
+                        self.limits.max_entries
+                    )));
+                }
+                let data = self.next_size.take().unwrap_or(size);
+                // Directories, links and devices carry no data whatever
+                // their size field says.
+                let data = if matches!(kind, b'1' | b'2' | b'3' | b'4' | b'5' | b'6') {
+                    0
+                } else {
+                    data
+                };
+                if kind == b'S' && h[482] != 0 {
+                    self.sparse_ext = true;
+                    self.pending_data = round(data);
+                } else {
+                    self.skip = round(data);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A tar size field: octal digits (space/NUL padded) or, with the high
+/// bit of the first byte set, big-endian base-256.
+fn parse_size(f: &[u8]) -> Option<u64> {
+    if f[0] & 0x80 != 0 {
+        let mut v: u64 = u64::from(f[0] & 0x7f);
+        for &b in &f[1..] {
+            v = v.checked_mul(256)?.checked_add(u64::from(b))?;
+        }
+        return Some(v);
+    }
+    let s = std::str::from_utf8(f).ok()?;
+    let s = s.trim_matches(|c: char| c == '\0' || c == ' ');
+    if s.is_empty() {
+        return Some(0);
+    }
+    u64::from_str_radix(s, 8).ok()
+}
+
+/// The `size` of a PAX record set ("<len> size=<n>\n" lines).
+fn pax_size(p: &[u8]) -> Option<u64> {
+    let text = std::str::from_utf8(p).ok()?;
+    text.lines().find_map(|l| {
+        let (_, kv) = l.split_once(' ')?;
+        kv.strip_prefix("size=")?.parse().ok()
+    })
+}
+
+impl<R: Read> Read for TarGuard<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.total += n as u64;
+        if self.total > self.limits.max_bytes {
+            return Err(guard_error(format!(
+                "more than {} bytes uncompressed",
+                self.limits.max_bytes
+            )));
+        }
+        self.observe(&buf[..n])?;
+        Ok(n)
+    }
+}
+
 /// The `tar` crate reports escapes as plain `io::Error`s; keep them apart from disk failures.
 fn classify_tar_error(path: &Path, e: io::Error) -> UnpackError {
-    let msg = e.to_string();
+    if let Some(m) = guard_message(&e) {
+        return UnpackError::Unsafe(m);
+    }
+    // The tar crate's wrapper says only "failed to unpack"; name the cause.
+    let mut msg = e.to_string();
+    let mut cause: Option<&(dyn std::error::Error + 'static)> =
+        e.get_ref().and_then(|x| x.source());
+    while let Some(c) = cause {
+        msg = format!("{msg}: {c}");
+        cause = c.source();
+    }
     if msg.contains("outside of destination") || msg.contains("escapes") {
         UnpackError::Unsafe(format!(
             "entry {} points outside the layer: {msg}",
@@ -456,7 +711,7 @@ mod tests {
             fs::write(&blob_path, blob).unwrap();
             let dest = dir.path().join("fs");
             fs::create_dir(&dest).unwrap();
-            let u = unpack_layer(&blob_path, &dest).unwrap();
+            let u = unpack_layer(&blob_path, &dest, &LayerLimits::default()).unwrap();
             assert_eq!(u.diff_id, sha(&tar));
             assert_eq!(u.bytes, 7);
             let bb = fs::symlink_metadata(dest.join("bin/busybox")).unwrap();
@@ -483,7 +738,7 @@ mod tests {
             ("var/.wh..wh.plnk", E::Regular, b"", None),
         ]);
         let dir = tempfile::tempdir().unwrap();
-        let u = unpack_stream(&tar[..], dir.path()).unwrap();
+        let u = unpack_stream(&tar[..], dir.path(), &LayerLimits::default()).unwrap();
         assert_eq!(u.diff_id, sha(&tar));
         let wh = fs::symlink_metadata(dir.path().join("etc/passwd")).unwrap();
         assert!(wh.file_type().is_char_device());
@@ -543,7 +798,7 @@ mod tests {
         ];
         for (i, tar) in cases.iter().enumerate() {
             let layer = tempfile::tempdir().unwrap();
-            let res = unpack_stream(&tar[..], layer.path());
+            let res = unpack_stream(&tar[..], layer.path(), &LayerLimits::default());
             assert!(
                 matches!(res, Err(UnpackError::Unsafe(_))),
                 "case {i}: {res:?}"
@@ -573,7 +828,7 @@ mod tests {
         b.append(&h, &b"x"[..]).unwrap();
         let tar = b.into_inner().unwrap();
         let dir = tempfile::tempdir().unwrap();
-        unpack_stream(&tar[..], dir.path()).unwrap();
+        unpack_stream(&tar[..], dir.path(), &LayerLimits::default()).unwrap();
         let f = dir.path().join("f");
         assert_eq!(
             xattr::get(&f, "user.note").unwrap().as_deref(),
@@ -588,7 +843,113 @@ mod tests {
     fn truncated_stream_is_an_error() {
         let tar = build(&[("f", tar::EntryType::Regular, &[7u8; 4000], None)]);
         let dir = tempfile::tempdir().unwrap();
-        let res = unpack_stream(&tar[..1000], dir.path());
+        let res = unpack_stream(&tar[..1000], dir.path(), &LayerLimits::default());
         assert!(res.is_err());
+    }
+
+    /// `.wh.`, `.wh..` and `.wh...` would white out the entry's own
+    /// directory or its parent: at the top of a layer, the directory that
+    /// holds every layer of every image.
+    #[test]
+    fn whiteouts_naming_no_file_are_refused() {
+        for bad in [".wh.", ".wh..", ".wh...", "a/.wh..", "a/.wh..."] {
+            let layer = tempfile::tempdir().unwrap();
+            let dest = layer.path().join("fs");
+            std::fs::create_dir(&dest).unwrap();
+            std::fs::write(layer.path().join("sibling"), "keep").unwrap();
+            let tar = build(&[
+                ("a/", tar::EntryType::Directory, b"", None),
+                (bad, tar::EntryType::Regular, b"", None),
+            ]);
+            let res = unpack_stream(&tar[..], &dest, &LayerLimits::default());
+            assert!(matches!(res, Err(UnpackError::Unsafe(_))), "{bad}: {res:?}");
+            assert!(
+                layer.path().join("sibling").exists(),
+                "{bad} removed a sibling"
+            );
+        }
+    }
+
+    fn limits(max_bytes: u64, max_entries: u64, max_metadata_record: u64) -> LayerLimits {
+        LayerLimits {
+            max_bytes,
+            max_entries,
+            max_metadata_record,
+        }
+    }
+
+    /// A decompression bomb: 64 MiB of zeros in a few kilobytes of gzip,
+    /// against a 16 MiB limit; refused while reading, nothing kept.
+    #[test]
+    fn decompression_bomb_is_refused() {
+        let zeros = vec![0u8; 64 << 20];
+        let tar = build(&[("big", tar::EntryType::Regular, &zeros, None)]);
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+        gz.write_all(&tar).unwrap();
+        let gz = gz.finish().unwrap();
+        assert!(gz.len() < 1 << 20);
+        let d = tempfile::tempdir().unwrap();
+        let blob = d.path().join("blob");
+        std::fs::write(&blob, &gz).unwrap();
+        let dest = d.path().join("fs");
+        std::fs::create_dir(&dest).unwrap();
+        let res = unpack_layer(&blob, &dest, &limits(16 << 20, 100, 1 << 20));
+        match res {
+            Err(UnpackError::Unsafe(m)) => assert!(m.contains("bytes uncompressed"), "{m}"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn too_many_entries_are_refused() {
+        let names: Vec<String> = (0..50).map(|i| format!("f{i}")).collect();
+        let entries: Vec<_> = names
+            .iter()
+            .map(|n| (n.as_str(), tar::EntryType::Regular, &b"x"[..], None))
+            .collect();
+        let tar = build(&entries);
+        let d = tempfile::tempdir().unwrap();
+        let res = unpack_stream(&tar[..], d.path(), &limits(1 << 30, 20, 1 << 20));
+        match res {
+            Err(UnpackError::Unsafe(m)) => assert!(m.contains("more than 20 entries"), "{m}"),
+            other => panic!("{other:?}"),
+        }
+        let d = tempfile::tempdir().unwrap();
+        assert!(unpack_stream(&tar[..], d.path(), &limits(1 << 30, 50, 1 << 20)).is_ok());
+    }
+
+    /// A GNU long-name record and a PAX record larger than the limit are
+    /// refused before the tar crate reads them into memory; ones within it
+    /// (a long path, a PAX size override) unpack as before.
+    #[test]
+    fn oversized_metadata_records_are_refused() {
+        let long = format!("{}file", "dir/".repeat(30));
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_gnu();
+        h.set_size(5);
+        h.set_mode(0o644);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(0);
+        b.append_data(&mut h, &long, &b"hello"[..]).unwrap();
+        let pax: Vec<(&str, &[u8])> = vec![("comment", &[b'c'; 4000][..])];
+        b.append_pax_extensions(pax).unwrap();
+        let mut h = tar::Header::new_ustar();
+        h.set_size(3);
+        h.set_mode(0o644);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(0);
+        b.append_data(&mut h, "after-pax", &b"abc"[..]).unwrap();
+        let tar = b.into_inner().unwrap();
+        let d = tempfile::tempdir().unwrap();
+        unpack_stream(&tar[..], d.path(), &limits(1 << 30, 100, 8192)).unwrap();
+        assert_eq!(std::fs::read(d.path().join(&long)).unwrap(), b"hello");
+        assert_eq!(std::fs::read(d.path().join("after-pax")).unwrap(), b"abc");
+        let d = tempfile::tempdir().unwrap();
+        match unpack_stream(&tar[..], d.path(), &limits(1 << 30, 100, 256)) {
+            Err(UnpackError::Unsafe(m)) => assert!(m.contains("metadata record"), "{m}"),
+            other => panic!("{other:?}"),
+        }
     }
 }
