@@ -74,6 +74,27 @@ pub fn bind(src: &Path, target: &Path) -> io::Result<()> {
     Ok(())
 }
 
+/// Makes the bind mount at `target` read-only, keeping the nosuid, nodev
+/// and noexec its source had (a remount as root would otherwise drop them).
+/// Only this mount changes: submounts that came with a recursive bind keep
+/// their own flags (CRI's non-recursive read-only).
+pub fn remount_readonly(target: &Path) -> io::Result<()> {
+    use nix::sys::statvfs::{statvfs, FsFlags};
+    let have = statvfs(target)?.flags();
+    let mut flags = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY;
+    for (st, ms) in [
+        (FsFlags::ST_NOSUID, MsFlags::MS_NOSUID),
+        (FsFlags::ST_NODEV, MsFlags::MS_NODEV),
+        (FsFlags::ST_NOEXEC, MsFlags::MS_NOEXEC),
+    ] {
+        if have.contains(st) {
+            flags |= ms;
+        }
+    }
+    mount(None::<&str>, target, None::<&str>, flags, None::<&str>)?;
+    Ok(())
+}
+
 /// Mount points at or below `dir` in this process's mount namespace,
 /// deepest first.
 pub fn mounts_under(dir: &Path) -> io::Result<Vec<PathBuf>> {
@@ -210,6 +231,41 @@ mod tests {
         if done.is_none() {
             eprintln!("skipped: no privilege for a mount namespace");
         }
+    }
+
+    /// A read-only CRI volume: writes through the bind fail, its source
+    /// stays writable, a submount keeps its own flags, and nosuid/nodev of
+    /// the source survive the remount.
+    #[test]
+    fn readonly_bind_refuses_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().to_path_buf();
+        let done = in_private_mount_ns(move || {
+            let src = root.join("src");
+            mount_tmpfs(&src);
+            mount(
+                None::<&str>,
+                &src,
+                None::<&str>,
+                MsFlags::MS_REMOUNT | MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+                None::<&str>,
+            )
+            .unwrap();
+            mount_tmpfs(&src.join("sub"));
+            let target = root.join("target");
+            std::fs::create_dir_all(&target).unwrap();
+            bind(&src, &target).unwrap();
+            remount_readonly(&target).unwrap();
+            let e = std::fs::write(target.join("f"), "x").unwrap_err();
+            assert_eq!(e.raw_os_error(), Some(libc::EROFS), "{e}");
+            std::fs::write(src.join("f"), "x").unwrap();
+            // Non-recursive: the submount stays writable.
+            std::fs::write(target.join("sub/g"), "y").unwrap();
+            let flags = nix::sys::statvfs::statvfs(&target).unwrap().flags();
+            use nix::sys::statvfs::FsFlags;
+            assert!(flags.contains(FsFlags::ST_RDONLY | FsFlags::ST_NOSUID | FsFlags::ST_NODEV));
+        });
+        assert!(done.is_some(), "needs root: a mount namespace");
     }
 
     #[test]

@@ -2223,7 +2223,29 @@ async fn cri_mounts_security_and_resources() -> Result<()> {
             }),
             ..Default::default()
         });
+        cfg.mounts = vec![cri::Mount {
+            container_path: "/config".into(),
+            host_path: config_map.display().to_string(),
+            readonly: true,
+            ..Default::default()
+        }];
         let privileged = create_start(&mut rt, &pod, &pcfg, cfg).await?;
+        // The tenant attack of issue 14: root in the guest remounts its
+        // read-only volume read-write and writes. The guest's view may
+        // change; the host's files may not.
+        let before = std::fs::read_to_string(config_map.join("key"))?;
+        let _ = exec(
+            &mut rt,
+            &privileged,
+            &["sh", "-c", "mount -o remount,rw /config; echo pwned > /config/key; touch /config/new; true"],
+            30,
+        )
+        .await;
+        ensure!(
+            std::fs::read_to_string(config_map.join("key"))? == before
+                && !config_map.join("new").exists(),
+            "a read-only volume was written on the host through a guest remount"
+        );
         let eff = cap_eff(&mut rt, &privileged, "self").await?;
         ensure!(eff & CAP_SYS_ADMIN != 0 && eff & CAP_CHOWN != 0, "CapEff {eff:#x}");
         exec_ok(

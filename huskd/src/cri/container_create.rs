@@ -60,7 +60,18 @@ fn bind_cri_mounts(
         husk_runtime::mounts::bind(src, &target).map_err(|e| {
             Status::internal(format!("{field}: bind-mounting {}: {e}", m.host_path))
         })?;
-        host_mounts.push(target);
+        host_mounts.push(target.clone());
+        // Read-only on the host side of the share too: root in the guest
+        // can remount its view read-write, but virtiofsd writes through
+        // this mount, which stays read-only.
+        if m.readonly {
+            husk_runtime::mounts::remount_readonly(&target).map_err(|e| {
+                Status::internal(format!(
+                    "{field}: making {} read-only: {e}",
+                    target.display()
+                ))
+            })?;
+        }
         out.push(GuestMount {
             destination: m.container_path.clone(),
             source: format!("{guest_cdir}/mounts/{i}"),
