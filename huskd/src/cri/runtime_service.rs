@@ -17,9 +17,25 @@ pub struct CriRuntime {
     pub husk: Arc<Husk>,
 }
 
-/// The pod and container id filters of the list calls, for the span.
-fn filter_ids<'a>(pod: Option<&'a str>, id: Option<&'a str>) -> (&'a str, &'a str) {
-    (pod.unwrap_or(""), id.unwrap_or(""))
+/// The pod and container id filters of a list call, for its span.
+trait SpanIds {
+    fn span_ids(&self) -> (String, String);
+}
+
+impl SpanIds for Option<cri::ContainerFilter> {
+    fn span_ids(&self) -> (String, String) {
+        self.as_ref()
+            .map(|f| (f.pod_sandbox_id.clone(), f.id.clone()))
+            .unwrap_or_default()
+    }
+}
+
+impl SpanIds for Option<cri::ContainerStatsFilter> {
+    fn span_ids(&self) -> (String, String) {
+        self.as_ref()
+            .map(|f| (f.pod_sandbox_id.clone(), f.id.clone()))
+            .unwrap_or_default()
+    }
 }
 
 #[tonic::async_trait]
@@ -31,7 +47,6 @@ impl RuntimeService for CriRuntime {
         req: Request<cri::VersionRequest>,
     ) -> Result<Response<cri::VersionResponse>, Status> {
         let req = req.into_inner();
-
         traced("Version", "", "", runtime_status::version(&self.husk, req)).await
     }
 
@@ -40,7 +55,6 @@ impl RuntimeService for CriRuntime {
         req: Request<cri::RunPodSandboxRequest>,
     ) -> Result<Response<cri::RunPodSandboxResponse>, Status> {
         let req = req.into_inner();
-
         traced(
             "RunPodSandbox",
             "",
@@ -103,7 +117,6 @@ impl RuntimeService for CriRuntime {
         req: Request<cri::ListPodSandboxRequest>,
     ) -> Result<Response<cri::ListPodSandboxResponse>, Status> {
         let req = req.into_inner();
-
         traced(
             "ListPodSandbox",
             "",
@@ -182,11 +195,7 @@ impl RuntimeService for CriRuntime {
         req: Request<cri::ListContainersRequest>,
     ) -> Result<Response<cri::ListContainersResponse>, Status> {
         let req = req.into_inner();
-        let (pod, ctr) = filter_ids(
-            req.filter.as_ref().map(|f| f.pod_sandbox_id.as_str()),
-            req.filter.as_ref().map(|f| f.id.as_str()),
-        );
-        let (pod, ctr) = (pod.to_owned(), ctr.to_owned());
+        let (pod, ctr) = req.filter.span_ids();
         traced(
             "ListContainers",
             &pod,
@@ -317,11 +326,7 @@ impl RuntimeService for CriRuntime {
         req: Request<cri::ListContainerStatsRequest>,
     ) -> Result<Response<cri::ListContainerStatsResponse>, Status> {
         let req = req.into_inner();
-        let (pod, ctr) = filter_ids(
-            req.filter.as_ref().map(|f| f.pod_sandbox_id.as_str()),
-            req.filter.as_ref().map(|f| f.id.as_str()),
-        );
-        let (pod, ctr) = (pod.to_owned(), ctr.to_owned());
+        let (pod, ctr) = req.filter.span_ids();
         traced(
             "ListContainerStats",
             &pod,
@@ -352,7 +357,6 @@ impl RuntimeService for CriRuntime {
         req: Request<cri::ListPodSandboxStatsRequest>,
     ) -> Result<Response<cri::ListPodSandboxStatsResponse>, Status> {
         let req = req.into_inner();
-
         traced(
             "ListPodSandboxStats",
             "",
@@ -367,7 +371,6 @@ impl RuntimeService for CriRuntime {
         req: Request<cri::UpdateRuntimeConfigRequest>,
     ) -> Result<Response<cri::UpdateRuntimeConfigResponse>, Status> {
         let req = req.into_inner();
-
         traced(
             "UpdateRuntimeConfig",
             "",
@@ -382,7 +385,6 @@ impl RuntimeService for CriRuntime {
         req: Request<cri::StatusRequest>,
     ) -> Result<Response<cri::StatusResponse>, Status> {
         let req = req.into_inner();
-
         traced("Status", "", "", runtime_status::status(&self.husk, req)).await
     }
 
@@ -407,7 +409,6 @@ impl RuntimeService for CriRuntime {
         req: Request<cri::GetEventsRequest>,
     ) -> Result<Response<Self::GetContainerEventsStream>, Status> {
         let req = req.into_inner();
-
         traced(
             "GetContainerEvents",
             "",
@@ -422,7 +423,6 @@ impl RuntimeService for CriRuntime {
         req: Request<cri::ListMetricDescriptorsRequest>,
     ) -> Result<Response<cri::ListMetricDescriptorsResponse>, Status> {
         let req = req.into_inner();
-
         traced(
             "ListMetricDescriptors",
             "",
@@ -437,7 +437,6 @@ impl RuntimeService for CriRuntime {
         req: Request<cri::ListPodSandboxMetricsRequest>,
     ) -> Result<Response<cri::ListPodSandboxMetricsResponse>, Status> {
         let req = req.into_inner();
-
         traced(
             "ListPodSandboxMetrics",
             "",
@@ -452,7 +451,6 @@ impl RuntimeService for CriRuntime {
         req: Request<cri::RuntimeConfigRequest>,
     ) -> Result<Response<cri::RuntimeConfigResponse>, Status> {
         let req = req.into_inner();
-
         traced(
             "RuntimeConfig",
             "",
