@@ -25,6 +25,7 @@ use crate::error::{AgentError, Result};
 use crate::reaper::{ForkGuard, Reaper};
 use crate::spec;
 use crate::stdio::{self, ProcessStdio};
+use crate::stdio::{receive_console, split_stdio, ChildStdio};
 
 /// Exited execs kept per container so that late WaitProcess calls still get
 /// their status; older ones are forgotten (exec probes run forever).
@@ -172,15 +173,6 @@ pub struct Containers {
 pub struct StdioRequest {
     pub stdin: bool,
     pub terminal: bool,
-}
-
-/// The process's side of its stdio, before libcontainer takes it.
-enum ChildStdio {
-    Pipes(stdio::ChildPipes),
-    Console {
-        path: PathBuf,
-        listener: std::os::unix::net::UnixListener,
-    },
 }
 
 /// The agent's side, before the process exists.
@@ -754,42 +746,6 @@ impl Containers {
             }
         }
     }
-}
-
-/// Hands the process's ends of its stdio to the builder; returns the
-/// console listener to receive the pty master from.
-fn split_stdio(
-    builder: ContainerBuilder,
-    child: ChildStdio,
-) -> (ContainerBuilder, Option<std::os::unix::net::UnixListener>) {
-    match child {
-        ChildStdio::Pipes(p) => (
-            builder
-                .with_stdin(p.stdin)
-                .with_stdout(p.stdout)
-                .with_stderr(p.stderr),
-            None,
-        ),
-        ChildStdio::Console { path, listener } => {
-            let _ = path;
-            (builder, Some(listener))
-        }
-    }
-}
-
-fn receive_console(
-    listener: Option<std::os::unix::net::UnixListener>,
-) -> anyhow::Result<Option<OwnedFd>> {
-    let Some(listener) = listener else {
-        return Ok(None);
-    };
-    let master = stdio::recv_console(&listener).context("receiving the pty master");
-    if let Ok(addr) = listener.local_addr() {
-        if let Some(p) = addr.as_pathname() {
-            let _ = std::fs::remove_file(p);
-        }
-    }
-    master.map(Some)
 }
 
 fn prune_exited(execs: &mut HashMap<String, Arc<Process>>) {

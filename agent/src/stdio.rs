@@ -8,6 +8,10 @@
 //! host runtime restarted) is kept and sent first on the next connection.
 
 use std::io;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use libcontainer::container::builder::ContainerBuilder;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -345,4 +349,49 @@ pub fn recv_console(listener: &std::os::unix::net::UnixListener) -> io::Result<O
         ));
     }
     Ok(owned.swap_remove(0))
+}
+
+/// The process's side of its stdio, before libcontainer takes it.
+pub(crate) enum ChildStdio {
+    Pipes(ChildPipes),
+    Console {
+        path: PathBuf,
+        listener: std::os::unix::net::UnixListener,
+    },
+}
+
+/// Hands the process's ends of its stdio to the builder; returns the
+/// console listener to receive the pty master from.
+pub(crate) fn split_stdio(
+    builder: ContainerBuilder,
+    child: ChildStdio,
+) -> (ContainerBuilder, Option<std::os::unix::net::UnixListener>) {
+    match child {
+        ChildStdio::Pipes(p) => (
+            builder
+                .with_stdin(p.stdin)
+                .with_stdout(p.stdout)
+                .with_stderr(p.stderr),
+            None,
+        ),
+        ChildStdio::Console { path, listener } => {
+            let _ = path;
+            (builder, Some(listener))
+        }
+    }
+}
+
+pub(crate) fn receive_console(
+    listener: Option<std::os::unix::net::UnixListener>,
+) -> anyhow::Result<Option<OwnedFd>> {
+    let Some(listener) = listener else {
+        return Ok(None);
+    };
+    let master = recv_console(&listener).context("receiving the pty master");
+    if let Ok(addr) = listener.local_addr() {
+        if let Some(p) = addr.as_pathname() {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+    master.map(Some)
 }
