@@ -29,6 +29,8 @@ struct Env {
     bridge: String,
     config: HuskdConfig,
     backend: Arc<dyn Hypervisor>,
+    /// The first three octets of the pods' subnet, with the dot.
+    net: String,
     /// Every pod this test ran, to check what they leave.
     pods: std::sync::Mutex<Vec<String>>,
 }
@@ -66,7 +68,10 @@ impl Env {
         let bridge = format!("hkf{}{n}", pid % 100_000);
         let conf_dir = base.path().join("cni");
         std::fs::create_dir_all(&conf_dir).unwrap();
-        let subnet = 10 + (pid % 200) as u8;
+        // One subnet per Env: the tests of this binary run at once, each
+        // with its own bridge; another process gets other subnets.
+        let net = format!("10.{}.{}.", 200 + n % 50, pid % 256);
+        let subnet = format!("{net}0/24");
         std::fs::write(
             conf_dir.join("10-test.conflist"),
             serde_json::json!({
@@ -79,7 +84,7 @@ impl Env {
                     "ipam": {
                         "type": "host-local",
                         "dataDir": base.path().join("ipam"),
-                        "ranges": [[{"subnet": format!("10.197.{subnet}.0/24")}]],
+                        "ranges": [[{"subnet": subnet}]],
                         "routes": [{"dst": "0.0.0.0/0"}]
                     }
                 }]
@@ -111,6 +116,7 @@ impl Env {
             bridge,
             config,
             backend,
+            net,
             pods: Default::default(),
         }
     }
@@ -254,7 +260,11 @@ async fn pod_lifecycle() {
     let st = pod_status(&rt, &id).await.unwrap();
     assert_eq!(st.state, cri::PodSandboxState::SandboxReady as i32);
     let ip = st.network.unwrap().ip;
-    assert!(ip.starts_with("10.197."), "pod IP {ip:?}");
+    assert!(
+        ip.starts_with(&env.net),
+        "pod IP {ip:?} not in {}0/24",
+        env.net
+    );
     let agent = agent_pid(&rt, &id);
     assert!(alive(agent));
     // Records (kubelet's configs, Secrets in env among them), image layers
