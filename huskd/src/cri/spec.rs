@@ -247,17 +247,25 @@ pub fn resolve_user(
 /// The home directory of `uid` in an /etc/passwd text (field 6), if it is
 /// an absolute path.
 fn passwd_home(passwd: &str, uid: u32) -> Option<String> {
-    passwd.lines().find_map(|l| {
-        let f: Vec<&str> = l.split(':').collect();
-        (f.len() >= 6 && f[2].parse::<u32>().ok() == Some(uid) && f[5].starts_with('/'))
-            .then(|| f[5].to_string())
+    passwd_by_uid(passwd, uid, |f| {
+        f.get(5)
+            .filter(|h| h.starts_with('/'))
+            .map(|h| h.to_string())
     })
 }
 
 fn passwd_gid(passwd: &str, uid: u32) -> Option<u32> {
+    passwd_by_uid(passwd, uid, |f| f.get(3)?.parse().ok())
+}
+
+/// `pick` applied to the fields of each /etc/passwd line of `uid`, the
+/// first answer.
+fn passwd_by_uid<T>(passwd: &str, uid: u32, pick: impl Fn(&[&str]) -> Option<T>) -> Option<T> {
     passwd.lines().find_map(|l| {
         let f: Vec<&str> = l.split(':').collect();
-        (f.len() >= 4 && f[2].parse::<u32>().ok() == Some(uid)).then(|| f[3].parse().ok())?
+        (f.len() >= 4 && f[2].parse::<u32>().ok() == Some(uid))
+            .then(|| pick(&f))
+            .flatten()
     })
 }
 

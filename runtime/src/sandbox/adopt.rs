@@ -129,18 +129,7 @@ pub async fn reap_orphan_dir(dir: &Path) {
         tracing::warn!(?pids, dir = %dir.display(), "killing processes left from a previous huskd");
         crate::process::kill_and_wait(&pids).await;
     }
-    if dir.exists() {
-        match crate::mounts::unmount_all_under(dir) {
-            Ok(left) if left.is_empty() => {
-                if let Err(e) = std::fs::remove_dir_all(dir) {
-                    tracing::error!(error = %e, dir = %dir.display(), "removing a stale sandbox directory");
-                }
-            }
-            Ok(left) => tracing::error!(
-                ?left,
-                "mounts left under a stale sandbox directory; keeping it"
-            ),
-            Err(e) => tracing::error!(error = %e, "reading mountinfo"),
-        }
+    if let Err(e) = remove_sandbox_dir(dir) {
+        tracing::error!(error = %e, dir = %dir.display(), "removing a stale sandbox directory; keeping it");
     }
 }
