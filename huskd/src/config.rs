@@ -47,6 +47,11 @@ husk_vsock = ""
 # Seconds a pod VM may take from launch to its agent being ready.
 sandbox_ready_timeout_secs = 60
 
+# Bytes of a pod VM's serial console kept in its sandbox directory
+# (console.log and console.log.1); the guest writes what it likes there,
+# so older output is dropped past this. At least 8192.
+console_log_max_bytes = 1048576
+
 [registry]
 # Registries (or mirrors) spoken to over plain HTTP, as "host:port".
 insecure = []
@@ -124,6 +129,7 @@ pub struct HuskdConfig {
     pub qemu: PathBuf,
     pub husk_vsock: PathBuf,
     pub sandbox_ready_timeout_secs: u64,
+    pub console_log_max_bytes: u64,
     pub registry: RegistryConfig,
     pub cni: CniSection,
     pub handlers: BTreeMap<String, HandlerConfig>,
@@ -221,6 +227,7 @@ impl Default for HuskdConfig {
             qemu: PathBuf::new(),
             husk_vsock: PathBuf::new(),
             sandbox_ready_timeout_secs: 60,
+            console_log_max_bytes: husk_runtime::sandbox::DEFAULT_CONSOLE_LOG_MAX_BYTES,
             registry: RegistryConfig::default(),
             cni: CniSection::default(),
             handlers: BTreeMap::from([(DEFAULT_HANDLER.to_string(), HandlerConfig::default())]),
@@ -372,6 +379,9 @@ impl HuskdConfig {
         }
         if self.sandbox_ready_timeout_secs == 0 {
             return err("sandbox_ready_timeout_secs", "must be at least 1".into());
+        }
+        if self.console_log_max_bytes < 8192 {
+            return err("console_log_max_bytes", "must be at least 8192".into());
         }
         if !(1..=64).contains(&self.registry.max_concurrent_downloads) {
             return err(

@@ -17,6 +17,8 @@ use crate::TestEnv;
 /// Guest memory and vCPUs of the `big` handler.
 pub const BIG_MEMORY_MIB: u32 = 512;
 pub const BIG_VCPUS: u32 = 2;
+/// The console log cap of the test huskd: small, so a flood test passes it quickly.
+pub const CONSOLE_LOG_MAX_BYTES: u64 = 65536;
 
 /// The directories of one huskd instance; they outlive restarts.
 #[derive(Debug)]
@@ -91,7 +93,7 @@ impl HuskdDirs {
         let text = format!(
             "root = {root:?}\nstate = {state:?}\nlisten = {socket:?}\nlog_level = \"info,husk_runtime=debug\"\n\
              virtiofsd = {virtiofsd:?}\nqemu = {qemu:?}\nhusk_vsock = {vsock:?}\n\
-             sandbox_ready_timeout_secs = 120\n\
+             sandbox_ready_timeout_secs = 120\nconsole_log_max_bytes = {CONSOLE_LOG_MAX_BYTES}\n\
              [registry]\ninsecure = {insecure:?}\n\
              [handlers.husk]\n{default}\n[handlers.big]\n{big}",
             state = state.path(),

@@ -201,6 +201,7 @@ fn fixture(dir: &Path, virtiofsd: &Path) -> Result<Fixture> {
             guest_cid: 3,
         },
         console_log: dir.join("console.log"),
+        console_log_max_bytes: 1 << 20,
         sandbox_dir: dir.to_path_buf(),
     };
     Ok(Fixture {

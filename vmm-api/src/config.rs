@@ -8,6 +8,9 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+/// The serial log's cap when the config gives none: 1 MiB.
+pub const DEFAULT_SERIAL_LOG_MAX_BYTES: u64 = 1 << 20;
+
 fn default_vcpus() -> u8 {
     1
 }
@@ -34,6 +37,10 @@ pub struct VmConfig {
     /// Where the guest's serial console goes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub serial_log: Option<PathBuf>,
+    /// The most bytes `serial_log` keeps on disk (the newest output is kept); default
+    /// [`DEFAULT_SERIAL_LOG_MAX_BYTES`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serial_log_max_bytes: Option<u64>,
     /// Unix socket for shutdown/status requests (binary only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub control_socket: Option<PathBuf>,
@@ -105,6 +112,7 @@ mod tests {
             vcpus: 2,
             memory_mib: 512,
             serial_log: Some("/s/console.log".into()),
+            serial_log_max_bytes: Some(65536),
             control_socket: Some("/s/vmm.sock".into()),
             pid_file: Some("/s/vmm.pid".into()),
             hide_emulator_unsupported_cpuid: Some(true),

@@ -1,7 +1,6 @@
 //! Builds a VM from a `VmConfig` and runs it: memory, kernel, devices, vCPUs.
 //! This is also the Rust API huskd can drive instead of the binary (`launch`).
 
-use std::fs::OpenOptions;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
@@ -17,6 +16,7 @@ use crate::arch::x86_64::cpuid::{self, Accel};
 use crate::arch::x86_64::layout::*;
 use crate::arch::x86_64::{self as arch, mptable, regs};
 use crate::config::VmConfig;
+use crate::console_log::CappedLog;
 use crate::devices::bus::Bus;
 use crate::devices::legacy::{I8042, I8042_LEN, I8042_PORT};
 use crate::devices::pci::{self, PciBus};
@@ -172,11 +172,12 @@ impl Vmm {
         let console = ConsoleTail::default();
         let log = match &cfg.serial_log {
             Some(p) => Some(
-                OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(p)
-                    .map_err(|e| BuildError::SerialLog(p.display().to_string(), e))?,
+                CappedLog::open(
+                    p,
+                    cfg.serial_log_max_bytes
+                        .unwrap_or(husk_vmm_api::config::DEFAULT_SERIAL_LOG_MAX_BYTES),
+                )
+                .map_err(|e| BuildError::SerialLog(p.display().to_string(), e))?,
             ),
             None => None,
         };

@@ -74,6 +74,7 @@ fn guest_kernel_banner_and_early_boot_reach_serial() {
         vcpus: 1,
         memory_mib: 256,
         serial_log: Some(dir.path().join("serial.log")),
+        serial_log_max_bytes: None,
         control_socket: None,
         pid_file: None,
         hide_emulator_unsupported_cpuid: None,

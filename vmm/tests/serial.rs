@@ -131,3 +131,34 @@ fn stop_handle_stops_a_spinning_guest() {
     assert_eq!(out.reason, VcpuStop::Stopped);
     assert_eq!(out.console_tail, vec!["X".to_string()]);
 }
+
+/// The guest decides how much it writes; the log on the host stays under its cap and keeps the
+/// newest output.
+#[test]
+fn a_console_flood_stays_under_the_log_cap() {
+    let dir = TempDir::new("serial-flood");
+    let mut asm = Asm::new();
+    let flood = asm.data(&[b'x'; 20_000]);
+    asm.out_bytes(common::COM1, flood, 20_000)
+        .print("END\n")
+        .reset();
+    let mut cfg = guest_config(&dir, &asm);
+    cfg.serial_log_max_bytes = Some(8192);
+    let mut vmm = launch(&cfg).expect("launch");
+    let out = vmm
+        .wait(Some(Duration::from_secs(120)))
+        .expect("guest did not finish within 120 s");
+    assert_eq!(out.reason, VcpuStop::Reset);
+    let log = dir.path().join("serial.log");
+    let current = std::fs::read_to_string(&log).unwrap();
+    let old = std::fs::metadata(husk_vmm::console_log::previous_path(&log))
+        .map(|m| m.len())
+        .unwrap_or(0);
+    assert!(current.ends_with("END\n"), "{current:?}");
+    assert!(old > 0, "20 KB never rotated an 8 KiB log");
+    assert!(
+        current.len() as u64 + old <= 8192,
+        "{} + {old} bytes",
+        current.len()
+    );
+}

@@ -213,6 +213,7 @@ pub(super) async fn run_pod_sandbox(
     sc.kernel_params.extend(sysctl_params);
     sc.state_dir = h.sandbox_state_dir();
     sc.ready_timeout = Duration::from_secs(h.config.sandbox_ready_timeout_secs);
+    sc.console_log_max_bytes = h.config.console_log_max_bytes;
     let created_at_ns = now_ns();
     let sandbox = match Sandbox::start(sc).await {
         Ok(sb) => Arc::new(sb),

@@ -165,6 +165,7 @@ pub fn vmm_config(
         vcpus,
         memory_mib: config.memory_mib.into(),
         serial_log: Some(config.console_log.clone()),
+        serial_log_max_bytes: Some(config.console_log_max_bytes),
         control_socket: Some(files.control.clone()),
         pid_file: Some(files.pid.clone()),
         hide_emulator_unsupported_cpuid: None,

@@ -50,8 +50,10 @@ pub struct VmConfig {
     /// The pod network's virtio-net device; `None` boots with loopback only.
     pub net: Option<NetDeviceConfig>,
     pub vsock: HybridVsockConfig,
-    /// Guest serial console output goes here.
+    /// Guest serial console output goes here (and the older half to `<console_log>.1`).
     pub console_log: PathBuf,
+    /// The most console output kept on disk, across both files; the newest is kept.
+    pub console_log_max_bytes: u64,
     /// Private directory for the backend's sockets and logs.
     pub sandbox_dir: PathBuf,
 }

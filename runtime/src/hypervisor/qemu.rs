@@ -1,7 +1,7 @@
 //! The QEMU backend: a `microvm` machine booted by qboot, KVM where the host
 //! has hardware virtualization and TCG elsewhere, guest RAM in a shared
 //! memfd so vhost-user backends can map it, virtio-fs through virtiofsd and
-//! vsock through husk-vsock (vhost-user), serial console to a log file.
+//! vsock through husk-vsock (vhost-user), serial console through husk-vsock to a capped log.
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -101,6 +101,9 @@ impl Qemu {
 pub struct QemuSockets {
     pub vhost_vsock: PathBuf,
     pub qmp: PathBuf,
+    /// husk-vsock listens here for the guest's serial console and writes it to the capped
+    /// console log: QEMU's own file chardev has no size limit.
+    pub console: PathBuf,
 }
 
 impl QemuSockets {
@@ -108,6 +111,7 @@ impl QemuSockets {
         Self {
             vhost_vsock: dir.join("vhost-vsock.sock"),
             qmp: dir.join("qmp.sock"),
+            console: dir.join("console.sock"),
         }
     }
 }
@@ -193,8 +197,10 @@ pub fn qemu_args(
     ));
     push("-device");
     push("vhost-user-vsock-device,chardev=vsock0");
+    push("-chardev");
+    push(&format!("socket,id=con0,path={}", path(&sockets.console)));
     push("-serial");
-    push(&format!("file:{}", path(&config.console_log)));
+    push("chardev:con0");
     push("-qmp");
     push(&format!("unix:{},server=on,wait=off", path(&sockets.qmp)));
     push("-bios");
@@ -250,7 +256,7 @@ impl Qemu {
         config.validate()?;
         let sockets = QemuSockets::in_dir(&config.sandbox_dir);
         check_no_commas(config, &sockets)?;
-        for p in [&sockets.vhost_vsock, &sockets.qmp] {
+        for p in [&sockets.vhost_vsock, &sockets.qmp, &sockets.console] {
             if p.as_os_str().len() > super::MAX_SOCKET_PATH {
                 return Err(HypervisorError::InvalidConfig(format!(
                     "socket path {} is too long",
@@ -275,6 +281,12 @@ impl Qemu {
                 config.vsock.uds.clone().into(),
                 "--guest-cid".into(),
                 config.vsock.guest_cid.to_string().into(),
+                "--console-socket".into(),
+                sockets.console.clone().into(),
+                "--console-log".into(),
+                config.console_log.clone().into(),
+                "--console-max-bytes".into(),
+                config.console_log_max_bytes.to_string().into(),
             ],
             &config.sandbox_dir.join("husk-vsock.log"),
         )?;
@@ -506,6 +518,7 @@ mod tests {
                 guest_cid: 3,
             },
             console_log: "/s/console.log".into(),
+            console_log_max_bytes: 1 << 20,
             sandbox_dir: "/s".into(),
         }
     }
@@ -541,7 +554,7 @@ mod tests {
             "-no-reboot",
             "-chardev socket,id=fs0,path=/s/fs.sock -device vhost-user-fs-device,chardev=fs0,tag=husk",
             "-chardev socket,id=vsock0,path=/s/vhost-vsock.sock -device vhost-user-vsock-device,chardev=vsock0",
-            "-serial file:/s/console.log",
+            "-chardev socket,id=con0,path=/s/console.sock -serial chardev:con0",
             "-qmp unix:/s/qmp.sock,server=on,wait=off",
             "-bios /q/qboot.rom -kernel /g/vmlinuz -initrd /g/initrd.img",
         ] {

@@ -58,6 +58,8 @@ pub const DEFAULT_STATE_DIR: &str = "/run/husk/sandboxes";
 pub const SHARE_TAG: &str = "husk-share";
 /// Console lines quoted in boot failures.
 const CONSOLE_TAIL_LINES: usize = 20;
+/// The guest console log's cap when the configuration gives none: 1 MiB.
+pub const DEFAULT_CONSOLE_LOG_MAX_BYTES: u64 = 1 << 20;
 
 /// How to start a sandbox. Build with [`SandboxConfig::new`], then adjust
 /// fields.
@@ -85,6 +87,8 @@ pub struct SandboxConfig {
     /// during stop.
     pub stop_timeout: Duration,
     pub guest_cid: u32,
+    /// The most guest console output kept on disk (the newest is kept).
+    pub console_log_max_bytes: u64,
     /// The pod network, already set up on the host; `None` gives the guest
     /// loopback only.
     pub network: Option<SandboxNetwork>,
@@ -124,6 +128,7 @@ impl SandboxConfig {
             connect_timeout: Duration::from_secs(10),
             stop_timeout: Duration::from_secs(5),
             guest_cid: 3,
+            console_log_max_bytes: DEFAULT_CONSOLE_LOG_MAX_BYTES,
             network: None,
         }
     }
@@ -414,6 +419,7 @@ impl Sandbox {
                 guest_cid: config.guest_cid,
             },
             console_log: console.clone(),
+            console_log_max_bytes: config.console_log_max_bytes,
             sandbox_dir: dir.to_path_buf(),
         };
         vm_config

@@ -51,6 +51,7 @@ fn main() -> Result<()> {
         vcpus: 1,
         memory_mib: 128,
         serial_log: None,
+        serial_log_max_bytes: None,
         control_socket: None,
         pid_file: None,
         hide_emulator_unsupported_cpuid: None,

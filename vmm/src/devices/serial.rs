@@ -1,5 +1,5 @@
-//! The 8250 UART on COM1 (vm-superio), written to a log file. The last bytes written are kept
-//! so that a guest crash can be reported with the console's last lines.
+//! The 8250 UART on COM1 (vm-superio), written to a size-capped log. The last bytes written are
+//! kept so that a guest crash can be reported with the console's last lines.
 
 use std::collections::VecDeque;
 use std::io::{self, Write};
@@ -10,6 +10,7 @@ use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::bus::{lock, BusDevice};
+use crate::console_log::CappedLog;
 
 const TAIL_BYTES: usize = 16 * 1024;
 
@@ -56,7 +57,7 @@ impl ConsoleTail {
 
 /// Console sink: the log file plus the tail buffer.
 pub struct ConsoleOut {
-    file: Option<std::fs::File>,
+    file: Option<CappedLog>,
     tail: ConsoleTail,
 }
 
@@ -66,7 +67,7 @@ impl Write for ConsoleOut {
         if let Some(f) = self.file.as_mut() {
             // A full disk must not stall the vCPU thread: drop console output instead.
             if let Err(e) = f.write_all(buf) {
-                tracing::warn!("console log write failed: {e}");
+                crate::guest_warn!("console log write failed: {e}");
             }
         }
         Ok(buf.len())
@@ -82,7 +83,7 @@ pub struct SerialDevice {
 }
 
 impl SerialDevice {
-    pub fn new(irq: EventFd, file: Option<std::fs::File>, tail: ConsoleTail) -> Self {
+    pub fn new(irq: EventFd, file: Option<CappedLog>, tail: ConsoleTail) -> Self {
         SerialDevice {
             serial: Serial::new(IrqTrigger(irq), ConsoleOut { file, tail }),
         }
@@ -101,7 +102,7 @@ impl BusDevice for SerialDevice {
     fn write(&mut self, _base: u64, offset: u64, data: &[u8]) {
         if data.len() == 1 && offset < 8 {
             if let Err(e) = self.serial.write(offset as u8, data[0]) {
-                tracing::warn!("serial write: {e:?}");
+                crate::guest_warn!("serial write: {e:?}");
             }
         }
     }

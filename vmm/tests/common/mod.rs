@@ -128,6 +128,15 @@ impl Asm {
         self.mov_rdi(addr).emit(&[0x89, 0x07])
     }
 
+    /// `rep outsb`: the `len` bytes at `addr` to `port`, one I/O exit per byte.
+    pub fn out_bytes(&mut self, port: u16, addr: u64, len: u64) -> &mut Self {
+        self.mov_dx(port)
+            .mov_rsi(addr)
+            .emit(&[0x48, 0xb9])
+            .emit(&len.to_le_bytes())
+            .emit(&[0xf3, 0x6e])
+    }
+
     pub fn print(&mut self, s: &str) -> &mut Self {
         for b in s.bytes() {
             self.out8(COM1, b);
@@ -236,6 +245,7 @@ pub fn guest_config(dir: &TempDir, asm: &Asm) -> husk_vmm::config::VmConfig {
         vcpus: 1,
         memory_mib: 64,
         serial_log: Some(dir.path().join("serial.log")),
+        serial_log_max_bytes: None,
         control_socket: None,
         pid_file: None,
         hide_emulator_unsupported_cpuid: None,

@@ -19,6 +19,7 @@ fn cfg() -> VmConfig {
             guest_cid: 3,
         },
         console_log: "/s/console.log".into(),
+        console_log_max_bytes: 65536,
         sandbox_dir: "/s".into(),
     }
 }
@@ -56,6 +57,7 @@ fn vmm_config_json() {
         "vcpus": 2,
         "memory_mib": 256,
         "serial_log": "/s/console.log",
+        "serial_log_max_bytes": 65536,
         "control_socket": "/s/vmm.sock",
         "pid_file": "/s/vmm.pid",
         "devices": {

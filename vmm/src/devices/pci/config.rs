@@ -145,7 +145,7 @@ impl ConfigSpace {
                 (bar.addr >> 32) as u32
             };
             if !all_ones && new != expected {
-                tracing::warn!(reg, new, "guest tried to move a PCI BAR; ignored");
+                crate::guest_warn!(reg, new, "guest tried to move a PCI BAR; ignored");
                 self.regs[reg] = expected;
                 return;
             }

@@ -46,7 +46,7 @@ impl Interrupt {
 
     /// Marks the device broken (virtio 1.x, 2.1.2) and tells the driver.
     pub fn fail_device(&self, why: &str) {
-        tracing::warn!("virtio device failed, needs reset: {why}");
+        crate::guest_warn!("virtio device failed, needs reset: {why}");
         self.needs_reset.store(true, Ordering::SeqCst);
         self.signal_config();
     }

@@ -184,10 +184,10 @@ impl Worker {
                             tracing::debug!("tap write: {e}");
                         }
                     } else {
-                        tracing::warn!("virtio-net: dropped malformed TX chain {head}");
+                        crate::guest_warn!("virtio-net: dropped malformed TX chain {head}");
                     }
                 }
-                Err(e) => tracing::warn!("virtio-net: rejected TX chain {head}: {e}"),
+                Err(e) => crate::guest_warn!("virtio-net: rejected TX chain {head}: {e}"),
             }
             if let Err(e) = self.txq.add_used(&mem, head, 0) {
                 return self.fail(format!("net TX used ring: {e:?}"));
@@ -248,7 +248,7 @@ impl Worker {
                         tracing::debug!("virtio-net: RX buffer {cap} < frame {len}, dropped");
                     }
                 }
-                Err(e) => tracing::warn!("virtio-net: rejected RX chain {head}: {e}"),
+                Err(e) => crate::guest_warn!("virtio-net: rejected RX chain {head}: {e}"),
             }
             if let Err(e) = self.rxq.add_used(&mem, head, written as u32) {
                 return self.fail(format!("net RX used ring: {e:?}"));

@@ -104,7 +104,7 @@ impl Worker {
                 Err(e) => {
                     self.rejected
                         .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                    tracing::warn!("virtio-rng: rejected request {head}: {e}");
+                    crate::guest_warn!("virtio-rng: rejected request {head}: {e}");
                     0
                 }
             };

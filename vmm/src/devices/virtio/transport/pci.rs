@@ -257,7 +257,7 @@ impl VirtioPciDevice {
         }
         if newly & STATUS_DRIVER_OK != 0 && v & STATUS_FEATURES_OK != 0 {
             if let Err(e) = self.activate() {
-                tracing::warn!(
+                crate::guest_warn!(
                     device_type = self.device.device_type(),
                     "activation failed: {e}"
                 );

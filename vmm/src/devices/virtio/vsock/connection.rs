@@ -11,7 +11,7 @@ use std::num::Wrapping;
 use std::os::unix::net::UnixStream;
 use std::time::Instant;
 
-use tracing::{debug, warn};
+use tracing::debug;
 
 use super::muxer::MuxerConfig;
 use super::packet::{op, shutdown, Header, HOST_CID, TYPE_STREAM};
@@ -157,7 +157,7 @@ impl Conn {
             op::RW if self.state == State::Established && self.peer_shut & shutdown::SEND == 0 => {
                 let len = data_len as u32;
                 if self.out_buf.len() as u64 + u64::from(len) > u64::from(cfg.conn_buf_size) {
-                    warn!(
+                    crate::guest_warn!(
                         guest_port = self.key.guest_port,
                         "guest overran its vsock credit; resetting"
                     );

@@ -326,7 +326,7 @@ impl VsockMuxer {
                 Err(e) => {
                     // Cannot happen for a buffer whose capacity we just measured; the packet is
                     // lost, so the connection cannot continue.
-                    warn!("writing RX chain {head} failed: {e}");
+                    crate::guest_warn!("writing RX chain {head} failed: {e}");
                     self.reset_by_key(ConnKey {
                         host_port: hdr.src_port,
                         guest_port: hdr.dst_port,
@@ -533,7 +533,7 @@ impl VsockMuxer {
 
     fn guest_connect(&mut self, hdr: &Header) {
         if self.n_conns >= self.cfg.max_connections {
-            warn!(
+            crate::guest_warn!(
                 "too many vsock connections; refusing guest connect to port {}",
                 hdr.dst_port
             );
