@@ -11,7 +11,7 @@ use anyhow::Context;
 use libcgroups::common::{CgroupConfig, CgroupManager, ControllerOpt};
 use libcontainer::container::builder::ContainerBuilder;
 use libcontainer::container::Container as YoukiContainer;
-use libcontainer::oci_spec::runtime::Spec;
+use libcontainer::oci_spec::runtime::{LinuxSeccomp, Spec};
 use libcontainer::syscall::syscall::SyscallType;
 use libcontainer::workload::{Executor, ExecutorError, ExecutorValidationError};
 use nix::sys::signal::Signal;
@@ -99,6 +99,8 @@ pub struct Container {
     pub id: String,
     cgroup: PathBuf,
     pub init: Arc<Process>,
+    /// The container's filter, for its exec processes (see [`HuskExecutor`]).
+    seccomp: Option<LinuxSeccomp>,
     lifecycle: tokio::sync::Mutex<Lifecycle>,
     execs: Mutex<HashMap<String, Arc<Process>>>,
 }
@@ -136,8 +138,18 @@ enum Entry {
 /// executor to undo what the agent's process state would otherwise leak into
 /// every container: Rust's runtime ignores SIGPIPE, and an ignored signal
 /// stays ignored across execve.
-#[derive(Clone)]
-struct HuskExecutor;
+///
+/// For exec processes it also applies the container's seccomp filter:
+/// libcontainer 0.7 builds an exec's spec without the container's
+/// `linux.seccomp`, so without this an exec (a probe, `kubectl exec`) would
+/// run the tenant's binaries unfiltered. This runs after libcontainer dropped
+/// the process's capabilities, where the kernel accepts a filter only under
+/// no_new_privs: exec processes of a filtered container get no_new_privs,
+/// stricter than runc, which can load the filter earlier.
+#[derive(Clone, Default)]
+struct HuskExecutor {
+    tenant_seccomp: Option<LinuxSeccomp>,
+}
 
 impl Executor for HuskExecutor {
     fn exec(&self, spec: &Spec) -> std::result::Result<(), ExecutorError> {
@@ -152,6 +164,14 @@ impl Executor for HuskExecutor {
             Some(&nix::sys::signal::SigSet::empty()),
             None,
         );
+        if let Some(filter) = &self.tenant_seccomp {
+            nix::sys::prctl::set_no_new_privs().map_err(|e| {
+                ExecutorError::Other(format!("no_new_privs for the seccomp filter: {e}"))
+            })?;
+            libcontainer::seccomp::initialize_seccomp(filter).map_err(|e| {
+                ExecutorError::Other(format!("the container's seccomp filter: {e}"))
+            })?;
+        }
         libcontainer::workload::default::get_executor().exec(spec)
     }
 
@@ -258,10 +278,11 @@ impl Containers {
         youki_root: &Path,
         id: &str,
         child: &ChildStdio,
+        executor: HuskExecutor,
     ) -> anyhow::Result<ContainerBuilder> {
         let mut b = ContainerBuilder::new(id.to_owned(), SyscallType::default())
             .with_root_path(youki_root)?
-            .with_executor(HuskExecutor);
+            .with_executor(executor);
         match child {
             ChildStdio::Pipes(_) => {}
             ChildStdio::Console { path, .. } => b = b.with_console_socket(Some(path)),
@@ -394,6 +415,7 @@ impl Containers {
                 AgentError::internal(anyhow::anyhow!("writing the bundle of {id}: {e}"))
             })?;
         let cgroup = spec::cgroup_path(&self.cfg.cgroup_parent, id);
+        let seccomp = spec.linux().as_ref().and_then(|l| l.seccomp().clone());
         let (child, parent) = self.stdio(req)?;
         let youki_root = self.cfg.youki_root();
 
@@ -402,7 +424,8 @@ impl Containers {
         let id2 = id.to_owned();
         let built =
             tokio::task::spawn_blocking(move || -> anyhow::Result<(Pid, Option<OwnedFd>)> {
-                let builder = Self::base_builder(&youki_root, &id2, &child)?;
+                let builder =
+                    Self::base_builder(&youki_root, &id2, &child, HuskExecutor::default())?;
                 let (builder, console) = split_stdio(builder, child);
                 let container = builder
                     .as_init(&bundle)
@@ -438,6 +461,7 @@ impl Containers {
             id: id.to_owned(),
             cgroup,
             init,
+            seccomp,
             lifecycle: Default::default(),
             execs: Mutex::new(HashMap::new()),
         }))
@@ -545,9 +569,12 @@ impl Containers {
         let pf = process_file.clone();
         let label = format!("{id}/{exec_id}");
         let id2 = id.to_owned();
+        let executor = HuskExecutor {
+            tenant_seccomp: c.seccomp.clone(),
+        };
         let built =
             tokio::task::spawn_blocking(move || -> anyhow::Result<(Pid, Option<OwnedFd>)> {
-                let builder = Self::base_builder(&youki_root, &id2, &child)?;
+                let builder = Self::base_builder(&youki_root, &id2, &child, executor)?;
                 let (builder, console) = split_stdio(builder, child);
                 let pid = builder
                     .as_tenant()

@@ -519,7 +519,11 @@ async fn bad_requests_get_the_right_codes() {
 async fn seccomp_profile_is_enforced() {
     let agent = Agent::start().await;
     let c = agent.sandbox().await;
-    let mut spec = agent.spec_value(&["sh", "-c", "mkdir /tmp/blocked 2>/dev/null; echo $?"]);
+    let mut spec = agent.spec_value(&[
+        "sh",
+        "-c",
+        "mkdir /tmp/blocked 2>/dev/null; echo $?; exec sleep 1000",
+    ]);
     spec["linux"]["seccomp"] = serde_json::json!({
         "defaultAction": "SCMP_ACT_ALLOW",
         "architectures": ["SCMP_ARCH_X86_64"],
@@ -535,7 +539,7 @@ async fn seccomp_profile_is_enforced() {
     )
     .await
     .unwrap();
-    let out = agent.stream("sc", "", StreamKind::Stdout).await.unwrap();
+    let mut out = agent.stream("sc", "", StreamKind::Stdout).await.unwrap();
     c.start_container(
         ContainerRef {
             container_id: "sc".into(),
@@ -545,15 +549,36 @@ async fn seccomp_profile_is_enforced() {
     .await
     .unwrap();
     // mkdir failed (exit status 1) because the filter returned EPERM.
-    assert_eq!(read_all(out).await, "1\n");
+    let mut first = [0u8; 2];
+    tokio::io::AsyncReadExt::read_exact(&mut out, &mut first)
+        .await
+        .unwrap();
+    assert_eq!(&first, b"1\n");
+    // An exec runs under the same filter (libcontainer alone would leave it unfiltered).
+    c.exec_process(
+        ExecProcessRequest {
+            container_id: "sc".into(),
+            exec_id: "e1".into(),
+            process_json: process_json(&["sh", "-c", "mkdir /tmp/blocked 2>/dev/null; echo $?"]),
+            stdio: Some(StdioConfig {
+                stdin: false,
+                terminal: false,
+            }),
+        },
+        T,
+    )
+    .await
+    .unwrap();
+    let exec_out = agent.stream("sc", "e1", StreamKind::Stdout).await.unwrap();
+    assert_eq!(read_all(exec_out).await, "1\n");
     assert_eq!(
-        c.wait_process(pref("sc", ""), T).await.unwrap().exit_code,
+        c.wait_process(pref("sc", "e1"), T).await.unwrap().exit_code,
         0
     );
     c.remove_container(
         RemoveContainerRequest {
             container_id: "sc".into(),
-            force: false,
+            force: true,
         },
         T,
     )

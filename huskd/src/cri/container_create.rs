@@ -187,6 +187,7 @@ pub(super) async fn create_container(
                 });
             }
         }
+        let seccomp = super::seccomp::for_container(&config).await?;
         h.images
             .prepare_rootfs(&image.id.0, &id, &rootfs)
             .map_err(|e| image_error(&e))?;
@@ -196,6 +197,7 @@ pub(super) async fn create_container(
             image: &image.config,
             user,
             mounts: &mounts,
+            seccomp,
         })?;
         let stdio = StdioConfig {
             stdin: config.stdin,

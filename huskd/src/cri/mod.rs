@@ -36,6 +36,7 @@ mod sandbox_remove;
 mod sandbox_run;
 mod sandbox_status;
 mod sandbox_stop;
+mod seccomp;
 mod stats;
 mod streaming;
 

@@ -328,7 +328,7 @@ fn with_home(mut env: Vec<String>, home: &str) -> Vec<String> {
     env
 }
 
-fn capabilities(config: &ContainerConfig) -> Result<Vec<String>, Status> {
+pub fn capabilities(config: &ContainerConfig) -> Result<Vec<String>, Status> {
     let sc = config
         .linux
         .as_ref()
@@ -447,7 +447,7 @@ fn process_json(
     }
     let caps = capabilities(c)?;
     let no_new_privs = sc.is_some_and(|s| s.no_new_privs);
-    Ok(json!({
+    let mut process = json!({
         "terminal": c.tty,
         "user": {
             "uid": user.uid,
@@ -461,8 +461,14 @@ fn process_json(
             "bounding": caps, "effective": caps, "permitted": caps,
         },
         "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1048576u64, "soft": 1048576u64}],
-        "noNewPrivileges": no_new_privs,
-    }))
+    });
+    // Absent rather than false: libcontainer 0.7 loads a seccomp filter while the process still
+    // holds CAP_SYS_ADMIN only when the field is absent; with `false` it loads it after dropping
+    // capabilities, and the kernel refuses a filter without no_new_privs then.
+    if no_new_privs {
+        process["noNewPrivileges"] = json!(true);
+    }
+    Ok(process)
 }
 
 /// The OCI process of an ExecSync `cmd` in a container created from
@@ -486,6 +492,8 @@ pub struct SpecInputs<'a> {
     pub image: &'a ImageConfig,
     pub user: ProcessUser,
     pub mounts: &'a [GuestMount],
+    /// OCI `linux.seccomp` (from [`super::seccomp::for_container`]); `None`: unconfined.
+    pub seccomp: Option<Value>,
 }
 
 /// The container's OCI spec (root.path is filled in by the sandbox).
@@ -548,6 +556,9 @@ pub fn build(inp: &SpecInputs<'_>) -> Result<oci_spec::runtime::Spec, Status> {
             }
             linux[key] = json!(paths);
         }
+    }
+    if let Some(s) = &inp.seccomp {
+        linux["seccomp"] = s.clone();
     }
     if let Some(r) = c.linux.as_ref().and_then(|l| l.resources.as_ref()) {
         if let Value::Object(res) = resources_json(r) {

@@ -128,6 +128,7 @@ fn spec_fields() {
         image: &ImageConfig::default(),
         user: user.clone(),
         mounts: &mounts,
+        seccomp: None,
     };
     let s = build(&inp).unwrap();
     let v = serde_json::to_value(&s).unwrap();
@@ -175,6 +176,7 @@ fn spec_fields() {
         image: &ImageConfig::default(),
         user,
         mounts: &[],
+        seccomp: None,
     };
     assert!(build(&inp).unwrap_err().message().contains("capabilities"));
 }
@@ -205,6 +207,7 @@ fn masked_and_readonly_paths() {
             image: &image(),
             user: user.clone(),
             mounts: &[],
+            seccomp: None,
         })
         .map(|s| serde_json::to_value(&s).unwrap())
     };
@@ -277,6 +280,19 @@ fn exec_gets_the_container_security() {
     assert_eq!(v["cwd"], json!("/w"));
     assert_eq!(v["noNewPrivileges"], json!(true));
     assert_eq!(v["user"]["uid"], json!(7));
+    // Without no_new_privs the field is absent (libcontainer reads `false` as "load seccomp
+    // late", which fails without the capability).
+    let mut c = c;
+    c.linux
+        .as_mut()
+        .unwrap()
+        .security_context
+        .as_mut()
+        .unwrap()
+        .no_new_privs = false;
+    let v =
+        serde_json::to_value(exec_process(&c, &image(), &user, &["id".into()]).unwrap()).unwrap();
+    assert!(v.get("noNewPrivileges").is_none(), "{v}");
     for set in ["bounding", "effective", "permitted"] {
         let caps = v["capabilities"][set].as_array().unwrap();
         assert!(!caps.contains(&json!("CAP_CHOWN")), "{set}: {caps:?}");
