@@ -19,6 +19,34 @@ use super::{now_ns, validation, Husk, LiveContainer};
 use crate::logs::LogFile;
 use crate::state::{ContainerRecord, ContainerState, PodState};
 
+/// CRI's read-only is not recursive: mounts below a read-only volume keep their own flags.
+/// On the host they do (`remount_readonly` changes the top mount only), but in the guest
+/// virtio-fs shows them as automounts, and an automount triggered under the container's
+/// read-only bind inherits its read-only flag. Listing each one as its own bind, after the
+/// volume, mounts it from the share's view instead, with the flags the host gave it.
+fn submounts_keep_their_flags(
+    target: &Path,
+    container_path: &str,
+    guest_source: &str,
+) -> Vec<GuestMount> {
+    let mut subs: Vec<PathBuf> = husk_runtime::mounts::mounts_under(target)
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|m| m.strip_prefix(target).ok().map(Path::to_path_buf))
+        .filter(|rel| !rel.as_os_str().is_empty())
+        .collect();
+    // Outer mounts before the ones inside them.
+    subs.sort_by_key(|rel| rel.components().count());
+    subs.iter()
+        .filter_map(|rel| rel.to_str())
+        .map(|rel| GuestMount {
+            destination: format!("{}/{rel}", container_path.trim_end_matches('/')),
+            source: format!("{guest_source}/{rel}"),
+            readonly: false,
+        })
+        .collect()
+}
+
 /// Makes the CRI mounts visible in the guest: each host path is bind-mounted
 /// below the container's directory in the share.
 fn bind_cri_mounts(
@@ -77,6 +105,13 @@ fn bind_cri_mounts(
             source: format!("{guest_cdir}/mounts/{i}"),
             readonly: m.readonly,
         });
+        if m.readonly {
+            out.extend(submounts_keep_their_flags(
+                &target,
+                &m.container_path,
+                &format!("{guest_cdir}/mounts/{i}"),
+            ));
+        }
     }
     Ok(out)
 }
@@ -246,4 +281,47 @@ pub(super) async fn create_container(
     }
     h.set_live(&id, live);
     Ok(cri::CreateContainerResponse { container_id: id })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A tmpfs below a read-only volume is listed as its own writable bind, outer first.
+    #[test]
+    fn submounts_of_a_readonly_volume_get_their_own_binds() {
+        let d = tempfile::tempdir().unwrap();
+        let (a, b) = (d.path().join("a"), d.path().join("a/b"));
+        std::fs::create_dir(&a).unwrap();
+        nix::mount::mount(
+            Some("none"),
+            &a,
+            Some("tmpfs"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .unwrap();
+        std::fs::create_dir(&b).unwrap();
+        nix::mount::mount(
+            Some("none"),
+            &b,
+            Some("tmpfs"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .unwrap();
+        let got = submounts_keep_their_flags(d.path(), "/mnt/", "/g/mounts/0");
+        let _ = husk_runtime::mounts::unmount_all_under(d.path());
+        let pairs: Vec<(String, String, bool)> = got
+            .into_iter()
+            .map(|m| (m.destination, m.source, m.readonly))
+            .collect();
+        assert_eq!(
+            pairs,
+            [
+                ("/mnt/a".into(), "/g/mounts/0/a".into(), false),
+                ("/mnt/a/b".into(), "/g/mounts/0/a/b".into(), false),
+            ]
+        );
+    }
 }
