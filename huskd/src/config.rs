@@ -61,6 +61,8 @@ max_concurrent_downloads = 3
 
 # What an image may hold (images are untrusted input); a pull that
 # exceeds a limit fails naming it, and nothing of it is kept.
+# A manifest or image index, read into memory whole:
+max_manifest_bytes = 4194304
 # The image config, read into memory whole:
 max_config_bytes = 8388608
 # Per layer, uncompressed bytes (a gzip bomb stops here):
@@ -157,6 +159,7 @@ pub struct RegistryConfig {
     pub insecure: Vec<String>,
     pub max_concurrent_downloads: usize,
     pub mirrors: BTreeMap<String, Vec<String>>,
+    pub max_manifest_bytes: u64,
     pub max_config_bytes: u64,
     pub max_layer_bytes: u64,
     pub max_layer_entries: u64,
@@ -167,6 +170,7 @@ impl RegistryConfig {
     /// The image store's limits from these keys.
     pub fn image_limits(&self) -> husk_runtime::image::ImageLimits {
         husk_runtime::image::ImageLimits {
+            max_manifest_bytes: self.max_manifest_bytes,
             max_config_bytes: self.max_config_bytes,
             layer: husk_runtime::image::LayerLimits {
                 max_bytes: self.max_layer_bytes,
@@ -208,6 +212,7 @@ impl Default for RegistryConfig {
             insecure: Vec::new(),
             max_concurrent_downloads: 3,
             mirrors: BTreeMap::new(),
+            max_manifest_bytes: husk_runtime::image::ImageLimits::default().max_manifest_bytes,
             max_config_bytes: husk_runtime::image::ImageLimits::default().max_config_bytes,
             max_layer_bytes: husk_runtime::image::LayerLimits::default().max_bytes,
             max_layer_entries: husk_runtime::image::LayerLimits::default().max_entries,
@@ -390,6 +395,10 @@ impl HuskdConfig {
             );
         }
         for (key, v) in [
+            (
+                "registry.max_manifest_bytes",
+                self.registry.max_manifest_bytes,
+            ),
             ("registry.max_config_bytes", self.registry.max_config_bytes),
             ("registry.max_layer_bytes", self.registry.max_layer_bytes),
             (

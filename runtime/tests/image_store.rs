@@ -194,6 +194,16 @@ impl Layout {
 }
 
 fn push_uncompressed(reg: &Registry, layers: &[&BuiltLayer], name: &str) {
+    push_annotated(reg, layers, name, None)
+}
+
+/// Pushes with oci-client; `annotations` go into the manifest.
+fn push_annotated(
+    reg: &Registry,
+    layers: &[&BuiltLayer],
+    name: &str,
+    annotations: Option<std::collections::BTreeMap<String, String>>,
+) {
     use oci_client::client::{ClientConfig, ClientProtocol, Config, ImageLayer};
     let _ = rustls::crypto::ring::default_provider().install_default();
     let config = serde_json::json!({
@@ -210,6 +220,9 @@ fn push_uncompressed(reg: &Registry, layers: &[&BuiltLayer], name: &str) {
         .map(|l| ImageLayer::new(l.blob.clone(), l.media_type.to_string(), None))
         .collect();
     let reference: oci_client::Reference = format!("{}/{name}", reg.host()).parse().unwrap();
+    let config = Config::oci_v1(serde_json::to_vec(&config).unwrap(), None);
+    let manifest = annotations
+        .map(|a| oci_client::manifest::OciImageManifest::build(&image_layers, &config, Some(a)));
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -217,9 +230,9 @@ fn push_uncompressed(reg: &Registry, layers: &[&BuiltLayer], name: &str) {
         .block_on(client.push(
             &reference,
             &image_layers,
-            Config::oci_v1(serde_json::to_vec(&config).unwrap(), None),
+            config,
             &oci_client::secrets::RegistryAuth::Anonymous,
-            None,
+            manifest,
         ))
         .unwrap();
 }
@@ -821,4 +834,149 @@ fn hostile_images_fail_cleanly() {
         // The store's own directory holds nothing of the layer's content.
         assert!(!root.path().join("zeros").exists() && !root.path().join("short").exists());
     }
+}
+
+/// A registry that attacks the puller through the manifest response: `/manifests/declared`
+/// announces 10 GB, `/manifests/endless` streams chunks until the client hangs up. Counts what it
+/// managed to send of the endless body.
+struct HostileRegistry {
+    port: u16,
+    sent: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl HostileRegistry {
+    fn start() -> Self {
+        use std::sync::atomic::Ordering;
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let sent = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let counter = sent.clone();
+        std::thread::spawn(move || {
+            for conn in l.incoming() {
+                let Ok(mut c) = conn else { return };
+                let counter = counter.clone();
+                std::thread::spawn(move || {
+                    let mut req = Vec::new();
+                    let mut b = [0u8; 1];
+                    while !req.ends_with(b"\r\n\r\n") && c.read(&mut b).unwrap_or(0) == 1 {
+                        req.push(b[0]);
+                    }
+                    let line = String::from_utf8_lossy(&req)
+                        .lines()
+                        .next()
+                        .unwrap_or("")
+                        .to_string();
+                    let ct = "Content-Type: application/vnd.oci.image.manifest.v1+json\r\n";
+                    if line.contains("/manifests/declared") {
+                        let _ = write!(c, "HTTP/1.1 200 OK\r\n{ct}Content-Length: 10000000000\r\nConnection: close\r\n\r\n{{\"schemaVersion\": 2, ");
+                    } else if line.contains("/manifests/endless") {
+                        let _ = write!(c, "HTTP/1.1 200 OK\r\n{ct}Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n");
+                        let chunk = vec![b' '; 64 << 10];
+                        // Up to 4 GiB, far more than a test machine would want to hold.
+                        for _ in 0..(4u64 << 30) / chunk.len() as u64 {
+                            let ok = write!(c, "{:x}\r\n", chunk.len()).is_ok()
+                                && c.write_all(&chunk).is_ok()
+                                && c.write_all(b"\r\n").is_ok();
+                            if !ok {
+                                break;
+                            }
+                            counter.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                        }
+                    } else {
+                        let _ = write!(
+                            c,
+                            "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{{}}"
+                        );
+                    }
+                });
+            }
+        });
+        HostileRegistry { port, sent }
+    }
+
+    fn host(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+}
+
+/// Manifests are read with a bound (issue 14): a manifest larger than `max_manifest_bytes` on a
+/// real registry, and a hostile registry that declares a 10 GB manifest or streams one without
+/// end. Each pull fails at once naming the limit, the endless stream is cut off close to the
+/// limit instead of being read into memory, and nothing is left in the store.
+#[test]
+fn oversized_manifests_are_refused() {
+    const LIMIT: u64 = 64 << 10;
+    let reg = Registry::start().unwrap();
+    let hostile = HostileRegistry::start();
+    let layer = {
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_ustar();
+        h.set_path("f").unwrap();
+        h.set_size(1);
+        h.set_mode(0o644);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(0);
+        h.set_cksum();
+        b.append(&h, &b"x"[..]).unwrap();
+        let tar = b.into_inner().unwrap();
+        BuiltLayer {
+            diff_id: sha256_digest(&tar),
+            blob: tar,
+            media_type: "application/vnd.oci.image.layer.v1.tar",
+        }
+    };
+    let fat: std::collections::BTreeMap<String, String> =
+        [("padding".to_string(), "p".repeat(256 << 10))].into();
+    push_annotated(&reg, &[&layer], "hostile/fat:1", Some(fat));
+    let root = tempfile::tempdir().unwrap();
+    let open = |max_manifest_bytes| {
+        ImageStore::open(ImageStoreConfig {
+            root: root.path().to_path_buf(),
+            insecure: vec![reg.host(), hostile.host()],
+            limits: husk_runtime::image::ImageLimits {
+                max_manifest_bytes,
+                ..Default::default()
+            },
+            ..Default::default()
+        })
+        .unwrap()
+    };
+    let s = open(LIMIT);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    for image in [
+        format!("{}/hostile/fat:1", reg.host()),
+        format!("{}/hostile/x:declared", hostile.host()),
+        format!("{}/hostile/x:endless", hostile.host()),
+    ] {
+        let t = Instant::now();
+        let e = rt.block_on(s.pull(&image, None)).unwrap_err();
+        let msg = e.to_string();
+        assert!(msg.contains("max_manifest_bytes"), "{image}: {msg}");
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "{image}: {:?}",
+            t.elapsed()
+        );
+        assert!(s.list().is_empty());
+    }
+    // The client hung up long before the 4 GiB: what it read is the limit plus buffers.
+    std::thread::sleep(Duration::from_millis(200));
+    let sent = hostile.sent.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        sent < 32 << 20,
+        "the endless manifest was read for {sent} bytes"
+    );
+    for d in ["layers", "tmp", "meta"] {
+        assert_eq!(
+            count_entries(&root.path().join("images").join(d)),
+            0,
+            "{d} not empty"
+        );
+    }
+    // The same image pulls under the default limit: the refusal was the limit's.
+    drop(s);
+    let s = open(husk_runtime::image::ImageLimits::default().max_manifest_bytes);
+    rt.block_on(s.pull(&format!("{}/hostile/fat:1", reg.host()), None))
+        .unwrap();
 }

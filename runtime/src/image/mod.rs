@@ -25,6 +25,7 @@
 
 mod error;
 mod flight;
+mod manifest;
 mod pull;
 mod reference;
 mod registry;

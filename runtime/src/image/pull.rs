@@ -16,6 +16,7 @@ use tokio::io::AsyncWriteExt;
 use tracing::{debug, info, warn};
 
 use super::error::IoContext;
+use super::manifest::ManifestSource;
 use super::registry::{map_error, map_io, Endpoint};
 use super::store::{digest_hex, tmp_name, Inner, LayerUsage};
 use super::{
@@ -190,11 +191,18 @@ impl Inner {
         };
         let (client, oci_auth) = self.clients.get(ep, &image, auth)?;
         let oref = r.on_host(&api_host);
-        let map = |e| map_error(e, &image, &ep.host);
-        let (manifest, manifest_digest, list_digest) = client
-            .pull_image_manifest_and_list_digest(&oref, &oci_auth)
-            .await
-            .map_err(map)?;
+        let http = self.clients.http(&image, &ep.host)?;
+        let (manifest, manifest_digest, list_digest) = ManifestSource {
+            client: &client,
+            http: &http,
+            auth: &oci_auth,
+            scheme: self.clients.scheme(&api_host),
+            max_bytes: self.limits.max_manifest_bytes,
+            image: &image,
+            registry: &ep.host,
+        }
+        .image_manifest(&oref)
+        .await?;
         debug!(%image, endpoint = %ep.host, %manifest_digest, "manifest fetched");
         let unsupported = |detail: String| Error::Unsupported {
             image: image.clone(),

@@ -122,7 +122,13 @@ pub(crate) fn parse_endpoint(url: &str) -> Result<(String, bool), Error> {
 pub(crate) struct Clients {
     protocol: ClientProtocol,
     clients: Mutex<HashMap<[u8; 32], oci_client::Client>>,
+    /// For manifests (`super::manifest`), built on first use.
+    http: std::sync::OnceLock<reqwest::Client>,
 }
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+const READ_TIMEOUT: Duration = Duration::from_secs(120);
+const USER_AGENT: &str = concat!("husk/", env!("CARGO_PKG_VERSION"));
 
 const MAX_CACHED_CLIENTS: usize = 64;
 
@@ -131,7 +137,36 @@ impl Clients {
         Clients {
             protocol: ClientProtocol::HttpsExcept(http_hosts),
             clients: Mutex::new(HashMap::new()),
+            http: std::sync::OnceLock::new(),
         }
+    }
+
+    /// `http` for the registries configured insecure, else `https`.
+    pub fn scheme(&self, host: &str) -> &'static str {
+        match &self.protocol {
+            ClientProtocol::Http => "http",
+            ClientProtocol::HttpsExcept(hosts) if hosts.iter().any(|h| h == host) => "http",
+            _ => "https",
+        }
+    }
+
+    /// The HTTP client for manifest fetches: the same timeouts and user
+    /// agent as the `oci-client` clients, one connection pool for all.
+    pub fn http(&self, image: &str, registry: &str) -> Result<reqwest::Client, Error> {
+        if let Some(c) = self.http.get() {
+            return Ok(c.clone());
+        }
+        let c = reqwest::Client::builder()
+            .connect_timeout(CONNECT_TIMEOUT)
+            .read_timeout(READ_TIMEOUT)
+            .user_agent(USER_AGENT)
+            .build()
+            .map_err(|e| Error::Registry {
+                image: image.to_string(),
+                registry: registry.to_string(),
+                detail: format!("cannot build HTTP client: {e}"),
+            })?;
+        Ok(self.http.get_or_init(|| c).clone())
     }
 
     /// Client and oci-client credentials for pulling `image` from `endpoint`. Credentials are
@@ -161,9 +196,9 @@ impl Clients {
         let config = ClientConfig {
             protocol: self.protocol.clone(),
             platform_resolver: Some(Box::new(oci_client::client::linux_amd64_resolver)),
-            connect_timeout: Some(Duration::from_secs(15)),
-            read_timeout: Some(Duration::from_secs(120)),
-            user_agent: concat!("husk/", env!("CARGO_PKG_VERSION")),
+            connect_timeout: Some(CONNECT_TIMEOUT),
+            read_timeout: Some(READ_TIMEOUT),
+            user_agent: USER_AGENT,
             ..Default::default()
         };
         let client = oci_client::Client::try_from(config).map_err(|e| Error::Registry {

@@ -40,6 +40,8 @@ pub struct ImageStoreConfig {
 /// memory: its config is read whole, its layers are unpacked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ImageLimits {
+    /// A manifest or image index (JSON, read into memory).
+    pub max_manifest_bytes: u64,
     /// The image config blob (JSON, read into memory).
     pub max_config_bytes: u64,
     /// Each layer (see [`super::unpack::LayerLimits`]).
@@ -49,6 +51,8 @@ pub struct ImageLimits {
 impl Default for ImageLimits {
     fn default() -> Self {
         Self {
+            // As containers/image (CRI-O): real manifests are a few KiB.
+            max_manifest_bytes: 4 << 20,
             max_config_bytes: 8 << 20,
             layer: Default::default(),
         }
