@@ -50,17 +50,7 @@ pub fn read_in_root(root: &Path, path: &Path, max: u64) -> Result<Vec<u8>, Confi
         path: shown.clone(),
         source,
     };
-    let dir = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_DIRECTORY | libc::O_CLOEXEC)
-        .open(root)
-        .map_err(|e| ConfinedError::Io {
-            path: root.display().to_string(),
-            source: e,
-        })?;
-    let rel = path.strip_prefix("/").unwrap_or(path);
-    let c = CString::new(rel.as_os_str().as_bytes())
-        .map_err(|_| io_err(io::Error::from(io::ErrorKind::InvalidInput)))?;
+    let dir = open_dir(root)?;
     let how = OpenHow {
         flags: (libc::O_RDONLY
             | libc::O_NOFOLLOW
@@ -70,30 +60,7 @@ pub fn read_in_root(root: &Path, path: &Path, max: u64) -> Result<Vec<u8>, Confi
         mode: 0,
         resolve: libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_MAGICLINKS | libc::RESOLVE_NO_XDEV,
     };
-    // SAFETY: openat2 reads a NUL-terminated path and an open_how of the
-    // size passed, both alive for the call, and returns a new fd or -1.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_openat2,
-            dir.as_raw_fd(),
-            c.as_ptr(),
-            &how as *const OpenHow,
-            std::mem::size_of::<OpenHow>(),
-        )
-    };
-    if fd < 0 {
-        let e = io::Error::last_os_error();
-        return Err(match e.raw_os_error() {
-            Some(libc::ENOENT) => ConfinedError::NotFound(shown),
-            Some(libc::ELOOP) => ConfinedError::NotRegular {
-                path: shown,
-                kind: "symbolic link",
-            },
-            _ => io_err(e),
-        });
-    }
-    // SAFETY: the syscall just returned this fd and nothing else owns it.
-    let file = File::from(unsafe { OwnedFd::from_raw_fd(fd as i32) });
+    let file = File::from(openat2(&dir, path, &how, &shown)?);
     let meta = file.metadata().map_err(&io_err)?;
     let ft = meta.file_type();
     if !ft.is_file() {
@@ -116,6 +83,89 @@ pub fn read_in_root(root: &Path, path: &Path, max: u64) -> Result<Vec<u8>, Confi
         return Err(ConfinedError::TooLarge { path: shown, max });
     }
     Ok(out)
+}
+
+/// An `O_PATH` handle on `path` below `root`, for a host operation on a
+/// path a tenant can change (a bind mount from a writable volume): no
+/// symlink anywhere on the way, nothing outside `root`, and only a
+/// directory or a regular file. Mount points on the way are crossed (they
+/// are the host's). Use the handle as `/proc/self/fd/N`: what it names can
+/// no longer be swapped for something else.
+pub fn open_path_beneath(root: &Path, path: &Path) -> Result<OwnedFd, ConfinedError> {
+    let shown = path.display().to_string();
+    let dir = open_dir(root)?;
+    let how = OpenHow {
+        flags: (libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC) as u64,
+        mode: 0,
+        resolve: libc::RESOLVE_BENEATH | libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_NO_MAGICLINKS,
+    };
+    let fd = openat2(&dir, path, &how, &shown)?;
+    let ft = File::from(fd.try_clone().map_err(|source| ConfinedError::Io {
+        path: shown.clone(),
+        source,
+    })?)
+    .metadata()
+    .map_err(|source| ConfinedError::Io {
+        path: shown.clone(),
+        source,
+    })?
+    .file_type();
+    if !(ft.is_dir() || ft.is_file()) {
+        return Err(ConfinedError::NotRegular {
+            path: shown,
+            kind: if ft.is_symlink() {
+                "symbolic link"
+            } else {
+                "special file"
+            },
+        });
+    }
+    Ok(fd)
+}
+
+fn open_dir(root: &Path) -> Result<File, ConfinedError> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_CLOEXEC)
+        .open(root)
+        .map_err(|e| ConfinedError::Io {
+            path: root.display().to_string(),
+            source: e,
+        })
+}
+
+fn openat2(dir: &File, path: &Path, how: &OpenHow, shown: &str) -> Result<OwnedFd, ConfinedError> {
+    let io_err = |source: io::Error| ConfinedError::Io {
+        path: shown.to_string(),
+        source,
+    };
+    let rel = path.strip_prefix("/").unwrap_or(path);
+    let c = CString::new(rel.as_os_str().as_bytes())
+        .map_err(|_| io_err(io::Error::from(io::ErrorKind::InvalidInput)))?;
+    // SAFETY: openat2 reads a NUL-terminated path and an open_how of the
+    // size passed, both alive for the call, and returns a new fd or -1.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_openat2,
+            dir.as_raw_fd(),
+            c.as_ptr(),
+            how as *const OpenHow,
+            std::mem::size_of::<OpenHow>(),
+        )
+    };
+    if fd < 0 {
+        let e = io::Error::last_os_error();
+        return Err(match e.raw_os_error() {
+            Some(libc::ENOENT) => ConfinedError::NotFound(shown.to_string()),
+            Some(libc::ELOOP | libc::EXDEV) => ConfinedError::NotRegular {
+                path: shown.to_string(),
+                kind: "symbolic link",
+            },
+            _ => io_err(e),
+        });
+    }
+    // SAFETY: the syscall just returned this fd and nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
 #[cfg(test)]
@@ -208,5 +258,19 @@ mod tests {
                 .len(),
             4096
         );
+    }
+
+    /// A bind source below a tenant's volume: a symlink anywhere on the way
+    /// (planted to point the host at its own files) is refused.
+    #[test]
+    fn path_beneath_refuses_symlinks_on_the_way() {
+        let d = root();
+        std::fs::create_dir_all(d.path().join("vol/a/sub")).unwrap();
+        assert!(open_path_beneath(d.path(), Path::new("vol/a/sub")).is_ok());
+        std::os::unix::fs::symlink("/etc", d.path().join("vol/b")).unwrap();
+        std::os::unix::fs::symlink("a", d.path().join("vol/c")).unwrap();
+        for p in ["vol/b", "vol/b/ssl", "vol/c/sub", "vol/../../etc"] {
+            assert!(open_path_beneath(d.path(), Path::new(p)).is_err(), "{p}");
+        }
     }
 }

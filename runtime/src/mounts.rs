@@ -54,18 +54,28 @@ pub fn unmount(target: &Path, busy: WhenBusy) -> io::Result<()> {
 /// Bind-mounts `src` (recursively) onto `target`, private so that nothing
 /// mounted later under the rootfs leaks back to `src`.
 pub fn bind(src: &Path, target: &Path) -> io::Result<()> {
+    bind_with(src, target, MsFlags::MS_REC)
+}
+
+/// Bind-mounts `src` onto `target` without what is mounted below `src`,
+/// private. The new mount has `src`'s mount flags (read-only, nosuid, …).
+pub fn bind_one(src: &Path, target: &Path) -> io::Result<()> {
+    bind_with(src, target, MsFlags::empty())
+}
+
+fn bind_with(src: &Path, target: &Path, rec: MsFlags) -> io::Result<()> {
     mount(
         Some(src),
         target,
         None::<&str>,
-        MsFlags::MS_BIND | MsFlags::MS_REC,
+        MsFlags::MS_BIND | rec,
         None::<&str>,
     )?;
     if let Err(e) = mount(
         None::<&str>,
         target,
         None::<&str>,
-        MsFlags::MS_PRIVATE | MsFlags::MS_REC,
+        MsFlags::MS_PRIVATE | rec,
         None::<&str>,
     ) {
         let _ = unmount(target, WhenBusy::Detach);

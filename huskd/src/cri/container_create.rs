@@ -19,42 +19,70 @@ use super::{now_ns, validation, Husk, LiveContainer};
 use crate::logs::LogFile;
 use crate::state::{ContainerRecord, ContainerState, PodState};
 
-/// CRI's read-only is not recursive: mounts below a read-only volume keep their own flags.
-/// On the host they do (`remount_readonly` changes the top mount only), but in the guest
-/// virtio-fs shows them as automounts, and an automount triggered under the container's
-/// read-only bind inherits its read-only flag. Listing each one as its own bind, after the
-/// volume, mounts it from the share's view instead, with the flags the host gave it.
-fn submounts_keep_their_flags(
-    target: &Path,
-    container_path: &str,
-    guest_source: &str,
-) -> Vec<GuestMount> {
-    let mut subs: Vec<PathBuf> = husk_runtime::mounts::mounts_under(target)
+/// Host mounts below a CRI mount's host path, relative to it, outer first
+/// (each listed once, however many are stacked on it).
+fn submounts(src: &Path) -> Vec<PathBuf> {
+    let Ok(canonical) = std::fs::canonicalize(src) else {
+        return Vec::new();
+    };
+    let mut subs: Vec<PathBuf> = husk_runtime::mounts::mounts_under(&canonical)
         .unwrap_or_default()
         .into_iter()
-        .filter_map(|m| m.strip_prefix(target).ok().map(Path::to_path_buf))
+        .filter_map(|m| m.strip_prefix(&canonical).ok().map(Path::to_path_buf))
         .filter(|rel| !rel.as_os_str().is_empty())
         .collect();
-    // Outer mounts before the ones inside them.
     subs.sort_by_key(|rel| rel.components().count());
-    subs.iter()
-        .filter_map(|rel| rel.to_str())
-        .map(|rel| GuestMount {
-            destination: format!("{}/{rel}", container_path.trim_end_matches('/')),
-            source: format!("{guest_source}/{rel}"),
-            readonly: false,
-        })
-        .collect()
+    subs.dedup();
+    subs
 }
 
-/// Makes the CRI mounts visible in the guest: each host path is bind-mounted
-/// below the container's directory in the share.
+/// A container's directory in the share: mount points are created on the
+/// writable side and mounted on in the share, whose view the guest cannot
+/// change.
+struct ContainerShare<'a> {
+    share: &'a Path,
+    rw: &'a Path,
+    guest: &'a str,
+}
+
+impl ContainerShare<'_> {
+    /// Creates `mounts/<name>` (a directory, or a file to bind a file on);
+    /// returns its path in the share and in the guest.
+    fn mount_point(&self, name: &str, dir: bool) -> std::io::Result<(PathBuf, String)> {
+        let point = self.rw.join("mounts").join(name);
+        if dir {
+            std::fs::create_dir_all(&point)?;
+        } else {
+            std::fs::create_dir_all(self.rw.join("mounts"))?;
+            std::fs::File::create(&point)?;
+        }
+        Ok((
+            self.share.join("mounts").join(name),
+            format!("{}/mounts/{name}", self.guest),
+        ))
+    }
+}
+
+/// Makes the CRI mounts visible in the guest: each host path is bound into
+/// the container's directory in the share, and so is each host mount below
+/// it, on its own. Separate binds, not one recursive bind, because
+/// - CRI's read-only is not recursive: a read-only volume's submounts keep
+///   their own flags. In the guest, a virtio-fs automount under the
+///   container's read-only bind would inherit its read-only flag; bound on
+///   its own, each gets the flags the host gave it.
+/// - A recursive copy would put mounts of huskd's on the host's own mount
+///   points below the volume, and the host could then not remove those
+///   directories (`EBUSY`) while the pod lives.
+///
+/// Below the host path the tree may be the tenant's (a writable volume), so
+/// each submount is opened without following symlinks and bound from that
+/// handle.
 fn bind_cri_mounts(
-    share_cdir: &Path,
-    guest_cdir: &str,
+    dirs: &ContainerShare<'_>,
     mounts: &[cri::Mount],
     host_mounts: &mut Vec<PathBuf>,
 ) -> Result<Vec<GuestMount>, Status> {
+    use std::os::fd::AsRawFd;
     let mut out = Vec::new();
     for (i, m) in mounts.iter().enumerate() {
         let field = format!("config.mounts[{i}]");
@@ -77,15 +105,15 @@ fn bind_cri_mounts(
                 validation::printable(&m.host_path)
             ))
         })?;
-        let target = share_cdir.join("mounts").join(i.to_string());
-        let mk = if meta.is_dir() {
-            std::fs::create_dir_all(&target)
+        let subs = if meta.is_dir() {
+            submounts(src)
         } else {
-            std::fs::create_dir_all(target.parent().unwrap_or(share_cdir))
-                .and_then(|_| std::fs::File::create(&target).map(|_| ()))
+            Vec::new()
         };
-        mk.map_err(|e| Status::internal(format!("{field}: creating {}: {e}", target.display())))?;
-        husk_runtime::mounts::bind(src, &target).map_err(|e| {
+        let (target, guest) = dirs
+            .mount_point(&i.to_string(), meta.is_dir())
+            .map_err(|e| Status::internal(format!("{field}: creating its mount point: {e}")))?;
+        husk_runtime::mounts::bind_one(src, &target).map_err(|e| {
             Status::internal(format!("{field}: bind-mounting {}: {e}", m.host_path))
         })?;
         host_mounts.push(target.clone());
@@ -102,15 +130,37 @@ fn bind_cri_mounts(
         }
         out.push(GuestMount {
             destination: m.container_path.clone(),
-            source: format!("{guest_cdir}/mounts/{i}"),
+            source: guest,
             readonly: m.readonly,
         });
-        if m.readonly {
-            out.extend(submounts_keep_their_flags(
-                &target,
-                &m.container_path,
-                &format!("{guest_cdir}/mounts/{i}"),
-            ));
+        for (k, rel) in subs.iter().enumerate() {
+            let sub_err = |e: String| {
+                Status::internal(format!(
+                    "{field}: the host mount {} below it: {e}",
+                    src.join(rel).display()
+                ))
+            };
+            let fd = husk_runtime::confined::open_path_beneath(src, rel)
+                .map_err(|e| sub_err(e.to_string()))?;
+            let handle = PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()));
+            let is_dir = std::fs::metadata(&handle)
+                .map_err(|e| sub_err(e.to_string()))?
+                .is_dir();
+            let (target, guest) = dirs
+                .mount_point(&format!("{i}.{k}"), is_dir)
+                .map_err(|e| sub_err(format!("creating its mount point: {e}")))?;
+            husk_runtime::mounts::bind_one(&handle, &target)
+                .map_err(|e| sub_err(format!("bind-mounting: {e}")))?;
+            host_mounts.push(target);
+            out.push(GuestMount {
+                destination: format!(
+                    "{}/{}",
+                    m.container_path.trim_end_matches('/'),
+                    rel.display()
+                ),
+                source: guest,
+                readonly: false,
+            });
         }
     }
     Ok(out)
@@ -178,7 +228,8 @@ pub(super) async fn create_container(
 
     let id = super::new_id();
     tracing::Span::current().record("container", id.as_str());
-    let share_cdir = sandbox.share_dir().join("containers").join(&id);
+    let share_cdir = sandbox.paths().container(&id);
+    let rw_cdir = sandbox.paths().container_rw(&id);
     let guest_cdir = format!("{GUEST_SHARE_DIR}/containers/{id}");
     let rootfs = sandbox
         .container_rootfs(&id)
@@ -202,12 +253,14 @@ pub(super) async fn create_container(
 
     let mut agent_created = false;
     let r: Result<LiveContainer, Status> = async {
-        let mut mounts = bind_cri_mounts(
-            &share_cdir,
-            &guest_cdir,
-            &config.mounts,
-            &mut rec.host_mounts,
-        )?;
+        std::fs::create_dir_all(rw_cdir.join("rootfs"))
+            .map_err(|e| Status::internal(format!("creating {}: {e}", rw_cdir.display())))?;
+        let dirs = ContainerShare {
+            share: &share_cdir,
+            rw: &rw_cdir,
+            guest: &guest_cdir,
+        };
+        let mut mounts = bind_cri_mounts(&dirs, &config.mounts, &mut rec.host_mounts)?;
         for (f, dest) in [
             ("hosts", "/etc/hosts"),
             ("resolv.conf", "/etc/resolv.conf"),
@@ -287,41 +340,83 @@ pub(super) async fn create_container(
 mod tests {
     use super::*;
 
-    /// A tmpfs below a read-only volume is listed as its own writable bind, outer first.
+    /// A read-only volume with two tmpfs below it, as critest's non-recursive read-only spec
+    /// builds it: the volume is read-only through the share, its submounts are writable, each
+    /// bound on its own (outer first); and the host can tear its tree down while the binds
+    /// live (a recursive copy made its mount points EBUSY).
     #[test]
     fn submounts_of_a_readonly_volume_get_their_own_binds() {
+        use husk_runtime::sandbox::{share, SandboxPaths};
         let d = tempfile::tempdir().unwrap();
-        let (a, b) = (d.path().join("a"), d.path().join("a/b"));
-        std::fs::create_dir(&a).unwrap();
-        nix::mount::mount(
-            Some("none"),
-            &a,
-            Some("tmpfs"),
-            nix::mount::MsFlags::empty(),
-            None::<&str>,
-        )
-        .unwrap();
+        let src = d.path().join("vol");
+        let (a, b) = (src.join("a"), src.join("a/b"));
+        std::fs::create_dir_all(&a).unwrap();
+        let tmpfs = |p: &Path| {
+            nix::mount::mount(
+                Some("none"),
+                p,
+                Some("tmpfs"),
+                nix::mount::MsFlags::empty(),
+                None::<&str>,
+            )
+            .unwrap()
+        };
+        tmpfs(&a);
         std::fs::create_dir(&b).unwrap();
-        nix::mount::mount(
-            Some("none"),
-            &b,
-            Some("tmpfs"),
-            nix::mount::MsFlags::empty(),
-            None::<&str>,
-        )
-        .unwrap();
-        let got = submounts_keep_their_flags(d.path(), "/mnt/", "/g/mounts/0");
-        let _ = husk_runtime::mounts::unmount_all_under(d.path());
+        tmpfs(&b);
+        let sb = d.path().join("sb");
+        std::fs::create_dir(&sb).unwrap();
+        let paths = SandboxPaths::new(&sb);
+        share::create(&paths).unwrap();
+        let (share_cdir, rw_cdir) = (paths.container("c"), paths.container_rw("c"));
+        std::fs::create_dir_all(&rw_cdir).unwrap();
+        let dirs = ContainerShare {
+            share: &share_cdir,
+            rw: &rw_cdir,
+            guest: "/g",
+        };
+        let volume = cri::Mount {
+            container_path: "/mnt/".into(),
+            host_path: src.to_str().unwrap().into(),
+            readonly: true,
+            ..Default::default()
+        };
+        let mut host_mounts = Vec::new();
+        let got = bind_cri_mounts(&dirs, &[volume], &mut host_mounts);
+        let writes = [
+            std::fs::write(share_cdir.join("mounts/0/x"), "x").is_ok(),
+            std::fs::write(share_cdir.join("mounts/0.0/y"), "y").is_ok(),
+            std::fs::write(share_cdir.join("mounts/0.1/z"), "z").is_ok(),
+        ];
+        let seen = a.join("y").exists() && b.join("z").exists();
+        // The host's cleanup, while huskd's binds live.
+        let teardown = husk_runtime::mounts::unmount_all_under(&src)
+            .map(|left| left.is_empty())
+            .and_then(|_| std::fs::remove_dir_all(&src));
+        let _ = husk_runtime::mounts::unmount_all_under(&sb);
         let pairs: Vec<(String, String, bool)> = got
+            .unwrap()
             .into_iter()
             .map(|m| (m.destination, m.source, m.readonly))
             .collect();
         assert_eq!(
             pairs,
             [
-                ("/mnt/a".into(), "/g/mounts/0/a".into(), false),
-                ("/mnt/a/b".into(), "/g/mounts/0/a/b".into(), false),
+                ("/mnt/".into(), "/g/mounts/0".into(), true),
+                ("/mnt/a".into(), "/g/mounts/0.0".into(), false),
+                ("/mnt/a/b".into(), "/g/mounts/0.1".into(), false),
             ]
         );
+        assert_eq!(host_mounts.len(), 3);
+        assert_eq!(
+            writes,
+            [false, true, true],
+            "volume read-only, submounts writable"
+        );
+        assert!(
+            seen,
+            "writes through the submount binds reach the host's tmpfs"
+        );
+        teardown.expect("the host removes its tree while the binds live");
     }
 }

@@ -66,11 +66,12 @@ pub(super) fn release_container_host(h: &Husk, c: &ContainerRecord, sandbox: Opt
         }
     }
     if let Some(sb) = sandbox {
-        let dir = sb.share_dir().join("containers").join(&c.id);
+        let paths = sb.paths();
+        let dir = paths.container(&c.id);
         if dir.exists() {
             match husk_runtime::mounts::unmount_all_under(&dir) {
                 Ok(left) if left.is_empty() => {
-                    let _ = std::fs::remove_dir_all(&dir);
+                    let _ = std::fs::remove_dir_all(paths.container_rw(&c.id));
                 }
                 Ok(left) => {
                     tracing::error!(?left, "mounts left in the container directory; keeping it")

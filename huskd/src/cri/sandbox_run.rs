@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use husk_runtime::network;
-use husk_runtime::sandbox::{Sandbox, SandboxConfig};
+use husk_runtime::sandbox::{share, Sandbox, SandboxConfig, SandboxPaths};
 use k8s_cri::v1 as cri;
 use tonic::Status;
 
@@ -89,11 +89,11 @@ fn pod_hostname(
 /// The pod-wide files shared into the guest: /etc/hosts, resolv.conf,
 /// hostname.
 fn write_pod_files(
-    share: &Path,
+    paths: &SandboxPaths,
     config: &cri::PodSandboxConfig,
     hostname: &str,
 ) -> std::io::Result<()> {
-    let dir = share.join("pod");
+    let dir = paths.share_rw.join("pod");
     std::fs::create_dir_all(&dir)?;
     std::fs::write(dir.join("hostname"), format!("{hostname}\n"))?;
     std::fs::write(
@@ -113,7 +113,9 @@ fn write_pod_files(
         }
     }
     std::fs::write(dir.join("resolv.conf"), resolv)?;
-    Ok(())
+    // Containers may edit /etc/hosts (as with runc); the rest stays as
+    // written here.
+    share::make_guest_writable(paths, Path::new("pod/hosts"))
 }
 
 /// Validates the parts of a CRI config that end up in files, commands or
@@ -224,7 +226,7 @@ pub(super) async fn run_pod_sandbox(
     };
 
     let finish = async {
-        write_pod_files(sandbox.share_dir(), &config, &hostname)
+        write_pod_files(&sandbox.paths(), &config, &hostname)
             .map_err(|e| Status::internal(format!("writing the pod's hosts/resolv.conf: {e}")))?;
         let rec = PodRecord {
             id: id.clone(),
@@ -374,11 +376,19 @@ mod tests {
             }),
             ..Default::default()
         };
-        write_pod_files(d.path(), &cfg, "web-0").unwrap();
-        let r = std::fs::read_to_string(d.path().join("pod/resolv.conf")).unwrap();
-        assert_eq!(r, "nameserver 10.0.0.10\nsearch ns.svc.cluster.local svc.cluster.local\noptions ndots:5\n");
-        assert!(std::fs::read_to_string(d.path().join("pod/hosts"))
-            .unwrap()
-            .contains("web-0"));
+        let paths = SandboxPaths::new(d.path());
+        husk_runtime::sandbox::share::create(&paths).unwrap();
+        let r = write_pod_files(&paths, &cfg, "web-0");
+        let read = |f: &str| std::fs::read_to_string(paths.share.join("pod").join(f));
+        let resolv = read("resolv.conf");
+        let hosts = read("hosts");
+        // The guest may edit hosts only.
+        let writable = ["hosts", "resolv.conf"]
+            .map(|f| std::fs::write(paths.share.join("pod").join(f), "x").is_ok());
+        let _ = husk_runtime::mounts::unmount_all_under(d.path());
+        r.unwrap();
+        assert_eq!(resolv.unwrap(), "nameserver 10.0.0.10\nsearch ns.svc.cluster.local svc.cluster.local\noptions ndots:5\n");
+        assert!(hosts.unwrap().contains("web-0"));
+        assert_eq!(writable, [true, false]);
     }
 }

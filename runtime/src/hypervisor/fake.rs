@@ -135,12 +135,12 @@ impl Hypervisor for FakeHypervisor {
         let shim = Shim::start(&config.vsock.uds, &agent_dir)?;
         let log = config.sandbox_dir.join("agent.log");
         let share = SandboxPaths::new(&config.sandbox_dir).share;
-        share_for_agent(&share)?;
         // The agent finds container root filesystems and pod files under
         // GUEST_SHARE_DIR, as in a VM: it runs in its own mount namespace
         // (a slave of the host's) with the share bind-mounted there, and
-        // the share is a shared mount, so overlays huskd mounts in it later
-        // appear in the agent's view as they do through virtio-fs.
+        // the share is a shared mount (sandbox::share::create), so overlays
+        // huskd mounts in it later appear in the agent's view as they do
+        // through virtio-fs.
         let script = format!(
             "mkdir -p {guest} && mount --bind \"$0\" {guest} && exec \"$@\"",
             guest = husk_proto::GUEST_SHARE_DIR
@@ -183,22 +183,6 @@ impl Hypervisor for FakeHypervisor {
             launched_at: Instant::now(),
         }))
     }
-}
-
-/// Makes the share a shared mount point (a bind onto itself), so that
-/// mounts made in it propagate to the agent's namespace. The sandbox's
-/// removal unmounts it with everything else under its directory.
-fn share_for_agent(share: &Path) -> Result<(), HypervisorError> {
-    crate::mounts::bind(share, share)
-        .map_err(|e| HypervisorError::io(format!("bind {} onto itself", share.display()), e))?;
-    nix::mount::mount(
-        None::<&str>,
-        share,
-        None::<&str>,
-        nix::mount::MsFlags::MS_SHARED,
-        None::<&str>,
-    )
-    .map_err(|e| HypervisorError::io(format!("make {} shared", share.display()), e.into()))
 }
 
 /// The hybrid-vsock shim: `CONNECT <port>\n`, `OK <port>\n`, then bytes

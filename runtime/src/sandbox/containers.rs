@@ -57,11 +57,13 @@ impl Sandbox {
             {
                 return Err(self.container_err(container_id, "already exists"));
             }
-            std::fs::create_dir_all(&host_rootfs)
-                .map_err(|e| SandboxError::io(format!("create {}", host_rootfs.display()), e))?;
+            // Created on the writable side; the share shows it read-only.
+            let rw_dir = self.paths().container_rw(container_id);
+            std::fs::create_dir_all(rw_dir.join("rootfs"))
+                .map_err(|e| SandboxError::io(format!("create {}", rw_dir.display()), e))?;
             if let Rootfs::Bind(src) = &rootfs {
                 mounts::bind(src, &host_rootfs).map_err(|e| {
-                    let _ = std::fs::remove_dir_all(host_rootfs.parent().unwrap_or(&host_rootfs));
+                    let _ = std::fs::remove_dir_all(&rw_dir);
                     self.container_err(container_id, format!("bind {} : {e}", src.display()))
                 })?;
                 self.bound
@@ -286,7 +288,7 @@ impl Sandbox {
         Ok(())
     }
 
-    /// Unmounts (if bound) and removes `share/containers/<id>`. A rootfs the
+    /// Unmounts (if bound) and removes `share-rw/containers/<id>`. A rootfs the
     /// caller placed in the share (Rootfs::InShare) is the caller's: only
     /// bound ones are removed here, and only once unmounted.
     fn release_rootfs(&self, container_id: &str) {
@@ -303,9 +305,7 @@ impl Sandbox {
         };
         match mounts::unmount_all_under(&rootfs) {
             Ok(left) if left.is_empty() => {
-                if let Some(dir) = rootfs.parent() {
-                    let _ = std::fs::remove_dir_all(dir);
-                }
+                let _ = std::fs::remove_dir_all(self.paths().container_rw(container_id));
             }
             Ok(left) => tracing::error!(?left, "rootfs mounts left, keeping the directory"),
             Err(e) => tracing::error!(%e, "unmounting the rootfs"),

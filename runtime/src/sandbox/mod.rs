@@ -4,7 +4,8 @@
 //! Layout of `<state_dir>/<id>/` (mode 0700):
 //! - `share/`: the virtio-fs share, mounted in the guest at
 //!   [`husk_proto::GUEST_SHARE_DIR`]; container root filesystems at
-//!   `share/containers/<container id>/rootfs`.
+//!   `share/containers/<container id>/rootfs`. A read-only bind of
+//!   `share-rw/`, where huskd creates what the share holds ([`share`]).
 //! - `fs.sock` (virtiofsd), `vsock` (hybrid vsock) and `vsock_1023` (ready
 //!   listener).
 //! - `console.log` (guest serial), `virtiofsd.log`.
@@ -21,6 +22,7 @@
 mod adopt;
 mod containers;
 mod paths;
+pub mod share;
 
 pub use adopt::{reap_orphan_dir, AdoptConfig, SandboxRecord};
 pub use paths::SandboxPaths;
@@ -397,7 +399,7 @@ impl Sandbox {
                 .map_err(|e| SandboxError::io(format!("chmod {}", dir.display()), e))?;
         }
         let paths = SandboxPaths::new(dir);
-        std::fs::create_dir_all(&paths.containers)
+        share::create(&paths)
             .map_err(|e| SandboxError::io(format!("create {}", share_dir.display()), e))?;
         let uds = paths.vsock.clone();
         let console = paths.console_log.clone();
@@ -574,9 +576,15 @@ impl Sandbox {
         &self.dir
     }
 
-    /// The host side of the virtio-fs share.
+    /// The host side of the virtio-fs share (read-only: mount here, create
+    /// through [`Self::share_rw_dir`]).
     pub fn share_dir(&self) -> &Path {
         &self.share_dir
+    }
+
+    /// The writable side of the share, never shared with the guest.
+    pub fn share_rw_dir(&self) -> PathBuf {
+        self.paths().share_rw
     }
 
     pub fn console_log(&self) -> PathBuf {

@@ -1,6 +1,6 @@
 //! The tenant is the attacker (issue 14): containers of one pod VM go after the host through
-//! the files huskd reads in their root filesystems, through the serial console, and with the
-//! syscalls their seccomp profile should refuse. Each attack is one that worked, or would work,
+//! the files huskd reads in their root filesystems, through the serial console, through the
+//! pod's files in the virtio-fs share, and with the syscalls their seccomp profile should refuse. Each attack is one that worked, or would work,
 //! without the defence it checks.
 
 use std::path::Path;
@@ -45,6 +45,9 @@ async fn cri_tenant_attacks() -> Result<()> {
             .context("planted /etc/passwd")?;
         seccomp_profiles(&mut rt, &t).await.context("seccomp")?;
         console_flood(&mut rt, &t).await.context("console flood")?;
+        share_tampering(&mut rt, &t)
+            .await
+            .context("tampering with the share")?;
         stop_remove_pod(&mut rt, &pod).await
     })
     .await;
@@ -301,5 +304,95 @@ async fn console_flood(rt: &mut Rt, p: &Pod<'_>) -> Result<()> {
         file_len(&old) > 0,
         "the log never rotated: the flood did not reach it"
     );
+    Ok(())
+}
+
+/// Root in a privileged container goes after the pod's share: it remounts its read-only
+/// `/etc/resolv.conf` and `/etc/hostname` (virtio-fs files of the pod, shared by all its
+/// containers) read-write and rewrites them, which once changed them for every container of
+/// the pod. The share is read-only on the host side, so the writes fail, while what containers
+/// must write (their root filesystem, the pod's `/etc/hosts`) still works. A container cannot
+/// reach the share's own directories (a virtio-fs mount in the guest gets the newest submount,
+/// its own root filesystem), so the symlink and rename attacks of a kernel-level attacker are
+/// played on the host side, on the same read-only mount virtiofsd serves
+/// (`sandbox::tests::share_is_read_only_for_the_guest_except_its_data_mounts`); here the test
+/// checks that the pod's share is that mount.
+async fn share_tampering(rt: &mut Rt, p: &Pod<'_>) -> Result<()> {
+    let victim = p.start(rt, p.sleeper("victim")).await?;
+    let mut cfg = p.sleeper("intruder");
+    security_context(&mut cfg).privileged = true;
+    let intruder = p.start(rt, cfg).await?;
+    for f in ["/etc/resolv.conf", "/etc/hostname"] {
+        let err = exec_fails(
+            rt,
+            &intruder,
+            &[
+                "sh",
+                "-c",
+                &format!("mount -o remount,rw {f} && echo planted > {f}"),
+            ],
+        )
+        .await?;
+        ensure!(
+            err.contains("Read-only file system"),
+            "{f}: failed, but not on the read-only share: {err}"
+        );
+    }
+    let resolv = exec_ok(rt, &victim, &["cat", "/etc/resolv.conf"]).await?;
+    ensure!(!resolv.contains("planted"), "the victim sees {resolv:?}");
+    // What containers need to write still works.
+    exec_ok(
+        rt,
+        &intruder,
+        &[
+            "sh",
+            "-c",
+            "echo 192.0.2.9 tenant-added >> /etc/hosts && touch /rootfs-write",
+        ],
+    )
+    .await
+    .context("writes the container may make")?;
+    let hosts = exec_ok(rt, &victim, &["cat", "/etc/hosts"]).await?;
+    ensure!(
+        hosts.contains("tenant-added"),
+        "/etc/hosts is the pod's: {hosts:?}"
+    );
+
+    let sb = p.dirs.state.path().join("sandboxes").join(p.id);
+    let share = sb.join("share");
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")?;
+    let share_mount = mountinfo
+        .lines()
+        .find(|l| l.split(' ').nth(4) == Some(share.to_str().unwrap_or_default()))
+        .with_context(|| format!("{} is not a mount", share.display()))?;
+    ensure!(
+        share_mount
+            .split(' ')
+            .nth(5)
+            .is_some_and(|o| o.split(',').any(|f| f == "ro")),
+        "the pod's share is not read-only: {share_mount}"
+    );
+    // huskd's own mounts and removals still land where they belong.
+    let rw = sb.join("share-rw/containers");
+    for id in [&victim, &intruder] {
+        ensure!(rw.join(id).join("rootfs").is_dir(), "{id}: no directory");
+        rt.stop_container(cri::StopContainerRequest {
+            container_id: id.to_string(),
+            timeout: 0,
+        })
+        .await
+        .context("StopContainer")?;
+        rt.remove_container(cri::RemoveContainerRequest {
+            container_id: id.to_string(),
+        })
+        .await
+        .context("RemoveContainer")?;
+        ensure!(!rw.join(id).exists(), "{id}: its share directory is left");
+        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")?;
+        ensure!(
+            !mountinfo.contains(id.as_str()),
+            "{id}: mounts left after RemoveContainer"
+        );
+    }
     Ok(())
 }
