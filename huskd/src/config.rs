@@ -78,6 +78,15 @@ max_tar_metadata_bytes = 1048576
 # "registry.k8s.io" = ["http://127.0.0.1:5000"]
 [registry.mirrors]
 
+# The CRI streaming server: Exec, Attach and PortForward return a
+# single-use URL of it (valid for one minute) that kubelet, kubectl or
+# crictl connect to. The default suits a kubelet on the same node.
+[streaming]
+# Address the server listens on (and the URLs name).
+address = "127.0.0.1"
+# 0: any free port (the URL carries it).
+port = 0
+
 # Pod networking through CNI. Every pod gets its own network namespace,
 # set up by the plugins of the network configured here, and its VM's
 # virtio-net device is wired to the CNI interface. Pods asking for the host
@@ -133,8 +142,25 @@ pub struct HuskdConfig {
     pub sandbox_ready_timeout_secs: u64,
     pub console_log_max_bytes: u64,
     pub registry: RegistryConfig,
+    pub streaming: StreamingSection,
     pub cni: CniSection,
     pub handlers: BTreeMap<String, HandlerConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StreamingSection {
+    pub address: std::net::IpAddr,
+    pub port: u16,
+}
+
+impl Default for StreamingSection {
+    fn default() -> Self {
+        Self {
+            address: std::net::Ipv4Addr::LOCALHOST.into(),
+            port: 0,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -234,6 +260,7 @@ impl Default for HuskdConfig {
             sandbox_ready_timeout_secs: 60,
             console_log_max_bytes: husk_runtime::sandbox::DEFAULT_CONSOLE_LOG_MAX_BYTES,
             registry: RegistryConfig::default(),
+            streaming: StreamingSection::default(),
             cni: CniSection::default(),
             handlers: BTreeMap::from([(DEFAULT_HANDLER.to_string(), HandlerConfig::default())]),
         }

@@ -11,7 +11,8 @@ use tonic::Status;
 use super::errors::sandbox_error;
 use super::helpers::{find_container, live_sandbox, record_pod_field};
 use super::{spec, Husk};
-use crate::state::ContainerState;
+use crate::state::{ContainerRecord, ContainerState};
+use husk_runtime::sandbox::{ProcessStdio, Sandbox};
 
 /// Most output ExecSync keeps per stream (as containerd).
 const EXEC_OUTPUT_LIMIT: usize = 16 * 1024 * 1024;
@@ -31,20 +32,6 @@ pub(super) async fn exec_sync(
             c.id
         )));
     }
-    let sandbox = live_sandbox(h, &c.pod_id)?;
-    let image = h
-        .images
-        .status(&c.image_id)
-        .ok()
-        .flatten()
-        .map(|i| i.config)
-        .unwrap_or_default();
-    let rootfs = sandbox
-        .container_rootfs(&c.id)
-        .map_err(|e| sandbox_error(&e))?;
-    let user = spec::resolve_user_off_thread(&c.config, &image, &rootfs).await?;
-    let process = spec::exec_process(&c.config, &image, &user, &req.cmd)?;
-    let exec_id = format!("exec-{}", &super::new_id()[..16]);
     let stdio = StdioConfig {
         stdin: false,
         terminal: false,
@@ -52,15 +39,10 @@ pub(super) async fn exec_sync(
     // The caller's timeout covers the whole exec, its start included: a
     // process that never gets going (a container that broke its own user
     // database, say) must not hold the call for the agent's RPC timeout.
+    let exec_id = format!("exec-{}", &super::new_id()[..16]);
+    let sandbox = live_sandbox(h, &c.pod_id)?;
     let run = async {
-        sandbox
-            .exec(&c.id, &exec_id, &process, stdio)
-            .await
-            .map_err(|e| sandbox_error(&e))?;
-        let streams = sandbox
-            .attach_stdio(&c.id, &exec_id, stdio)
-            .await
-            .map_err(|e| sandbox_error(&e))?;
+        let streams = start_exec(h, &c, &sandbox, &exec_id, &req.cmd, stdio).await?;
         let read = |s: Option<tokio::net::UnixStream>| async move {
             let mut out = Vec::new();
             if let Some(s) = s {
@@ -94,4 +76,36 @@ pub(super) async fn exec_sync(
     } else {
         run.await
     }
+}
+
+/// Starts `cmd` in the running container `c` as process `exec_id` (user and
+/// environment as the container's) and opens the streams `stdio` asks for.
+pub(super) async fn start_exec(
+    h: &Husk,
+    c: &ContainerRecord,
+    sandbox: &Sandbox,
+    exec_id: &str,
+    cmd: &[String],
+    stdio: StdioConfig,
+) -> Result<ProcessStdio, Status> {
+    let image = h
+        .images
+        .status(&c.image_id)
+        .ok()
+        .flatten()
+        .map(|i| i.config)
+        .unwrap_or_default();
+    let rootfs = sandbox
+        .container_rootfs(&c.id)
+        .map_err(|e| sandbox_error(&e))?;
+    let user = spec::resolve_user_off_thread(&c.config, &image, &rootfs).await?;
+    let process = spec::exec_process(&c.config, &image, &user, cmd)?;
+    sandbox
+        .exec(&c.id, exec_id, &process, stdio)
+        .await
+        .map_err(|e| sandbox_error(&e))?;
+    sandbox
+        .attach_stdio(&c.id, exec_id, stdio)
+        .await
+        .map_err(|e| sandbox_error(&e))
 }

@@ -595,6 +595,116 @@ async fn container_lifecycle() {
     assert!(left.is_empty(), "mounts left: {left:?}");
 }
 
+/// Exec through the streaming server (SPDY, v4), the way kubectl and crictl
+/// reach it: stdin in, stdout and stderr out, the exit code in the status;
+/// a terminal; a missing binary fails at once with a message; tokens are
+/// single-use and unknown ones get 404; sessions run concurrently.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_streaming() {
+    use husk_streaming::client;
+    let (_registry, env, rt, spec) = env_with_busybox().await;
+    let mut pod_cfg = pod_config("stream");
+    pod_cfg.log_directory = env.base.path().join("pods/stream").display().to_string();
+    let pod = env.run_pod_with(&rt, pod_cfg.clone()).await;
+    let ctr = env
+        .start_container(
+            &rt,
+            &pod,
+            &pod_cfg,
+            container_config("main", &spec, "exec sleep 1000"),
+        )
+        .await;
+    let exec_url = |cmd: &[&str], tty: bool, stdin: bool| {
+        let rt = &rt;
+        let req = cri::ExecRequest {
+            container_id: ctr.clone(),
+            cmd: cmd.iter().map(|s| s.to_string()).collect(),
+            tty,
+            stdin,
+            stdout: true,
+            stderr: !tty,
+        };
+        async move { rt.exec(Request::new(req)).await.map(|r| r.into_inner().url) }
+    };
+
+    let url = exec_url(&["sh", "-c", "cat; echo err >&2; exit 4"], false, true)
+        .await
+        .unwrap();
+    assert!(url.starts_with("http://127.0.0.1:"), "{url}");
+    let out = client::exec(&url, Some(b"hello over spdy"), false)
+        .await
+        .unwrap();
+    assert_eq!(out.stdout, b"hello over spdy");
+    assert_eq!(out.stderr, b"err\n");
+    assert_eq!(
+        out.exit_code(),
+        Some(4),
+        "{:?}",
+        String::from_utf8_lossy(&out.status)
+    );
+    // The token was used: the same URL again is a 404.
+    let again = client::exec(&url, None, false).await.unwrap_err();
+    assert!(again.to_string().contains("404"), "{again}");
+    let bogus = format!(
+        "{}/exec/{}",
+        url.rsplit_once("/exec/").unwrap().0,
+        "0".repeat(40)
+    );
+    assert!(client::exec(&bogus, None, false)
+        .await
+        .unwrap_err()
+        .to_string()
+        .contains("404"));
+
+    let url = exec_url(&["sh", "-c", "test -t 0 && echo tty"], true, true)
+        .await
+        .unwrap();
+    let out = client::exec(&url, Some(b""), true).await.unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("tty"),
+        "{out:?}"
+    );
+    assert_eq!(out.exit_code(), Some(0));
+
+    let t = std::time::Instant::now();
+    let url = exec_url(&["/no/such/binary"], false, false).await.unwrap();
+    let out = client::exec(&url, None, false).await.unwrap();
+    let status = String::from_utf8_lossy(&out.status).to_string();
+    assert!(status.contains("Failure"), "{status}");
+    assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+
+    let mut sessions = Vec::new();
+    for i in 0..8 {
+        let url = exec_url(&["sh", "-c", &format!("echo session {i}")], false, false)
+            .await
+            .unwrap();
+        sessions.push(tokio::spawn(async move {
+            (i, client::exec(&url, None, false).await)
+        }));
+    }
+    for s in sessions {
+        let (i, out) = s.await.unwrap();
+        let out = out.unwrap();
+        assert_eq!(out.stdout, format!("session {i}\n").into_bytes());
+        assert_eq!(out.exit_code(), Some(0));
+    }
+
+    let bad = exec_url(&[], false, false).await.unwrap_err();
+    assert_eq!(bad.code(), Code::InvalidArgument, "{bad:?}");
+    let bad = exec_url(&["true"], true, false).await;
+    assert!(bad.is_ok(), "tty without stdin is allowed: {bad:?}");
+    rt.stop_container(Request::new(cri::StopContainerRequest {
+        container_id: ctr.clone(),
+        timeout: 1,
+    }))
+    .await
+    .unwrap();
+    let stopped = exec_url(&["true"], false, false).await.unwrap_err();
+    assert_eq!(stopped.code(), Code::FailedPrecondition, "{stopped:?}");
+    stop_pod(&rt, &pod).await.unwrap();
+    remove_pod(&rt, &pod).await.unwrap();
+}
+
 /// The attack of issue 14: a tenant replaces its own /etc/passwd with a
 /// FIFO and /etc/group with a symlink to /dev/zero, then gets ExecSync
 /// calls (an exec probe is enough). huskd reads those files to resolve the

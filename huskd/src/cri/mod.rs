@@ -103,6 +103,9 @@ pub struct Husk {
     live: Mutex<HashMap<String, LiveContainer>>,
     /// Serializes lifecycle calls on one pod (and its containers).
     pod_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// The CRI streaming server (started once `Husk` exists: its runtime
+    /// refers back to it).
+    streaming: std::sync::OnceLock<husk_streaming::Server>,
 }
 
 impl std::fmt::Debug for Husk {
@@ -126,6 +129,11 @@ pub enum HuskError {
     Images {
         root: PathBuf,
         source: husk_runtime::image::Error,
+    },
+    #[error("starting the streaming server on {addr}: {source}")]
+    Streaming {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
     },
     #[error("loading pod and container records: {0}")]
     State(#[from] crate::state::StateError),
@@ -219,7 +227,20 @@ impl Husk {
             sandboxes: Mutex::new(HashMap::new()),
             live: Mutex::new(HashMap::new()),
             pod_locks: Mutex::new(HashMap::new()),
+            streaming: std::sync::OnceLock::new(),
         });
+        let addr =
+            std::net::SocketAddr::new(husk.config.streaming.address, husk.config.streaming.port);
+        let server = husk_streaming::Server::start(
+            husk_streaming::ServerConfig {
+                addr,
+                ..Default::default()
+            },
+            Arc::new(streaming::StreamRuntime::new(&husk)),
+        )
+        .await
+        .map_err(|source| HuskError::Streaming { addr, source })?;
+        let _ = husk.streaming.set(server);
         restart::recover(&husk).await;
         restart::recover_networks(&husk).await;
         Ok((husk, report))
@@ -233,6 +254,13 @@ impl Husk {
             kernel: husk_runtime::components::require_file("guest kernel", &h.kernel, HINT)?,
             initrd: husk_runtime::components::require_file("guest initrd", &h.initrd, HINT)?,
         })
+    }
+
+    /// The streaming server (always set once `open` returned).
+    pub fn streaming(&self) -> Result<&husk_streaming::Server, tonic::Status> {
+        self.streaming
+            .get()
+            .ok_or_else(|| tonic::Status::unavailable("the streaming server is not running"))
     }
 
     pub fn sandbox_state_dir(&self) -> PathBuf {

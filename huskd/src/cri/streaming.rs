@@ -1,16 +1,38 @@
-//! Exec, Attach and PortForward: the CRI streaming calls, which answer
-//! with a URL of a streaming server. husk has no streaming server yet;
-//! ExecSync serves exec probes.
+//! Exec, Attach and PortForward: the CRI streaming calls answer with a URL
+//! of the streaming server (`husk-streaming`), which then calls back into
+//! [`StreamRuntime`] to start the process in the pod VM.
 
+use std::sync::{Arc, Weak};
+
+use husk_proto::agent::StdioConfig;
+use husk_runtime::sandbox::Sandbox;
+use husk_streaming::{BoxFuture, ExecRequest, Process, ProcessIo, RequestError, Started, TermSize};
 use k8s_cri::v1 as cri;
 use tonic::Status;
 
+use super::container_exec_sync::start_exec;
+use super::errors::sandbox_error;
+use super::helpers::{find_container, live_sandbox, record_pod_field};
 use super::Husk;
+use crate::state::{ContainerRecord, ContainerState};
 
-pub(super) async fn exec(_h: &Husk, _req: cri::ExecRequest) -> Result<cri::ExecResponse, Status> {
-    Err(Status::unimplemented(
-        "Exec (streaming) is not implemented by husk yet; ExecSync is",
-    ))
+pub(super) async fn exec(h: &Husk, req: cri::ExecRequest) -> Result<cri::ExecResponse, Status> {
+    let c = running_container(h, &req.container_id)?;
+    if req.cmd.is_empty() {
+        return Err(Status::invalid_argument("cmd is empty"));
+    }
+    let url = h
+        .streaming()?
+        .get_exec(ExecRequest {
+            container_id: c.id,
+            cmd: req.cmd,
+            tty: req.tty,
+            stdin: req.stdin,
+            stdout: req.stdout,
+            stderr: req.stderr,
+        })
+        .map_err(request_error)?;
+    Ok(cri::ExecResponse { url })
 }
 
 pub(super) async fn attach(
@@ -18,7 +40,7 @@ pub(super) async fn attach(
     _req: cri::AttachRequest,
 ) -> Result<cri::AttachResponse, Status> {
     Err(Status::unimplemented(
-        "Attach is not implemented by husk yet",
+        "Attach is not implemented by husk yet (Exec is)",
     ))
 }
 
@@ -27,6 +49,124 @@ pub(super) async fn port_forward(
     _req: cri::PortForwardRequest,
 ) -> Result<cri::PortForwardResponse, Status> {
     Err(Status::unimplemented(
-        "PortForward is not implemented by husk yet (no streaming server)",
+        "PortForward is not implemented by husk yet (Exec is)",
     ))
+}
+
+fn running_container(h: &Husk, id: &str) -> Result<ContainerRecord, Status> {
+    let c = find_container(h, id)?;
+    record_pod_field(&c.pod_id);
+    if c.state != ContainerState::Running {
+        return Err(Status::failed_precondition(format!(
+            "container {} is not running",
+            c.id
+        )));
+    }
+    Ok(c)
+}
+
+fn request_error(e: RequestError) -> Status {
+    match e {
+        RequestError::Invalid(m) => Status::invalid_argument(m),
+        RequestError::Token(husk_streaming::tokens::TokenError::Full(_)) => {
+            Status::resource_exhausted(e.to_string())
+        }
+        RequestError::Token(_) => Status::internal(e.to_string()),
+    }
+}
+
+/// What the streaming server calls to start processes. Holds huskd weakly:
+/// the server lives inside it.
+pub(crate) struct StreamRuntime {
+    husk: Weak<Husk>,
+}
+
+impl StreamRuntime {
+    pub(crate) fn new(husk: &Arc<Husk>) -> Self {
+        Self {
+            husk: Arc::downgrade(husk),
+        }
+    }
+
+    async fn start(&self, req: ExecRequest) -> Result<Started, Status> {
+        let h = self
+            .husk
+            .upgrade()
+            .ok_or_else(|| Status::unavailable("huskd is shutting down"))?;
+        // The container may have stopped since Exec returned the URL.
+        let c = running_container(&h, &req.container_id)?;
+        let sandbox = live_sandbox(&h, &c.pod_id)?;
+        let exec_id = format!("exec-{}", &super::new_id()[..16]);
+        let stdio = StdioConfig {
+            stdin: req.stdin,
+            terminal: req.tty,
+        };
+        let span =
+            tracing::info_span!("stream_exec", pod = %c.pod_id, container = %c.id, exec = %exec_id);
+        let _e = span.enter();
+        let streams = start_exec(&h, &c, &sandbox, &exec_id, &req.cmd, stdio).await?;
+        tracing::info!(cmd = ?req.cmd, tty = req.tty, stdin = req.stdin, "exec session started");
+        Ok(Started {
+            io: ProcessIo {
+                stdin: streams.stdin.map(|s| Box::new(s) as _),
+                stdout: Some(Box::new(streams.stdout)),
+                stderr: streams.stderr.map(|s| Box::new(s) as _),
+            },
+            process: Arc::new(ExecProcess {
+                sandbox,
+                container_id: c.id,
+                exec_id,
+            }),
+        })
+    }
+}
+
+impl husk_streaming::Runtime for StreamRuntime {
+    fn exec(&self, req: ExecRequest) -> BoxFuture<'_, Result<Started, String>> {
+        Box::pin(async move { self.start(req).await.map_err(|s| s.message().to_string()) })
+    }
+}
+
+struct ExecProcess {
+    sandbox: Arc<Sandbox>,
+    container_id: String,
+    exec_id: String,
+}
+
+impl Process for ExecProcess {
+    fn wait(&self) -> BoxFuture<'_, Result<i32, String>> {
+        Box::pin(async move {
+            self.sandbox
+                .wait(&self.container_id, &self.exec_id)
+                .await
+                .map(|e| e.exit_code)
+                .map_err(|e| sandbox_error(&e).message().to_string())
+        })
+    }
+
+    fn resize(&self, size: TermSize) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            let r = self
+                .sandbox
+                .resize(
+                    &self.container_id,
+                    &self.exec_id,
+                    size.height.into(),
+                    size.width.into(),
+                )
+                .await;
+            if let Err(e) = r {
+                tracing::debug!(%e, "terminal resize");
+            }
+        })
+    }
+
+    fn kill(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            let _ = self
+                .sandbox
+                .signal(&self.container_id, &self.exec_id, libc::SIGKILL)
+                .await;
+        })
+    }
 }

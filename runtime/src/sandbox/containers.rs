@@ -4,8 +4,8 @@ use std::path::PathBuf;
 
 use husk_proto::agent::{
     ContainerRef, ContainerStatsResponse, CreateContainerRequest, ExecProcessRequest,
-    HealthRequest, HealthResponse, ProcessRef, RemoveContainerRequest, SignalProcessRequest,
-    StdioConfig, StreamKind, UpdateContainerRequest,
+    HealthRequest, HealthResponse, ProcessRef, RemoveContainerRequest, ResizeTerminalRequest,
+    SignalProcessRequest, StdioConfig, StreamKind, UpdateContainerRequest,
 };
 use tokio::net::UnixStream;
 
@@ -211,6 +211,32 @@ impl Sandbox {
             )
             .await
             .map_err(self.rpc_err("SignalProcess"))?;
+        Ok(())
+    }
+
+    /// Sets the terminal size of a process started with a terminal.
+    pub async fn resize(
+        &self,
+        container_id: &str,
+        exec_id: &str,
+        rows: u32,
+        cols: u32,
+    ) -> Result<(), SandboxError> {
+        self.agent
+            .client()
+            .resize_terminal(
+                ResizeTerminalRequest {
+                    process: Some(ProcessRef {
+                        container_id: container_id.into(),
+                        exec_id: exec_id.into(),
+                    }),
+                    rows,
+                    cols,
+                },
+                Some(self.rpc_timeout),
+            )
+            .await
+            .map_err(self.rpc_err("ResizeTerminal"))?;
         Ok(())
     }
 

@@ -1,0 +1,241 @@
+//! The HTTP side: a listener, `/exec/{token}` (later `/attach/{token}` and
+//! `/portforward/{token}`), the protocol handshake and the upgrade.
+//!
+//! Nothing else is served: an unknown path, a used, unknown or expired
+//! token all get 404, so the server tells a scanner nothing.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+
+use crate::remotecommand;
+use crate::spdy;
+use crate::tokens::RequestCache;
+use crate::{ExecRequest, RequestError, Runtime};
+
+/// What kubelet's streaming library and containerd use.
+const TOKEN_TTL: Duration = Duration::from_secs(60);
+const MAX_PENDING: usize = 1000;
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Where to listen; port 0 picks a free one (containerd's default).
+    pub addr: SocketAddr,
+    /// How long a client has to open its streams after the upgrade.
+    pub stream_creation_timeout: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            stream_creation_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+enum Cached {
+    Exec(ExecRequest),
+}
+
+struct Shared {
+    cache: RequestCache<Cached>,
+    runtime: Arc<dyn Runtime>,
+    config: ServerConfig,
+}
+
+/// A running streaming server. Dropping it stops accepting connections;
+/// sessions in progress run to their end.
+pub struct Server {
+    shared: Arc<Shared>,
+    base_url: String,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.accept.abort();
+    }
+}
+
+impl Server {
+    pub async fn start(config: ServerConfig, runtime: Arc<dyn Runtime>) -> std::io::Result<Server> {
+        let listener = TcpListener::bind(config.addr).await?;
+        let local = listener.local_addr()?;
+        let base_url = format!("http://{local}");
+        let shared = Arc::new(Shared {
+            cache: RequestCache::new(TOKEN_TTL, MAX_PENDING),
+            runtime,
+            config,
+        });
+        let s = shared.clone();
+        let accept = tokio::spawn(async move {
+            loop {
+                let (tcp, peer) = match listener.accept().await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::warn!(%e, "streaming server: accept");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
+                let _ = tcp.set_nodelay(true);
+                let s = s.clone();
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |req| {
+                        let s = s.clone();
+                        async move { Ok::<_, std::convert::Infallible>(handle(s, req).await) }
+                    });
+                    let conn = hyper::server::conn::http1::Builder::new()
+                        .timer(hyper_util::rt::TokioTimer::new())
+                        .header_read_timeout(Duration::from_secs(10))
+                        .serve_connection(TokioIo::new(tcp), service)
+                        .with_upgrades();
+                    if let Err(e) = conn.await {
+                        tracing::debug!(%peer, %e, "streaming connection");
+                    }
+                });
+            }
+        });
+        tracing::info!(url = %base_url, "streaming server listening");
+        Ok(Server {
+            shared,
+            base_url,
+            accept,
+        })
+    }
+
+    /// `http://host:port` of the server.
+    pub fn base_url(&self) -> &str {
+        &self.base_url
+    }
+
+    /// Validates and caches an exec request; the URL to give the client.
+    pub fn get_exec(&self, req: ExecRequest) -> Result<String, RequestError> {
+        if req.cmd.is_empty() {
+            return Err(RequestError::Invalid("cmd is empty".into()));
+        }
+        check_stdio(req.tty, req.stdin, req.stdout, req.stderr)?;
+        let token = self.shared.cache.insert(Cached::Exec(req))?;
+        Ok(format!("{}/exec/{token}", self.base_url))
+    }
+}
+
+/// kubelet's rules for a streaming request's stdio.
+fn check_stdio(tty: bool, stdin: bool, stdout: bool, stderr: bool) -> Result<(), RequestError> {
+    if !(stdin || stdout || stderr) {
+        return Err(RequestError::Invalid(
+            "one of stdin, stdout, or stderr must be set".into(),
+        ));
+    }
+    if tty && stderr {
+        return Err(RequestError::Invalid(
+            "tty and stderr cannot both be true (a terminal has one output)".into(),
+        ));
+    }
+    Ok(())
+}
+
+fn reply(status: StatusCode, msg: &str) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
+        .body(Full::new(Bytes::from(format!("{msg}\n"))))
+        .unwrap_or_default()
+}
+
+async fn handle(s: Arc<Shared>, mut req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let not_found = || reply(StatusCode::NOT_FOUND, "404 page not found");
+    if req.method() != Method::GET && req.method() != Method::POST {
+        return not_found();
+    }
+    let Some(token) = req.uri().path().strip_prefix("/exec/") else {
+        return not_found();
+    };
+    if token.is_empty() || token.contains('/') {
+        return not_found();
+    }
+    let Some(Cached::Exec(exec)) = s.cache.consume(token) else {
+        return not_found();
+    };
+    let tracing_span = tracing::info_span!("stream_exec", container = %exec.container_id);
+    let _enter = tracing_span.enter();
+
+    if !header_has(&req, header::UPGRADE, "spdy/3.1") {
+        return reply(
+            StatusCode::BAD_REQUEST,
+            "this endpoint speaks SPDY/3.1 (Upgrade: SPDY/3.1)",
+        );
+    }
+    let offered = client_protocols(&req);
+    let Some(protocol) = remotecommand::negotiate(&offered) else {
+        return reply(
+            StatusCode::FORBIDDEN,
+            &format!(
+                "no supported stream protocol among {offered:?}; supported: {:?}",
+                remotecommand::PROTOCOLS
+            ),
+        );
+    };
+    let upgrade = hyper::upgrade::on(&mut req);
+    let timeout = s.config.stream_creation_timeout;
+    let runtime = s.runtime.clone();
+    tokio::spawn(async move {
+        match upgrade.await {
+            Ok(io) => {
+                let conn = spdy::Connection::serve(TokioIo::new(io), spdy::Limits::default());
+                remotecommand::serve_exec(conn, protocol, exec, runtime, timeout).await;
+            }
+            Err(e) => tracing::debug!(%e, "SPDY upgrade failed"),
+        }
+    });
+    Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header(header::CONNECTION, "Upgrade")
+        .header(header::UPGRADE, "SPDY/3.1")
+        .header(remotecommand::PROTOCOL_HEADER, protocol)
+        .body(Full::new(Bytes::new()))
+        .unwrap_or_default()
+}
+
+fn header_has(req: &Request<Incoming>, name: header::HeaderName, token: &str) -> bool {
+    req.headers()
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|v| v.trim().eq_ignore_ascii_case(token))
+}
+
+/// The client's `X-Stream-Protocol-Version` values, in its order of
+/// preference (several headers, or one comma-separated list).
+fn client_protocols(req: &Request<Incoming>) -> Vec<String> {
+    req.headers()
+        .get_all(remotecommand::PROTOCOL_HEADER)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|v| v.trim().to_string())
+        .filter(|v| !v.is_empty())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stdio_rules() {
+        assert!(check_stdio(false, false, false, false).is_err());
+        assert!(check_stdio(true, true, true, true).is_err());
+        assert!(check_stdio(true, true, true, false).is_ok());
+        assert!(check_stdio(false, false, true, true).is_ok());
+    }
+}
