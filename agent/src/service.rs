@@ -221,6 +221,10 @@ impl AgentService {
                 return;
             }
         };
+        if hello.kind == StreamKind::PortForward as i32 {
+            port_forward(&hello, conn).await;
+            return;
+        }
         let slot = self.stream_slot(&hello);
         let (accept, target) = match slot {
             Ok(t) => (
@@ -248,7 +252,7 @@ impl AgentService {
                     StreamKind::Stdin => process.stdio.stdin.as_ref(),
                     StreamKind::Stdout => Some(&process.stdio.stdout),
                     StreamKind::Stderr => process.stdio.stderr.as_ref(),
-                    StreamKind::Unspecified => None,
+                    StreamKind::Unspecified | StreamKind::PortForward => None,
                 };
                 if let Some(slot) = slot {
                     attach(slot, conn).await;
@@ -280,7 +284,7 @@ impl AgentService {
             StreamKind::Stdin => p.stdio.stdin.is_some(),
             StreamKind::Stdout => true,
             StreamKind::Stderr => p.stdio.stderr.is_some(),
-            StreamKind::Unspecified => false,
+            StreamKind::Unspecified | StreamKind::PortForward => false,
         };
         if !present {
             return Err(AgentError::FailedPrecondition(format!(
@@ -292,6 +296,52 @@ impl AgentService {
         }
         Ok((p, kind))
     }
+}
+
+/// PORT_FORWARD: connects to localhost:port (IPv4, then IPv6) in this
+/// network namespace, the pod's, so a server bound to the pod's loopback
+/// is reachable; answers the hello, then copies both ways until either
+/// side closes. Each direction is a fixed buffer, so the stream's
+/// back-pressure reaches the host as the vsock stream's.
+async fn port_forward(hello: &StreamHello, mut conn: BoxConn) {
+    let port = match u16::try_from(hello.port) {
+        Ok(p) if p != 0 => p,
+        _ => {
+            let msg = format!("port: {} is not a TCP port", hello.port);
+            let _ = husk_proto::stream::write_msg(&mut conn, &StreamAccept { error: msg }).await;
+            return;
+        }
+    };
+    let connect = async {
+        match tokio::net::TcpStream::connect((std::net::Ipv4Addr::LOCALHOST, port)).await {
+            Ok(s) => Ok(s),
+            Err(e4) => tokio::net::TcpStream::connect((std::net::Ipv6Addr::LOCALHOST, port))
+                .await
+                .map_err(|_| e4),
+        }
+    };
+    let tcp = match tokio::time::timeout(Duration::from_secs(10), connect).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            let error = format!("connecting to localhost:{port} in the pod: {e}");
+            let _ = husk_proto::stream::write_msg(&mut conn, &StreamAccept { error }).await;
+            return;
+        }
+        Err(_) => {
+            let error = format!("connecting to localhost:{port} in the pod: timed out");
+            let _ = husk_proto::stream::write_msg(&mut conn, &StreamAccept { error }).await;
+            return;
+        }
+    };
+    let _ = tcp.set_nodelay(true);
+    let ok = StreamAccept {
+        error: String::new(),
+    };
+    if husk_proto::stream::write_msg(&mut conn, &ok).await.is_err() {
+        return;
+    }
+    let mut tcp = tcp;
+    let _ = tokio::io::copy_bidirectional(&mut conn, &mut tcp).await;
 }
 
 async fn attach(slot: &Slot, conn: BoxConn) {

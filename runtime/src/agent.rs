@@ -45,6 +45,8 @@ pub enum AgentError {
         kind: StreamKind,
         reason: String,
     },
+    #[error("port-forward to port {port} in the pod: {reason}")]
+    PortRefused { port: u16, reason: String },
     #[error("agent rpc {method}: {source}")]
     Rpc {
         method: &'static str,
@@ -223,26 +225,16 @@ impl AgentConn {
         exec_id: &str,
         kind: StreamKind,
     ) -> Result<UnixStream, AgentError> {
-        let timeout = self.connect_timeout;
-        let mut s = hybrid_connect(&self.uds, STREAM_PORT, timeout).await?;
         let hello = StreamHello {
             process: Some(ProcessRef {
                 container_id: container_id.into(),
                 exec_id: exec_id.into(),
             }),
             kind: kind as i32,
+            port: 0,
         };
         let what = format!("stream {kind:?} of {container_id}/{exec_id}");
-        let accept: StreamAccept = tokio::time::timeout(timeout, async {
-            write_msg(&mut s, &hello).await?;
-            read_msg(&mut s, MAX_SMALL_MSG).await
-        })
-        .await
-        .map_err(|_| AgentError::Timeout {
-            what: what.clone(),
-            timeout,
-        })?
-        .map_err(|e| AgentError::io(what.clone(), e))?;
+        let (s, accept) = self.stream_handshake(&hello, what).await?;
         if !accept.error.is_empty() {
             return Err(AgentError::StreamRefused {
                 container_id: container_id.into(),
@@ -252,6 +244,46 @@ impl AgentConn {
             });
         }
         Ok(s)
+    }
+
+    /// A connection to `localhost:port` in the pod's network namespace,
+    /// made by the agent; refused at once when nothing listens there.
+    pub async fn port_forward(&self, port: u16) -> Result<UnixStream, AgentError> {
+        let hello = StreamHello {
+            process: None,
+            kind: StreamKind::PortForward as i32,
+            port: port.into(),
+        };
+        let what = format!("port-forward to port {port}");
+        let (s, accept) = self.stream_handshake(&hello, what).await?;
+        if !accept.error.is_empty() {
+            return Err(AgentError::PortRefused {
+                port,
+                reason: accept.error.chars().take(512).collect(),
+            });
+        }
+        Ok(s)
+    }
+
+    /// Connects to the agent's stream port and trades hello for accept.
+    async fn stream_handshake(
+        &self,
+        hello: &StreamHello,
+        what: String,
+    ) -> Result<(UnixStream, StreamAccept), AgentError> {
+        let timeout = self.connect_timeout;
+        let mut s = hybrid_connect(&self.uds, STREAM_PORT, timeout).await?;
+        let accept: StreamAccept = tokio::time::timeout(timeout, async {
+            write_msg(&mut s, hello).await?;
+            read_msg(&mut s, MAX_SMALL_MSG).await
+        })
+        .await
+        .map_err(|_| AgentError::Timeout {
+            what: what.clone(),
+            timeout,
+        })?
+        .map_err(|e| AgentError::io(what, e))?;
+        Ok((s, accept))
     }
 }
 

@@ -1,4 +1,5 @@
-//! A minimal SPDY exec client, for husk's own tests and benchmarks: the
+//! A minimal SPDY exec and port-forward client, for husk's own tests and
+//! benchmarks: the
 //! clients users run (kubectl, crictl, the API server) are Go and are
 //! tested end to end separately. It runs one command to completion: sends
 //! all of `stdin` and closes it, collects stdout, stderr and the status.
@@ -45,10 +46,17 @@ pub enum ClientError {
     Protocol(String),
 }
 
-/// Runs the exec session behind `url` (`http://host:port/exec/TOKEN`) over
-/// SPDY with `v4.channel.k8s.io`, stdin and stdout (and stderr unless
-/// `tty`).
-pub async fn exec(url: &str, stdin: Option<&[u8]>, tty: bool) -> Result<ExecOutput, ClientError> {
+/// Connects to `url` and upgrades to SPDY with `protocol`.
+async fn upgrade(
+    url: &str,
+    protocol: &str,
+) -> Result<
+    (
+        tokio::io::ReadHalf<TcpStream>,
+        tokio::io::WriteHalf<TcpStream>,
+    ),
+    ClientError,
+> {
     let rest = url
         .strip_prefix("http://")
         .ok_or_else(|| ClientError::Protocol(format!("not an http URL: {url}")))?;
@@ -57,7 +65,7 @@ pub async fn exec(url: &str, stdin: Option<&[u8]>, tty: bool) -> Result<ExecOutp
     tcp.write_all(
         format!(
             "POST {path} HTTP/1.1\r\nHost: {host}\r\nConnection: Upgrade\r\nUpgrade: SPDY/3.1\r\n\
-             X-Stream-Protocol-Version: v4.channel.k8s.io\r\nContent-Length: 0\r\n\r\n"
+             X-Stream-Protocol-Version: {protocol}\r\nContent-Length: 0\r\n\r\n"
         )
         .as_bytes(),
     )
@@ -90,7 +98,127 @@ pub async fn exec(url: &str, stdin: Option<&[u8]>, tty: bool) -> Result<ExecOutp
     if !r.buffer().is_empty() {
         return Err(ClientError::Protocol("data before the first frame".into()));
     }
-    let (rd, mut wr) = tokio::io::split(r.into_inner());
+    Ok(tokio::io::split(r.into_inner()))
+}
+
+fn syn(
+    codec: &mut HeaderCodec,
+    id: u32,
+    headers: &[(&str, &str)],
+    out: &mut Vec<u8>,
+) -> Result<(), ClientError> {
+    let block = codec
+        .encode(headers)
+        .map_err(|e| ClientError::Protocol(e.to_string()))?;
+    Frame::Control(ControlFrame::SynStream {
+        stream_id: id,
+        associated_to: 0,
+        priority: 0,
+        flags: 0,
+        header_block: block.into(),
+    })
+    .encode(out);
+    Ok(())
+}
+
+fn data_frames(id: u32, data: &[u8], out: &mut Vec<u8>) {
+    for chunk in data.chunks(32 * 1024) {
+        Frame::Data {
+            stream_id: id,
+            flags: 0,
+            data: Bytes::copy_from_slice(chunk),
+        }
+        .encode(out);
+    }
+    Frame::Data {
+        stream_id: id,
+        flags: FLAG_FIN,
+        data: Bytes::new(),
+    }
+    .encode(out);
+}
+
+/// Forwards one connection to `port` through the port-forward session
+/// behind `url`: sends `data`, closes its side, and returns what came back
+/// on the data stream and the error stream.
+pub async fn port_forward(
+    url: &str,
+    port: u16,
+    data: &[u8],
+) -> Result<(Vec<u8>, Vec<u8>), ClientError> {
+    let (rd, mut wr) = upgrade(url, "portforward.k8s.io").await?;
+    let mut frames = FrameReader::new(rd, 1 << 24);
+    let mut codec = HeaderCodec::new();
+    let port = port.to_string();
+    let mut out = Vec::new();
+    syn(
+        &mut codec,
+        1,
+        &[("streamtype", "error"), ("port", &port), ("requestid", "0")],
+        &mut out,
+    )?;
+    syn(
+        &mut codec,
+        3,
+        &[("streamtype", "data"), ("port", &port), ("requestid", "0")],
+        &mut out,
+    )?;
+    wr.write_all(&out).await?;
+    // Sent from a task: the server may answer before all of it is read.
+    let data = data.to_vec();
+    let sender = tokio::spawn(async move {
+        let mut out = Vec::new();
+        data_frames(3, &data, &mut out);
+        let _ = wr.write_all(&out).await;
+        wr
+    });
+    let (mut back, mut error) = (Vec::new(), Vec::new());
+    let (mut data_done, mut error_done) = (false, false);
+    while !(data_done && error_done) {
+        let frame = frames
+            .next()
+            .await
+            .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        match frame {
+            None => break,
+            Some(Frame::Data {
+                stream_id,
+                data,
+                flags,
+            }) => {
+                let fin = flags & FLAG_FIN != 0;
+                match stream_id {
+                    1 => {
+                        error.extend_from_slice(&data);
+                        error_done |= fin;
+                    }
+                    3 => {
+                        back.extend_from_slice(&data);
+                        data_done |= fin;
+                    }
+                    _ => {}
+                }
+            }
+            Some(Frame::Control(ControlFrame::SynReply { header_block, .. })) => {
+                codec
+                    .decode(&header_block)
+                    .map_err(|e| ClientError::Protocol(e.to_string()))?;
+            }
+            Some(Frame::Control(ControlFrame::RstStream { stream_id, .. })) => {
+                return Err(ClientError::Protocol(format!("stream {stream_id} reset")));
+            }
+            Some(_) => {}
+        }
+    }
+    drop(sender.await);
+    Ok((back, error))
+}
+
+/// Runs the exec session behind `url` (`http://host:port/exec/TOKEN`) over
+/// SPDY with `v4.channel.k8s.io`, stdin and stdout (and stderr unless
+/// `tty`).
+pub async fn exec(url: &str, stdin: Option<&[u8]>, tty: bool) -> Result<ExecOutput, ClientError> {
+    let (rd, mut wr) = upgrade(url, "v4.channel.k8s.io").await?;
     let mut frames = FrameReader::new(rd, 1 << 24);
     let mut codec = HeaderCodec::new();
     let mut kinds = vec![(1u32, "error"), (3, "stdout")];
@@ -104,33 +232,10 @@ pub async fn exec(url: &str, stdin: Option<&[u8]>, tty: bool) -> Result<ExecOutp
     }
     let mut out = Vec::new();
     for (id, kind) in &kinds {
-        let block = codec
-            .encode(&[("streamtype", kind)])
-            .map_err(|e| ClientError::Protocol(e.to_string()))?;
-        Frame::Control(ControlFrame::SynStream {
-            stream_id: *id,
-            associated_to: 0,
-            priority: 0,
-            flags: 0,
-            header_block: block.into(),
-        })
-        .encode(&mut out);
+        syn(&mut codec, *id, &[("streamtype", kind)], &mut out)?;
     }
     if let Some(data) = stdin {
-        for chunk in data.chunks(32 * 1024) {
-            Frame::Data {
-                stream_id: 5,
-                flags: 0,
-                data: Bytes::copy_from_slice(chunk),
-            }
-            .encode(&mut out);
-        }
-        Frame::Data {
-            stream_id: 5,
-            flags: FLAG_FIN,
-            data: Bytes::new(),
-        }
-        .encode(&mut out);
+        data_frames(5, data, &mut out);
     }
     wr.write_all(&out).await?;
 

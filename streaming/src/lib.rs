@@ -13,6 +13,7 @@ use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 pub mod client;
+mod portforward;
 mod remotecommand;
 mod server;
 pub mod spdy;
@@ -60,8 +61,28 @@ pub trait Process: Send + Sync {
     fn kill(&self) -> BoxFuture<'_, ()>;
 }
 
+/// A CRI `PortForwardRequest`, as cached behind its token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PortForwardRequest {
+    pub pod_sandbox_id: String,
+    /// The ports the client may forward; empty: any.
+    pub ports: Vec<u16>,
+}
+
+/// A bidirectional byte stream (a forwarded connection).
+pub trait Duplex: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> Duplex for T {}
+
 /// What the server asks of the container runtime.
 pub trait Runtime: Send + Sync + 'static {
+    /// A connection to `localhost:port` inside the pod. An error is a
+    /// message for the client ("connection refused").
+    fn port_forward(
+        &self,
+        pod_sandbox_id: String,
+        port: u16,
+    ) -> BoxFuture<'_, Result<Box<dyn Duplex>, String>>;
+
     /// Starts `req.cmd` in the container with the requested stdio. An error
     /// is a message for the client ("container ... is not running",
     /// "executable file not found ...").

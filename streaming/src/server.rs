@@ -1,5 +1,5 @@
-//! The HTTP side: a listener, `/exec/{token}` (later `/attach/{token}` and
-//! `/portforward/{token}`), the protocol handshake and the upgrade.
+//! The HTTP side: a listener, `/exec/{token}` and `/portforward/{token}`
+//! (`/attach/{token}` to come), the protocol handshake and the upgrade.
 //!
 //! Nothing else is served: an unknown path, a used, unknown or expired
 //! token all get 404, so the server tells a scanner nothing.
@@ -15,10 +15,11 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
+use crate::portforward;
 use crate::remotecommand;
 use crate::spdy;
 use crate::tokens::RequestCache;
-use crate::{ExecRequest, RequestError, Runtime};
+use crate::{ExecRequest, PortForwardRequest, RequestError, Runtime};
 
 /// What kubelet's streaming library and containerd use.
 const TOKEN_TTL: Duration = Duration::from_secs(60);
@@ -43,6 +44,7 @@ impl Default for ServerConfig {
 
 enum Cached {
     Exec(ExecRequest),
+    PortForward(PortForwardRequest),
 }
 
 struct Shared {
@@ -128,6 +130,17 @@ impl Server {
     }
 }
 
+impl Server {
+    /// Caches a port-forward request; the URL to give the client.
+    pub fn get_port_forward(&self, req: PortForwardRequest) -> Result<String, RequestError> {
+        if req.pod_sandbox_id.is_empty() {
+            return Err(RequestError::Invalid("pod_sandbox_id is empty".into()));
+        }
+        let token = self.shared.cache.insert(Cached::PortForward(req))?;
+        Ok(format!("{}/portforward/{token}", self.base_url))
+    }
+}
+
 /// kubelet's rules for a streaming request's stdio.
 fn check_stdio(tty: bool, stdin: bool, stdout: bool, stderr: bool) -> Result<(), RequestError> {
     if !(stdin || stdout || stderr) {
@@ -156,18 +169,22 @@ async fn handle(s: Arc<Shared>, mut req: Request<Incoming>) -> Response<Full<Byt
     if req.method() != Method::GET && req.method() != Method::POST {
         return not_found();
     }
-    let Some(token) = req.uri().path().strip_prefix("/exec/") else {
-        return not_found();
+    let path = req.uri().path().to_string();
+    let (kind, token) = match path.split_once('/').map(|(_, rest)| rest.split_once('/')) {
+        Some(Some((kind @ ("exec" | "portforward"), token))) => (kind, token),
+        _ => return not_found(),
     };
     if token.is_empty() || token.contains('/') {
         return not_found();
     }
-    let Some(Cached::Exec(exec)) = s.cache.consume(token) else {
-        return not_found();
+    let cached = match (kind, s.cache.consume(token)) {
+        (_, None) => return not_found(),
+        ("exec", Some(c @ Cached::Exec(_))) | ("portforward", Some(c @ Cached::PortForward(_))) => {
+            c
+        }
+        // A token is good for the call that made it only.
+        _ => return not_found(),
     };
-    let tracing_span = tracing::info_span!("stream_exec", container = %exec.container_id);
-    let _enter = tracing_span.enter();
-
     if !header_has(&req, header::UPGRADE, "spdy/3.1") {
         return reply(
             StatusCode::BAD_REQUEST,
@@ -175,25 +192,42 @@ async fn handle(s: Arc<Shared>, mut req: Request<Incoming>) -> Response<Full<Byt
         );
     }
     let offered = client_protocols(&req);
-    let Some(protocol) = remotecommand::negotiate(&offered) else {
+    let protocol = match &cached {
+        Cached::Exec(_) => remotecommand::negotiate(&offered),
+        Cached::PortForward(_) => offered
+            .iter()
+            .any(|p| p == portforward::PROTOCOL)
+            .then_some(portforward::PROTOCOL),
+    };
+    let Some(protocol) = protocol else {
         return reply(
             StatusCode::FORBIDDEN,
-            &format!(
-                "no supported stream protocol among {offered:?}; supported: {:?}",
-                remotecommand::PROTOCOLS
-            ),
+            &format!("no supported stream protocol among {offered:?}"),
         );
     };
     let upgrade = hyper::upgrade::on(&mut req);
     let timeout = s.config.stream_creation_timeout;
     let runtime = s.runtime.clone();
     tokio::spawn(async move {
-        match upgrade.await {
-            Ok(io) => {
-                let conn = spdy::Connection::serve(TokioIo::new(io), spdy::Limits::default());
-                remotecommand::serve_exec(conn, protocol, exec, runtime, timeout).await;
+        let io = match upgrade.await {
+            Ok(io) => io,
+            Err(e) => {
+                tracing::debug!(%e, "SPDY upgrade failed");
+                return;
             }
-            Err(e) => tracing::debug!(%e, "SPDY upgrade failed"),
+        };
+        let conn = spdy::Connection::serve(TokioIo::new(io), spdy::Limits::default());
+        match cached {
+            Cached::Exec(exec) => {
+                let span = tracing::info_span!("stream_exec", container = %exec.container_id);
+                let _e = span.enter();
+                remotecommand::serve_exec(conn, protocol, exec, runtime, timeout).await
+            }
+            Cached::PortForward(pf) => {
+                let span = tracing::info_span!("port_forward", pod = %pf.pod_sandbox_id);
+                let _e = span.enter();
+                portforward::serve(conn, pf, runtime).await
+            }
         }
     });
     Response::builder()

@@ -6,13 +6,16 @@ use std::sync::{Arc, Weak};
 
 use husk_proto::agent::StdioConfig;
 use husk_runtime::sandbox::Sandbox;
-use husk_streaming::{BoxFuture, ExecRequest, Process, ProcessIo, RequestError, Started, TermSize};
+use husk_streaming::{
+    BoxFuture, Duplex, ExecRequest, PortForwardRequest, Process, ProcessIo, RequestError, Started,
+    TermSize,
+};
 use k8s_cri::v1 as cri;
 use tonic::Status;
 
 use super::container_exec_sync::start_exec;
 use super::errors::sandbox_error;
-use super::helpers::{find_container, live_sandbox, record_pod_field};
+use super::helpers::{find_container, find_pod, live_sandbox, record_pod_field};
 use super::Husk;
 use crate::state::{ContainerRecord, ContainerState};
 
@@ -40,17 +43,33 @@ pub(super) async fn attach(
     _req: cri::AttachRequest,
 ) -> Result<cri::AttachResponse, Status> {
     Err(Status::unimplemented(
-        "Attach is not implemented by husk yet (Exec is)",
+        "Attach is not implemented by husk yet (Exec and PortForward are)",
     ))
 }
 
 pub(super) async fn port_forward(
-    _h: &Husk,
-    _req: cri::PortForwardRequest,
+    h: &Husk,
+    req: cri::PortForwardRequest,
 ) -> Result<cri::PortForwardResponse, Status> {
-    Err(Status::unimplemented(
-        "PortForward is not implemented by husk yet (Exec is)",
-    ))
+    let pod = find_pod(h, "pod_sandbox_id", &req.pod_sandbox_id)?;
+    record_pod_field(&pod.id);
+    live_sandbox(h, &pod.id)?;
+    let mut ports = Vec::with_capacity(req.port.len());
+    for (i, p) in req.port.iter().enumerate() {
+        let port = u16::try_from(*p)
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| Status::invalid_argument(format!("port[{i}]: {p} is not a TCP port")))?;
+        ports.push(port);
+    }
+    let url = h
+        .streaming()?
+        .get_port_forward(PortForwardRequest {
+            pod_sandbox_id: pod.id,
+            ports,
+        })
+        .map_err(request_error)?;
+    Ok(cri::PortForwardResponse { url })
 }
 
 fn running_container(h: &Husk, id: &str) -> Result<ContainerRecord, Status> {
@@ -122,6 +141,27 @@ impl StreamRuntime {
 }
 
 impl husk_streaming::Runtime for StreamRuntime {
+    fn port_forward(
+        &self,
+        pod: String,
+        port: u16,
+    ) -> BoxFuture<'_, Result<Box<dyn Duplex>, String>> {
+        Box::pin(async move {
+            let h = self.husk.upgrade().ok_or("huskd is shutting down")?;
+            let sandbox = live_sandbox(&h, &pod).map_err(|s| s.message().to_string())?;
+            match sandbox.port_forward(port).await {
+                Ok(s) => Ok(Box::new(s) as Box<dyn Duplex>),
+                // The agent's own words ("connection refused") are what the
+                // client needs; the rest of the chain names the sandbox.
+                Err(husk_runtime::sandbox::SandboxError::Agent {
+                    source: husk_runtime::agent::AgentError::PortRefused { reason, .. },
+                    ..
+                }) => Err(reason),
+                Err(e) => Err(e.to_string()),
+            }
+        })
+    }
+
     fn exec(&self, req: ExecRequest) -> BoxFuture<'_, Result<Started, String>> {
         Box::pin(async move { self.start(req).await.map_err(|s| s.message().to_string()) })
     }

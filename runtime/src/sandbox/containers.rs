@@ -158,6 +158,18 @@ impl Sandbox {
             })
     }
 
+    /// A TCP connection to `localhost:port` in the pod (the agent connects
+    /// from inside the VM), as a byte stream.
+    pub async fn port_forward(&self, port: u16) -> Result<UnixStream, SandboxError> {
+        self.agent
+            .port_forward(port)
+            .await
+            .map_err(|source| SandboxError::Agent {
+                id: self.id.clone(),
+                source,
+            })
+    }
+
     /// Opens the streams `stdio` asked for.
     pub async fn attach_stdio(
         &self,

@@ -1,7 +1,9 @@
 //! Exec through huskd's streaming server into a real pod VM (issue 11): the URL `Exec` returns,
 //! SPDY with `v4.channel.k8s.io` (husk's own client here; crictl and critest are run by hand, see
 //! docs/conformance.md), stdin through the guest and back byte-exact, the exit code, a terminal,
-//! a missing binary, concurrent sessions, and tokens that cannot be replayed.
+//! a missing binary, concurrent sessions, and tokens that cannot be replayed; port-forward to a
+//! server bound to the pod's own loopback (which Kata cannot reach), 64 MiB byte-exact, and a
+//! closed port reported on its request's error stream.
 
 use std::time::Instant;
 
@@ -138,10 +140,104 @@ async fn cri_exec_streaming() -> Result<()> {
             "20 concurrent exec sessions in {} ms",
             t.elapsed().as_millis()
         );
+        port_forward_to_pod_localhost(&mut rt, &pod, &pcfg, &image, &ctr).await?;
         stop_remove_pod(&mut rt, &pod).await
     })
     .await;
     let end = terminate_clean(huskd, &dirs).await;
     r?;
     end
+}
+
+/// An HTTP server inside the pod bound to 127.0.0.1 only, reached through PortForward.
+async fn port_forward_to_pod_localhost(
+    rt: &mut Rt,
+    pod: &str,
+    pcfg: &cri::PodSandboxConfig,
+    image: &str,
+    probe_ctr: &str,
+) -> Result<()> {
+    let script = "mkdir -p /www && head -c 67108864 /dev/urandom > /www/big \
+                  && echo hello-from-pod > /www/index.html \
+                  && exec busybox httpd -f -p 127.0.0.1:8080 -h /www";
+    let web = create_start(
+        rt,
+        pod,
+        pcfg,
+        container_config("web", image, &["sh", "-c", script], "web/0.log"),
+    )
+    .await?;
+    let deadline = Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let r = exec(
+            rt,
+            probe_ctr,
+            &["wget", "-q", "-O", "-", "http://127.0.0.1:8080/index.html"],
+            10,
+        )
+        .await?;
+        if r.exit_code == 0 {
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "the pod's web server never came up"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    }
+    let url = port_forward_url(rt, pod).await?;
+    let (resp, err) = client::port_forward(&url, 8080, b"GET /index.html HTTP/1.0\r\n\r\n").await?;
+    let text = String::from_utf8_lossy(&resp);
+    ensure!(
+        err.is_empty(),
+        "error stream: {}",
+        String::from_utf8_lossy(&err)
+    );
+    ensure!(text.contains("hello-from-pod"), "response: {text:?}");
+
+    let want = exec_ok(rt, &web, &["sha256sum", "/www/big"]).await?;
+    let url = port_forward_url(rt, pod).await?;
+    let t = Instant::now();
+    let (resp, _) = client::port_forward(&url, 8080, b"GET /big HTTP/1.0\r\n\r\n").await?;
+    let secs = t.elapsed().as_secs_f64();
+    let body_at = resp
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .context("no HTTP header end")?
+        + 4;
+    let body = &resp[body_at..];
+    ensure!(body.len() == 64 << 20, "body of {} bytes", body.len());
+    use sha2::Digest;
+    let got = hex::encode(sha2::Sha256::digest(body));
+    ensure!(
+        want.starts_with(&got),
+        "sha256 differs: pod {want:?}, received {got}"
+    );
+    eprintln!(
+        "64 MiB through port-forward in {:.2} s ({:.1} MiB/s)",
+        secs,
+        64.0 / secs
+    );
+
+    let url = port_forward_url(rt, pod).await?;
+    let (resp, err) = client::port_forward(&url, 8081, b"x").await?;
+    let err = String::from_utf8_lossy(&err);
+    ensure!(
+        resp.is_empty() && err.contains("refused"),
+        "closed port: {err:?}"
+    );
+    eprintln!("closed port: {err}");
+    Ok(())
+}
+
+async fn port_forward_url(rt: &mut Rt, pod: &str) -> Result<String> {
+    Ok(rt
+        .port_forward(cri::PortForwardRequest {
+            pod_sandbox_id: pod.into(),
+            port: vec![8080, 8081],
+        })
+        .await
+        .context("PortForward")?
+        .into_inner()
+        .url)
 }

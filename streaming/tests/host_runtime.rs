@@ -1,3 +1,6 @@
+//! The streaming server with a Runtime that runs commands and connects on
+//! the host (the pod-VM path is tested end to end in husk-tests).
+//!
 //! Interoperability with the Go SPDY implementation kubelet's clients use
 //! (moby/spdystream, from Debian's golang-github-docker-spdystream-dev):
 //! `tests/go/spdy-exec`, a small v4 exec client written for husk, is built
@@ -53,6 +56,19 @@ struct HostProcess {
 }
 
 impl Runtime for HostRuntime {
+    fn port_forward(
+        &self,
+        _pod: String,
+        port: u16,
+    ) -> BoxFuture<'_, Result<Box<dyn husk_streaming::Duplex>, String>> {
+        Box::pin(async move {
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .map(|s| Box::new(s) as _)
+                .map_err(|e| e.to_string())
+        })
+    }
+
     fn exec(&self, req: ExecRequest) -> BoxFuture<'_, Result<Started, String>> {
         Box::pin(async move {
             let mut child = tokio::process::Command::new(&req.cmd[0])
@@ -205,4 +221,77 @@ async fn go_spdystream_client_interoperates() {
         String::from_utf8_lossy(&out.stderr).contains("404"),
         "{out:?}"
     );
+}
+
+/// Port-forward: a host TCP server stands in for the pod's; 8 MiB through
+/// it and back byte-exact, several connections of one session at once, and
+/// a port nobody listens on answered on that request's error stream while
+/// the session goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn port_forward_relays_and_reports_refusals() {
+    use husk_streaming::{client, PortForwardRequest};
+    let server = Server::start(
+        ServerConfig::default(),
+        Arc::new(HostRuntime {
+            resizes: Default::default(),
+        }),
+    )
+    .await
+    .unwrap();
+    let echo = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = echo.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        loop {
+            let (s, _) = echo.accept().await.unwrap();
+            tokio::spawn(async move {
+                let (mut r, mut w) = tokio::io::split(s);
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    let url = |ports: Vec<u16>| {
+        server
+            .get_port_forward(PortForwardRequest {
+                pod_sandbox_id: "p".into(),
+                ports,
+            })
+            .unwrap()
+    };
+    let data: Vec<u8> = (0..8u32 << 20).map(|i| (i % 253) as u8).collect();
+    let (back, err) = client::port_forward(&url(vec![port]), port, &data)
+        .await
+        .unwrap();
+    assert!(err.is_empty(), "{}", String::from_utf8_lossy(&err));
+    assert_eq!(back.len(), data.len());
+    assert!(back == data);
+
+    let mut conns = Vec::new();
+    for i in 0..5u8 {
+        let u = url(vec![]);
+        conns.push(tokio::spawn(async move {
+            client::port_forward(&u, port, &[i; 1000]).await.unwrap()
+        }));
+    }
+    for (i, c) in conns.into_iter().enumerate() {
+        assert_eq!(c.await.unwrap().0, vec![i as u8; 1000]);
+    }
+
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let (back, err) = client::port_forward(&url(vec![]), closed, b"x")
+        .await
+        .unwrap();
+    assert!(back.is_empty());
+    let err = String::from_utf8_lossy(&err);
+    assert!(
+        err.contains(&format!("forwarding {closed}")) && err.contains("refused"),
+        "{err}"
+    );
+    // A port outside the request's list is not served.
+    assert!(client::port_forward(&url(vec![port]), closed, b"x")
+        .await
+        .is_err());
 }
