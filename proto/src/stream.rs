@@ -92,6 +92,7 @@ mod tests {
                 exec_id: "e1".into(),
             }),
             kind: StreamKind::Stdout as i32,
+            port: 0,
         };
         let mut wire = Vec::new();
         write_msg(&mut wire, &hello).await.unwrap();

@@ -34,6 +34,16 @@ pub struct ExecRequest {
     pub stderr: bool,
 }
 
+/// A CRI `AttachRequest`, as cached behind its token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttachRequest {
+    pub container_id: String,
+    pub tty: bool,
+    pub stdin: bool,
+    pub stdout: bool,
+    pub stderr: bool,
+}
+
 /// The terminal size a client reports (kubelet's `TerminalSize`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
 pub struct TermSize {
@@ -87,6 +97,11 @@ pub trait Runtime: Send + Sync + 'static {
     /// is a message for the client ("container ... is not running",
     /// "executable file not found ...").
     fn exec(&self, req: ExecRequest) -> BoxFuture<'_, Result<Started, String>>;
+
+    /// Connects to the running container's own stdio. The process's
+    /// `wait` resolves when the container exits, its `kill` detaches (the
+    /// container goes on).
+    fn attach(&self, req: AttachRequest) -> BoxFuture<'_, Result<Started, String>>;
 }
 
 /// A process [`Runtime::exec`] started.

@@ -15,7 +15,7 @@ use serde_json::json;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 
 use crate::spdy::{Connection, IncomingStream, StreamReader, StreamWriter};
-use crate::{ExecRequest, Process, Runtime, Started, TermSize};
+use crate::{AttachRequest, ExecRequest, Process, Runtime, Started, TermSize};
 
 pub const PROTOCOL_HEADER: &str = "x-stream-protocol-version";
 
@@ -98,19 +98,36 @@ async fn wait_streams(conn: &mut Connection, w: &Wanted) -> Option<Streams> {
     Some(streams)
 }
 
-/// Serves one exec session on an upgraded connection.
-pub async fn serve_exec(
+/// What a remote command session runs.
+pub enum Session {
+    Exec(ExecRequest),
+    Attach(AttachRequest),
+}
+
+impl Session {
+    /// (tty, stdin, stdout, stderr)
+    fn stdio(&self) -> (bool, bool, bool, bool) {
+        match self {
+            Session::Exec(r) => (r.tty, r.stdin, r.stdout, r.stderr),
+            Session::Attach(r) => (r.tty, r.stdin, r.stdout, r.stderr),
+        }
+    }
+}
+
+/// Serves one exec or attach session on an upgraded connection.
+pub async fn serve(
     mut conn: Connection,
     protocol: &'static str,
-    req: ExecRequest,
+    session: Session,
     runtime: Arc<dyn Runtime>,
     creation_timeout: Duration,
 ) {
+    let (tty, stdin, stdout, stderr) = session.stdio();
     let wanted = Wanted {
-        stdin: req.stdin,
-        stdout: req.stdout,
-        stderr: req.stderr && !req.tty,
-        resize: req.tty && protocol != "v2.channel.k8s.io",
+        stdin,
+        stdout,
+        stderr: stderr && !tty,
+        resize: tty && protocol != "v2.channel.k8s.io",
     };
     let streams =
         match tokio::time::timeout(creation_timeout, wait_streams(&mut conn, &wanted)).await {
@@ -128,8 +145,18 @@ pub async fn serve_exec(
     let Some(error) = streams.error.clone() else {
         return;
     };
-    let outcome = run(&mut conn, streams, &req, runtime).await;
-    if let Some(status) = status_message(protocol, &req.cmd, &outcome) {
+    let outcome = run(&mut conn, streams, &session, runtime).await;
+    let outcome = match (&session, outcome) {
+        // An attach ends when the container's output does; it reports no
+        // exit code (kubelet's neither).
+        (Session::Attach(_), Outcome::Exited(_)) => Outcome::Exited(0),
+        (_, o) => o,
+    };
+    let cmd = match &session {
+        Session::Exec(r) => r.cmd.clone(),
+        Session::Attach(_) => Vec::new(),
+    };
+    if let Some(status) = status_message(protocol, &cmd, &outcome) {
         let _ = error.write(&status).await;
     }
     let _ = error.close().await;
@@ -145,10 +172,14 @@ enum Outcome {
 async fn run(
     conn: &mut Connection,
     streams: Streams,
-    req: &ExecRequest,
+    session: &Session,
     runtime: Arc<dyn Runtime>,
 ) -> Outcome {
-    let Started { io, process } = match runtime.exec(req.clone()).await {
+    let started = match session {
+        Session::Exec(r) => runtime.exec(r.clone()).await,
+        Session::Attach(r) => runtime.attach(r.clone()).await,
+    };
+    let Started { io, process } = match started {
         Ok(p) => p,
         Err(msg) => return Outcome::Failed(msg),
     };
@@ -181,7 +212,7 @@ async fn run(
         () = client_gone(conn) => Outcome::ClientGone,
     };
     if matches!(outcome, Outcome::ClientGone) {
-        tracing::info!("client went away; killing the exec process");
+        tracing::info!("client went away; ending the session (an exec process is killed)");
         process.kill().await;
         let _ = tokio::time::timeout(Duration::from_secs(5), process.wait()).await;
     }

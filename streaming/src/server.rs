@@ -1,5 +1,5 @@
-//! The HTTP side: a listener, `/exec/{token}` and `/portforward/{token}`
-//! (`/attach/{token}` to come), the protocol handshake and the upgrade.
+//! The HTTP side: a listener, `/exec/{token}`, `/attach/{token}` and
+//! `/portforward/{token}`, the protocol handshake and the upgrade.
 //!
 //! Nothing else is served: an unknown path, a used, unknown or expired
 //! token all get 404, so the server tells a scanner nothing.
@@ -14,12 +14,13 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
+use tracing::Instrument;
 
 use crate::portforward;
 use crate::remotecommand;
 use crate::spdy;
 use crate::tokens::RequestCache;
-use crate::{ExecRequest, PortForwardRequest, RequestError, Runtime};
+use crate::{AttachRequest, ExecRequest, PortForwardRequest, RequestError, Runtime};
 
 /// What kubelet's streaming library and containerd use.
 const TOKEN_TTL: Duration = Duration::from_secs(60);
@@ -44,6 +45,7 @@ impl Default for ServerConfig {
 
 enum Cached {
     Exec(ExecRequest),
+    Attach(AttachRequest),
     PortForward(PortForwardRequest),
 }
 
@@ -131,6 +133,13 @@ impl Server {
 }
 
 impl Server {
+    /// Validates and caches an attach request; the URL to give the client.
+    pub fn get_attach(&self, req: AttachRequest) -> Result<String, RequestError> {
+        check_stdio(req.tty, req.stdin, req.stdout, req.stderr)?;
+        let token = self.shared.cache.insert(Cached::Attach(req))?;
+        Ok(format!("{}/attach/{token}", self.base_url))
+    }
+
     /// Caches a port-forward request; the URL to give the client.
     pub fn get_port_forward(&self, req: PortForwardRequest) -> Result<String, RequestError> {
         if req.pod_sandbox_id.is_empty() {
@@ -171,7 +180,7 @@ async fn handle(s: Arc<Shared>, mut req: Request<Incoming>) -> Response<Full<Byt
     }
     let path = req.uri().path().to_string();
     let (kind, token) = match path.split_once('/').map(|(_, rest)| rest.split_once('/')) {
-        Some(Some((kind @ ("exec" | "portforward"), token))) => (kind, token),
+        Some(Some((kind @ ("exec" | "attach" | "portforward"), token))) => (kind, token),
         _ => return not_found(),
     };
     if token.is_empty() || token.contains('/') {
@@ -179,9 +188,9 @@ async fn handle(s: Arc<Shared>, mut req: Request<Incoming>) -> Response<Full<Byt
     }
     let cached = match (kind, s.cache.consume(token)) {
         (_, None) => return not_found(),
-        ("exec", Some(c @ Cached::Exec(_))) | ("portforward", Some(c @ Cached::PortForward(_))) => {
-            c
-        }
+        ("exec", Some(c @ Cached::Exec(_)))
+        | ("attach", Some(c @ Cached::Attach(_)))
+        | ("portforward", Some(c @ Cached::PortForward(_))) => c,
         // A token is good for the call that made it only.
         _ => return not_found(),
     };
@@ -193,7 +202,7 @@ async fn handle(s: Arc<Shared>, mut req: Request<Incoming>) -> Response<Full<Byt
     }
     let offered = client_protocols(&req);
     let protocol = match &cached {
-        Cached::Exec(_) => remotecommand::negotiate(&offered),
+        Cached::Exec(_) | Cached::Attach(_) => remotecommand::negotiate(&offered),
         Cached::PortForward(_) => offered
             .iter()
             .any(|p| p == portforward::PROTOCOL)
@@ -220,13 +229,21 @@ async fn handle(s: Arc<Shared>, mut req: Request<Incoming>) -> Response<Full<Byt
         match cached {
             Cached::Exec(exec) => {
                 let span = tracing::info_span!("stream_exec", container = %exec.container_id);
-                let _e = span.enter();
-                remotecommand::serve_exec(conn, protocol, exec, runtime, timeout).await
+                let session = remotecommand::Session::Exec(exec);
+                remotecommand::serve(conn, protocol, session, runtime, timeout)
+                    .instrument(span)
+                    .await
+            }
+            Cached::Attach(attach) => {
+                let span = tracing::info_span!("attach", container = %attach.container_id);
+                let session = remotecommand::Session::Attach(attach);
+                remotecommand::serve(conn, protocol, session, runtime, timeout)
+                    .instrument(span)
+                    .await
             }
             Cached::PortForward(pf) => {
                 let span = tracing::info_span!("port_forward", pod = %pf.pod_sandbox_id);
-                let _e = span.enter();
-                portforward::serve(conn, pf, runtime).await
+                portforward::serve(conn, pf, runtime).instrument(span).await
             }
         }
     });

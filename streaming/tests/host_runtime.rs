@@ -56,6 +56,13 @@ struct HostProcess {
 }
 
 impl Runtime for HostRuntime {
+    fn attach(
+        &self,
+        _req: husk_streaming::AttachRequest,
+    ) -> BoxFuture<'_, Result<Started, String>> {
+        Box::pin(async { Err("this runtime has no containers to attach to".to_string()) })
+    }
+
     fn port_forward(
         &self,
         _pod: String,

@@ -213,6 +213,7 @@ impl Agent {
                 exec_id: exec.into(),
             }),
             kind: kind as i32,
+            port: 0,
         };
         write_msg(&mut s, &hello).await.unwrap();
         let accept: StreamAccept = read_msg(&mut s, 4096).await.unwrap();

@@ -224,6 +224,7 @@ impl QemuVm {
         let hello = StreamHello {
             process: Some(init.clone()),
             kind: StreamKind::Stdout as i32,
+            port: 0,
         };
         write_msg(&mut out, &hello).await.unwrap();
         let acc: StreamAccept = read_msg(&mut out, 4096).await.unwrap();

@@ -1,8 +1,17 @@
 //! A container's output streams and exit: copying output to the CRI log,
 //! watching for the init process's exit, waiting for it.
 
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use tokio::io::{AsyncRead, ReadBuf};
+use tokio::sync::broadcast;
+use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
+use tokio_stream::wrappers::BroadcastStream;
 
 use husk_proto::agent::StdioConfig;
 use husk_runtime::sandbox::{ExitInfo, Sandbox};
@@ -46,9 +55,17 @@ pub(super) async fn attach_output(
         (Stream::Stdout, Some(streams.stdout)),
         (Stream::Stderr, streams.stderr),
     ];
+    let mut taps = OutputTaps::default();
     let mut copiers = Vec::new();
     for (kind, s) in outs {
         let Some(s) = s else { continue };
+        let (tap, _) = broadcast::channel(TAP_CHUNKS);
+        let weak = Some(tap.downgrade());
+        match kind {
+            Stream::Stdout => taps.stdout = weak,
+            Stream::Stderr => taps.stderr = weak,
+        }
+        let s = Tee { inner: s, tap };
         copiers.push(match &log {
             Some(l) => {
                 let l = l.clone();
@@ -69,9 +86,9 @@ pub(super) async fn attach_output(
         }
         let _ = io_tx.send(true);
     });
-    // CRI stdin (attach) is not served; the stream stays open (a
+    // Attach sessions write to the container's stdin; it stays open (a
     // process reading stdin blocks as under other runtimes) until the
-    // container is removed and its live entry dropped.
+    // container is removed, or the first session ends with `stdin_once`.
     let stdin = streams.stdin.map(Arc::new);
     let (_tx, rx) = watch::channel(None);
     Ok(LiveContainer {
@@ -79,6 +96,7 @@ pub(super) async fn attach_output(
         exit: rx,
         io_done,
         stdin,
+        output: taps,
     })
 }
 
@@ -145,4 +163,97 @@ pub(super) fn watch_exit(
         }
         .instrument(span),
     );
+}
+
+/// Chunks of a container's output kept for Attach sessions. A session that
+/// falls this far behind loses its output stream (it sees an error), never
+/// the log and never the other sessions.
+const TAP_CHUNKS: usize = 256;
+
+/// Subscriptions to a container's output streams. Only the copiers hold
+/// the senders, so a subscription ends (EOF) when the container's stream
+/// does.
+#[derive(Clone, Default)]
+pub struct OutputTaps {
+    stdout: Option<broadcast::WeakSender<Bytes>>,
+    stderr: Option<broadcast::WeakSender<Bytes>>,
+}
+
+impl std::fmt::Debug for OutputTaps {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OutputTaps").finish_non_exhaustive()
+    }
+}
+
+impl OutputTaps {
+    /// A reader of what the container writes on `kind` from now on; EOF at
+    /// once if that stream has ended (or never existed).
+    pub fn subscribe(&self, kind: Stream) -> TapReader {
+        let weak = match kind {
+            Stream::Stdout => &self.stdout,
+            Stream::Stderr => &self.stderr,
+        };
+        let rx = match weak.as_ref().and_then(|w| w.upgrade()) {
+            Some(tx) => tx.subscribe(),
+            None => broadcast::channel(1).1,
+        };
+        TapReader {
+            rx: BroadcastStream::new(rx),
+            buf: Bytes::new(),
+        }
+    }
+}
+
+/// Passes reads through and sends a copy of each to the attach sessions.
+struct Tee<R> {
+    inner: R,
+    tap: broadcast::Sender<Bytes>,
+}
+
+impl<R: AsyncRead + Unpin> AsyncRead for Tee<R> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = &r {
+            let new = &buf.filled()[before..];
+            if !new.is_empty() && self.tap.receiver_count() > 0 {
+                let _ = self.tap.send(Bytes::copy_from_slice(new));
+            }
+        }
+        r
+    }
+}
+
+pub struct TapReader {
+    rx: BroadcastStream<Bytes>,
+    buf: Bytes,
+}
+
+impl AsyncRead for TapReader {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        out: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        while self.buf.is_empty() {
+            match self.rx.poll_next_unpin(cx) {
+                Poll::Ready(Some(Ok(b))) => self.buf = b,
+                Poll::Ready(None) => return Poll::Ready(Ok(())),
+                Poll::Ready(Some(Err(BroadcastStreamRecvError::Lagged(n)))) => {
+                    return Poll::Ready(Err(std::io::Error::other(format!(
+                        "attach session fell {n} chunks behind the container's output"
+                    ))))
+                }
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        let n = self.buf.len().min(out.remaining());
+        let chunk = self.buf.split_to(n);
+        out.put_slice(&chunk);
+        Poll::Ready(Ok(()))
+    }
 }

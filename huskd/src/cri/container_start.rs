@@ -53,6 +53,7 @@ async fn start_container(h: &Arc<Husk>, id: &str) -> Result<(), Status> {
             exit: rx,
             io_done: live.io_done,
             stdin: live.stdin,
+            output: live.output,
         },
     );
     sandbox

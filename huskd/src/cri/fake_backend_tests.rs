@@ -705,6 +705,75 @@ async fn exec_streaming() {
     remove_pod(&rt, &pod).await.unwrap();
 }
 
+/// Attach to a container's own stdio: what the session sends reaches the
+/// container's stdin (closed after the session with `stdin_once`), its
+/// output comes back and still reaches the CRI log; stdin is refused for a
+/// container created without it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attach_streaming() {
+    use husk_streaming::client;
+    let (_registry, env, rt, spec) = env_with_busybox().await;
+    let log_dir = env.base.path().join("pods/attach");
+    let mut pod_cfg = pod_config("attach");
+    pod_cfg.log_directory = log_dir.display().to_string();
+    let pod = env.run_pod_with(&rt, pod_cfg.clone()).await;
+    let mut cfg = container_config(
+        "echo",
+        &spec,
+        "while read l; do echo \"got $l\"; done; echo bye",
+    );
+    cfg.stdin = true;
+    cfg.stdin_once = true;
+    let ctr = env.start_container(&rt, &pod, &pod_cfg, cfg).await;
+    let attach = |stdin: bool, id: &str| {
+        rt.attach(Request::new(cri::AttachRequest {
+            container_id: id.to_string(),
+            stdin,
+            tty: false,
+            stdout: true,
+            stderr: true,
+        }))
+    };
+    let url = attach(true, &ctr).await.unwrap().into_inner().url;
+    assert!(url.contains("/attach/"), "{url}");
+    let out = client::exec(&url, Some(b"one\ntwo\n"), false)
+        .await
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "got one\ngot two\nbye\n"
+    );
+    assert_eq!(
+        out.exit_code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.status)
+    );
+    let mut logged = String::new();
+    for _ in 0..100 {
+        logged = std::fs::read_to_string(log_dir.join("echo.log")).unwrap_or_default();
+        if logged.contains("stdout F bye") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(logged.contains("stdout F got two"), "CRI log: {logged:?}");
+
+    let plain = env
+        .start_container(
+            &rt,
+            &pod,
+            &pod_cfg,
+            container_config("plain", &spec, "exec sleep 1000"),
+        )
+        .await;
+    let e = attach(true, &plain).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(attach(false, &plain).await.is_ok());
+    stop_pod(&rt, &pod).await.unwrap();
+    remove_pod(&rt, &pod).await.unwrap();
+}
+
 /// The attack of issue 14: a tenant replaces its own /etc/passwd with a
 /// FIFO and /etc/group with a symlink to /dev/zero, then gets ExecSync
 /// calls (an exec probe is enough). huskd reads those files to resolve the

@@ -87,6 +87,9 @@ pub struct LiveContainer {
     pub io_done: watch::Receiver<bool>,
     /// The container's stdin (`stdin: true`), held open while it exists.
     pub stdin: Option<Arc<tokio::net::UnixStream>>,
+    /// Copies of the container's output for Attach sessions, next to the
+    /// CRI log (which gets every byte whatever the subscribers do).
+    pub output: container_io::OutputTaps,
 }
 
 /// Shared state of the CRI services.

@@ -140,6 +140,7 @@ async fn cri_exec_streaming() -> Result<()> {
             "20 concurrent exec sessions in {} ms",
             t.elapsed().as_millis()
         );
+        attach_to_container_stdio(&mut rt, &pod, &pcfg, &image).await?;
         port_forward_to_pod_localhost(&mut rt, &pod, &pcfg, &image, &ctr).await?;
         stop_remove_pod(&mut rt, &pod).await
     })
@@ -240,4 +241,48 @@ async fn port_forward_url(rt: &mut Rt, pod: &str) -> Result<String> {
         .context("PortForward")?
         .into_inner()
         .url)
+}
+
+/// Attach to a container created with stdin and stdin_once: its stdin gets what the session
+/// sends, its output comes back, and the session ends when the container does.
+async fn attach_to_container_stdio(
+    rt: &mut Rt,
+    pod: &str,
+    pcfg: &cri::PodSandboxConfig,
+    image: &str,
+) -> Result<()> {
+    let mut cfg = container_config(
+        "reader",
+        image,
+        &[
+            "sh",
+            "-c",
+            "while read l; do echo \"got $l\"; done; echo bye",
+        ],
+        "reader/0.log",
+    );
+    cfg.stdin = true;
+    cfg.stdin_once = true;
+    let ctr = create_start(rt, pod, pcfg, cfg).await?;
+    let url = rt
+        .attach(cri::AttachRequest {
+            container_id: ctr.clone(),
+            stdin: true,
+            tty: false,
+            stdout: true,
+            stderr: true,
+        })
+        .await
+        .context("Attach")?
+        .into_inner()
+        .url;
+    let out = client::exec(&url, Some(b"one\ntwo\n"), false).await?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    ensure!(text == "got one\ngot two\nbye\n", "attach output {text:?}");
+    ensure!(
+        out.exit_code() == Some(0),
+        "status {}",
+        String::from_utf8_lossy(&out.status)
+    );
+    Ok(())
 }
