@@ -86,6 +86,11 @@ max_tar_metadata_bytes = 1048576
 address = "127.0.0.1"
 # 0: any free port (the URL carries it).
 port = 0
+# Serve HTTPS with this certificate (chain), a PEM file, and the key
+# below; set both or neither. Empty: plain HTTP, fine on loopback.
+tls_cert_file = ""
+# The certificate's private key, a PEM file.
+tls_key_file = ""
 
 # Pod networking through CNI. Every pod gets its own network namespace,
 # set up by the plugins of the network configured here, and its VM's
@@ -152,6 +157,18 @@ pub struct HuskdConfig {
 pub struct StreamingSection {
     pub address: std::net::IpAddr,
     pub port: u16,
+    pub tls_cert_file: PathBuf,
+    pub tls_key_file: PathBuf,
+}
+
+impl StreamingSection {
+    /// The TLS files, if TLS is configured.
+    pub fn tls(&self) -> Option<husk_streaming::TlsFiles> {
+        (!self.tls_cert_file.as_os_str().is_empty()).then(|| husk_streaming::TlsFiles {
+            cert: self.tls_cert_file.clone(),
+            key: self.tls_key_file.clone(),
+        })
+    }
 }
 
 impl Default for StreamingSection {
@@ -159,6 +176,8 @@ impl Default for StreamingSection {
         Self {
             address: std::net::Ipv4Addr::LOCALHOST.into(),
             port: 0,
+            tls_cert_file: PathBuf::new(),
+            tls_key_file: PathBuf::new(),
         }
     }
 }
@@ -409,6 +428,18 @@ impl HuskdConfig {
                 );
             }
         }
+        let (cert, key) = (&self.streaming.tls_cert_file, &self.streaming.tls_key_file);
+        for (k, p, other) in [
+            ("streaming.tls_cert_file", cert, key),
+            ("streaming.tls_key_file", key, cert),
+        ] {
+            if p.as_os_str().is_empty() && !other.as_os_str().is_empty() {
+                return err(k, "must be set with the other TLS file".into());
+            }
+            if !p.as_os_str().is_empty() && !p.is_absolute() {
+                return err(k, format!("{} is not an absolute path", p.display()));
+            }
+        }
         if self.sandbox_ready_timeout_secs == 0 {
             return err("sandbox_ready_timeout_secs", "must be at least 1".into());
         }
@@ -652,6 +683,14 @@ memory_mib = 1024
                 "handlers.x.hypervisor",
             ),
             ("[handlers.Bad_Name]\n", "handlers.Bad_Name"),
+            (
+                "[streaming]\ntls_cert_file = \"/etc/husk/cert.pem\"",
+                "streaming.tls_key_file",
+            ),
+            (
+                "[streaming]\ntls_cert_file = \"c.pem\"\ntls_key_file = \"/k.pem\"",
+                "streaming.tls_cert_file",
+            ),
             ("[handlers.x]\nkernel = \"vmlinuz\"", "handlers.x.kernel"),
             (
                 "[handlers.x]\nkernel_params = [\"a b\"]",

@@ -12,14 +12,16 @@ use std::sync::Arc;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 
+mod channel;
 pub mod client;
 mod portforward;
 mod remotecommand;
 mod server;
 pub mod spdy;
 pub mod tokens;
+mod websocket;
 
-pub use server::{Server, ServerConfig};
+pub use server::{Server, ServerConfig, TlsFiles};
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 

@@ -9,7 +9,9 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+
+use crate::channel::OutChannel;
 
 use crate::spdy::{Connection, IncomingStream, StreamReader, StreamWriter};
 use crate::{PortForwardRequest, Runtime};
@@ -101,7 +103,24 @@ async fn forward(
     pod: String,
     port: u16,
     error: StreamWriter,
-    (mut from_client, to_client): (StreamReader, StreamWriter),
+    (from_client, to_client): (StreamReader, StreamWriter),
+) {
+    relay(runtime, pod, port, from_client, &to_client, &error, true).await;
+    let _ = to_client.close().await;
+    let _ = error.close().await;
+}
+
+/// Connects to `port` in the pod and copies both ways until the pod's side
+/// ends (and, where the client can half-close, until the client's side
+/// does too). A connection failure is written on `error`.
+pub async fn relay(
+    runtime: Arc<dyn Runtime>,
+    pod: String,
+    port: u16,
+    mut from_client: impl AsyncRead + Unpin,
+    to_client: &dyn OutChannel,
+    error: &dyn OutChannel,
+    client_half_closes: bool,
 ) {
     let target = match runtime.port_forward(pod.clone(), port).await {
         Ok(t) => t,
@@ -109,8 +128,6 @@ async fn forward(
             let msg = format!("an error occurred forwarding {port} -> {port}: {e}");
             tracing::info!(%pod, port, "{msg}");
             let _ = error.write(msg.as_bytes()).await;
-            let _ = error.close().await;
-            let _ = to_client.close().await;
             return;
         }
     };
@@ -131,8 +148,15 @@ async fn forward(
                 }
             }
         }
-        let _ = to_client.close().await;
     };
-    tokio::join!(upstream, downstream);
-    let _ = error.close().await;
+    if client_half_closes {
+        tokio::join!(upstream, downstream);
+    } else {
+        // The client's side ends only with its connection: the pod's
+        // closing ends the forward.
+        tokio::select! {
+            () = upstream => {}
+            () = downstream => {}
+        }
+    }
 }

@@ -14,6 +14,7 @@ use std::time::Duration;
 use serde_json::json;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 
+use crate::channel::OutChannel;
 use crate::spdy::{Connection, IncomingStream, StreamReader, StreamWriter};
 use crate::{AttachRequest, ExecRequest, Process, Runtime, Started, TermSize};
 
@@ -106,7 +107,7 @@ pub enum Session {
 
 impl Session {
     /// (tty, stdin, stdout, stderr)
-    fn stdio(&self) -> (bool, bool, bool, bool) {
+    pub(crate) fn stdio(&self) -> (bool, bool, bool, bool) {
         match self {
             Session::Exec(r) => (r.tty, r.stdin, r.stdout, r.stderr),
             Session::Attach(r) => (r.tty, r.stdin, r.stdout, r.stderr),
@@ -114,7 +115,7 @@ impl Session {
     }
 }
 
-/// Serves one exec or attach session on an upgraded connection.
+/// Serves one exec or attach session on an upgraded SPDY connection.
 pub async fn serve(
     mut conn: Connection,
     protocol: &'static str,
@@ -142,25 +143,65 @@ pub async fn serve(
                 return;
             }
         };
-    let Some(error) = streams.error.clone() else {
+    let Some(error) = streams.error else {
         return;
     };
-    let outcome = run(&mut conn, streams, &session, runtime).await;
-    let outcome = match (&session, outcome) {
+    let out = |w: Option<StreamWriter>| w.map(|w| Box::new(w) as Box<dyn OutChannel>);
+    let io = ClientIo {
+        stdin: streams.stdin.map(|r| Box::new(r) as Reader),
+        resize: streams.resize.map(|r| Box::new(r) as Reader),
+        stdout: out(streams.stdout),
+        stderr: out(streams.stderr),
+    };
+    let structured = protocol == "v4.channel.k8s.io";
+    run_session(
+        io,
+        Box::new(error),
+        &session,
+        runtime,
+        structured,
+        client_gone(&mut conn),
+    )
+    .await;
+    conn.close().await;
+}
+
+type Reader = Box<dyn AsyncRead + Send + Unpin>;
+
+/// The client's side of a session, whatever the transport.
+pub struct ClientIo {
+    pub stdin: Option<Reader>,
+    pub resize: Option<Reader>,
+    pub stdout: Option<Box<dyn OutChannel>>,
+    pub stderr: Option<Box<dyn OutChannel>>,
+}
+
+/// Runs the session to its end and reports the outcome on the error
+/// channel: a `metav1.Status` if `structured` (v4 and later), plain text on
+/// failure otherwise. `gone` resolves when the client can send nothing more.
+pub async fn run_session(
+    io: ClientIo,
+    error: Box<dyn OutChannel>,
+    session: &Session,
+    runtime: Arc<dyn Runtime>,
+    structured: bool,
+    gone: impl std::future::Future<Output = ()>,
+) {
+    let outcome = run(io, session, runtime, gone).await;
+    let outcome = match (session, outcome) {
         // An attach ends when the container's output does; it reports no
         // exit code (kubelet's neither).
         (Session::Attach(_), Outcome::Exited(_)) => Outcome::Exited(0),
         (_, o) => o,
     };
-    let cmd = match &session {
-        Session::Exec(r) => r.cmd.clone(),
-        Session::Attach(_) => Vec::new(),
+    let cmd = match session {
+        Session::Exec(r) => r.cmd.as_slice(),
+        Session::Attach(_) => &[],
     };
-    if let Some(status) = status_message(protocol, &cmd, &outcome) {
+    if let Some(status) = status_message(structured, cmd, &outcome) {
         let _ = error.write(&status).await;
     }
     let _ = error.close().await;
-    conn.close().await;
 }
 
 enum Outcome {
@@ -170,10 +211,10 @@ enum Outcome {
 }
 
 async fn run(
-    conn: &mut Connection,
-    streams: Streams,
+    client: ClientIo,
     session: &Session,
     runtime: Arc<dyn Runtime>,
+    gone: impl std::future::Future<Output = ()>,
 ) -> Outcome {
     let started = match session {
         Session::Exec(r) => runtime.exec(r.clone()).await,
@@ -183,23 +224,20 @@ async fn run(
         Ok(p) => p,
         Err(msg) => return Outcome::Failed(msg),
     };
-    let stdin = match (streams.stdin, io.stdin) {
+    let stdin = match (client.stdin, io.stdin) {
         (Some(mut from), Some(mut to)) => Some(tokio::spawn(async move {
             let _ = tokio::io::copy(&mut from, &mut to).await;
-            // The client's FIN closes the process's stdin.
+            // The client's FIN (or v5 close signal) closes the process's
+            // stdin.
             let _ = to.shutdown().await;
         })),
         _ => None,
     };
-    let resize = match streams.resize {
-        Some(r) => {
-            let p = process.clone();
-            Some(tokio::spawn(resize_loop(r, p)))
-        }
-        None => None,
-    };
+    let resize = client
+        .resize
+        .map(|r| tokio::spawn(resize_loop(r, process.clone())));
     let mut outputs = Vec::new();
-    for (from, to) in [(io.stdout, streams.stdout), (io.stderr, streams.stderr)] {
+    for (from, to) in [(io.stdout, client.stdout), (io.stderr, client.stderr)] {
         if let Some(from) = from {
             outputs.push(tokio::spawn(copy_out(from, to)));
         }
@@ -209,7 +247,7 @@ async fn run(
             Ok(code) => Outcome::Exited(code),
             Err(e) => Outcome::Failed(e),
         },
-        () = client_gone(conn) => Outcome::ClientGone,
+        () = gone => Outcome::ClientGone,
     };
     if matches!(outcome, Outcome::ClientGone) {
         tracing::info!("client went away; ending the session (an exec process is killed)");
@@ -234,7 +272,7 @@ async fn client_gone(conn: &mut Connection) {
     }
 }
 
-async fn copy_out(mut from: Box<dyn AsyncRead + Send + Unpin>, to: Option<StreamWriter>) {
+async fn copy_out(mut from: Reader, to: Option<Box<dyn OutChannel>>) {
     let mut buf = vec![0u8; 32 * 1024];
     loop {
         let n = match from.read(&mut buf).await {
@@ -255,7 +293,7 @@ async fn copy_out(mut from: Box<dyn AsyncRead + Send + Unpin>, to: Option<Stream
 }
 
 /// Reads the run of JSON `TerminalSize` objects on the resize stream.
-async fn resize_loop(mut r: StreamReader, process: Arc<dyn Process>) {
+async fn resize_loop(mut r: Reader, process: Arc<dyn Process>) {
     let mut pending: Vec<u8> = Vec::new();
     let mut buf = [0u8; 1024];
     loop {
@@ -287,8 +325,8 @@ async fn resize_loop(mut r: StreamReader, process: Arc<dyn Process>) {
 }
 
 /// What goes on the error stream, if anything.
-fn status_message(protocol: &str, cmd: &[String], outcome: &Outcome) -> Option<Vec<u8>> {
-    let v4 = protocol == "v4.channel.k8s.io";
+fn status_message(structured: bool, cmd: &[String], outcome: &Outcome) -> Option<Vec<u8>> {
+    let v4 = structured;
     let failure = |message: String, reason: &str, causes: serde_json::Value| {
         if v4 {
             let mut s = json!({
@@ -342,18 +380,17 @@ mod tests {
     #[test]
     fn v4_status() {
         let cmd = vec!["sh".to_string()];
-        let ok = status_message("v4.channel.k8s.io", &cmd, &Outcome::Exited(0)).unwrap();
+        let ok = status_message(true, &cmd, &Outcome::Exited(0)).unwrap();
         assert_eq!(ok, br#"{"metadata":{},"status":"Success"}"#);
-        let s: serde_json::Value = serde_json::from_slice(
-            &status_message("v4.channel.k8s.io", &cmd, &Outcome::Exited(3)).unwrap(),
-        )
-        .unwrap();
+        let s: serde_json::Value =
+            serde_json::from_slice(&status_message(true, &cmd, &Outcome::Exited(3)).unwrap())
+                .unwrap();
         assert_eq!(s["status"], "Failure");
         assert_eq!(s["reason"], "NonZeroExitCode");
         assert_eq!(s["details"]["causes"][0]["reason"], "ExitCode");
         assert_eq!(s["details"]["causes"][0]["message"], "3");
-        let v2 = status_message("v2.channel.k8s.io", &cmd, &Outcome::Failed("nope".into()));
+        let v2 = status_message(false, &cmd, &Outcome::Failed("nope".into()));
         assert_eq!(v2.unwrap(), b"nope");
-        assert!(status_message("v3.channel.k8s.io", &cmd, &Outcome::Exited(0)).is_none());
+        assert!(status_message(false, &cmd, &Outcome::Exited(0)).is_none());
     }
 }

@@ -20,6 +20,7 @@ use crate::portforward;
 use crate::remotecommand;
 use crate::spdy;
 use crate::tokens::RequestCache;
+use crate::websocket;
 use crate::{AttachRequest, ExecRequest, PortForwardRequest, RequestError, Runtime};
 
 /// What kubelet's streaming library and containerd use.
@@ -32,6 +33,15 @@ pub struct ServerConfig {
     pub addr: SocketAddr,
     /// How long a client has to open its streams after the upgrade.
     pub stream_creation_timeout: Duration,
+    /// Serve HTTPS with this certificate chain and key (PEM files);
+    /// plain HTTP when `None`.
+    pub tls: Option<TlsFiles>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub cert: std::path::PathBuf,
+    pub key: std::path::PathBuf,
 }
 
 impl Default for ServerConfig {
@@ -39,6 +49,7 @@ impl Default for ServerConfig {
         Self {
             addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             stream_creation_timeout: Duration::from_secs(30),
+            tls: None,
         }
     }
 }
@@ -71,9 +82,11 @@ impl Drop for Server {
 
 impl Server {
     pub async fn start(config: ServerConfig, runtime: Arc<dyn Runtime>) -> std::io::Result<Server> {
+        let tls = config.tls.as_ref().map(tls_acceptor).transpose()?;
         let listener = TcpListener::bind(config.addr).await?;
         let local = listener.local_addr()?;
-        let base_url = format!("http://{local}");
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let base_url = format!("{scheme}://{local}");
         let shared = Arc::new(Shared {
             cache: RequestCache::new(TOKEN_TTL, MAX_PENDING),
             runtime,
@@ -92,18 +105,17 @@ impl Server {
                 };
                 let _ = tcp.set_nodelay(true);
                 let s = s.clone();
+                let tls = tls.clone();
                 tokio::spawn(async move {
-                    let service = hyper::service::service_fn(move |req| {
-                        let s = s.clone();
-                        async move { Ok::<_, std::convert::Infallible>(handle(s, req).await) }
-                    });
-                    let conn = hyper::server::conn::http1::Builder::new()
-                        .timer(hyper_util::rt::TokioTimer::new())
-                        .header_read_timeout(Duration::from_secs(10))
-                        .serve_connection(TokioIo::new(tcp), service)
-                        .with_upgrades();
-                    if let Err(e) = conn.await {
-                        tracing::debug!(%peer, %e, "streaming connection");
+                    let Some(tls) = tls else {
+                        return serve_http(tcp, peer, s).await;
+                    };
+                    // A client that never finishes its handshake holds a
+                    // task, not the server.
+                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.accept(tcp)).await {
+                        Ok(Ok(stream)) => serve_http(stream, peer, s).await,
+                        Ok(Err(e)) => tracing::debug!(%peer, %e, "TLS handshake"),
+                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
                     }
                 });
             }
@@ -116,7 +128,7 @@ impl Server {
         })
     }
 
-    /// `http://host:port` of the server.
+    /// `http://host:port` (`https://` with TLS) of the server.
     pub fn base_url(&self) -> &str {
         &self.base_url
     }
@@ -148,6 +160,52 @@ impl Server {
         let token = self.shared.cache.insert(Cached::PortForward(req))?;
         Ok(format!("{}/portforward/{token}", self.base_url))
     }
+}
+
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+async fn serve_http<T>(io: T, peer: SocketAddr, s: Arc<Shared>)
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = hyper::service::service_fn(move |req| {
+        let s = s.clone();
+        async move { Ok::<_, std::convert::Infallible>(handle(s, req).await) }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HANDSHAKE_TIMEOUT)
+        .serve_connection(TokioIo::new(io), service)
+        .with_upgrades();
+    if let Err(e) = conn.await {
+        tracing::debug!(%peer, %e, "streaming connection");
+    }
+}
+
+/// The TLS side of the server, from PEM files; an error names the file.
+fn tls_acceptor(files: &TlsFiles) -> std::io::Result<tokio_rustls::TlsAcceptor> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    use tokio_rustls::rustls;
+    let invalid = |path: &std::path::Path, e: &dyn std::fmt::Display| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("{}: {e}", path.display()),
+        )
+    };
+    let certs = CertificateDer::pem_file_iter(&files.cert)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| invalid(&files.cert, &e))?;
+    if certs.is_empty() {
+        return Err(invalid(&files.cert, &"no certificate in the file"));
+    }
+    let key = PrivateKeyDer::from_pem_file(&files.key).map_err(|e| invalid(&files.key, &e))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .and_then(|b| b.with_no_client_auth().with_single_cert(certs, key))
+        .map_err(|e| invalid(&files.key, &e))?;
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
 
 /// kubelet's rules for a streaming request's stdio.
@@ -194,10 +252,13 @@ async fn handle(s: Arc<Shared>, mut req: Request<Incoming>) -> Response<Full<Byt
         // A token is good for the call that made it only.
         _ => return not_found(),
     };
+    if websocket::is_upgrade(req.headers()) {
+        return upgrade_websocket(req, cached, s.runtime.clone());
+    }
     if !header_has(&req, header::UPGRADE, "spdy/3.1") {
         return reply(
             StatusCode::BAD_REQUEST,
-            "this endpoint speaks SPDY/3.1 (Upgrade: SPDY/3.1)",
+            "this endpoint speaks SPDY/3.1 or WebSocket (Upgrade: SPDY/3.1 or websocket)",
         );
     }
     let offered = client_protocols(&req);
@@ -228,15 +289,15 @@ async fn handle(s: Arc<Shared>, mut req: Request<Incoming>) -> Response<Full<Byt
         let conn = spdy::Connection::serve(TokioIo::new(io), spdy::Limits::default());
         match cached {
             Cached::Exec(exec) => {
-                let span = tracing::info_span!("stream_exec", container = %exec.container_id);
                 let session = remotecommand::Session::Exec(exec);
+                let span = session_span(&session);
                 remotecommand::serve(conn, protocol, session, runtime, timeout)
                     .instrument(span)
                     .await
             }
             Cached::Attach(attach) => {
-                let span = tracing::info_span!("attach", container = %attach.container_id);
                 let session = remotecommand::Session::Attach(attach);
+                let span = session_span(&session);
                 remotecommand::serve(conn, protocol, session, runtime, timeout)
                     .instrument(span)
                     .await
@@ -254,6 +315,107 @@ async fn handle(s: Arc<Shared>, mut req: Request<Incoming>) -> Response<Full<Byt
         .header(remotecommand::PROTOCOL_HEADER, protocol)
         .body(Full::new(Bytes::new()))
         .unwrap_or_default()
+}
+
+/// What a WebSocket session serves, once its protocol is agreed.
+enum WsSession {
+    RemoteCommand(websocket::Channels, remotecommand::Session),
+    PortForward(websocket::Channels, PortForwardRequest, Vec<u16>),
+    Tunnel(PortForwardRequest),
+}
+
+fn upgrade_websocket(
+    mut req: Request<Incoming>,
+    cached: Cached,
+    runtime: Arc<dyn Runtime>,
+) -> Response<Full<Bytes>> {
+    let accept = match websocket::accept_key(req.headers()) {
+        Ok(k) => k,
+        Err(msg) => return reply(StatusCode::BAD_REQUEST, msg),
+    };
+    let offered = websocket::offered(req.headers());
+    let remote = |session| {
+        websocket::negotiate_remote_command(&offered)
+            .map(|c| (c.name, WsSession::RemoteCommand(c, session)))
+    };
+    let agreed = match cached {
+        Cached::Exec(r) => remote(remotecommand::Session::Exec(r)),
+        Cached::Attach(r) => remote(remotecommand::Session::Attach(r)),
+        Cached::PortForward(pf) => match websocket::negotiate_port_forward(&offered) {
+            Some(websocket::PortForwardProtocol::Tunnel) => {
+                Some((websocket::TUNNEL_PORTFORWARD, WsSession::Tunnel(pf)))
+            }
+            Some(websocket::PortForwardProtocol::Channels(c)) => {
+                match websocket::query_ports(req.uri().query(), &pf.ports) {
+                    Ok(ports) => Some((c.name, WsSession::PortForward(c, pf, ports))),
+                    Err(msg) => return reply(StatusCode::BAD_REQUEST, &msg),
+                }
+            }
+            None => None,
+        },
+    };
+    let Some((protocol, session)) = agreed else {
+        return reply(
+            StatusCode::FORBIDDEN,
+            &format!("no supported WebSocket protocol among {offered:?}"),
+        );
+    };
+    let upgrade = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        let io = match upgrade.await {
+            Ok(io) => io,
+            Err(e) => {
+                tracing::debug!(%e, "WebSocket upgrade failed");
+                return;
+            }
+        };
+        let ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
+            TokioIo::new(io),
+            tokio_tungstenite::tungstenite::protocol::Role::Server,
+            Some(websocket::config()),
+        )
+        .await;
+        match session {
+            WsSession::RemoteCommand(channels, session) => {
+                let span = session_span(&session);
+                websocket::serve_remote_command(ws, channels, session, runtime)
+                    .instrument(span)
+                    .await
+            }
+            WsSession::PortForward(channels, pf, ports) => {
+                let span = tracing::info_span!("port_forward", pod = %pf.pod_sandbox_id);
+                websocket::serve_port_forward(ws, channels, pf.pod_sandbox_id, ports, runtime)
+                    .instrument(span)
+                    .await
+            }
+            WsSession::Tunnel(pf) => {
+                let span = tracing::info_span!("port_forward", pod = %pf.pod_sandbox_id);
+                websocket::serve_tunnel(ws, pf, runtime)
+                    .instrument(span)
+                    .await
+            }
+        }
+    });
+    let mut res = Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header(header::CONNECTION, "Upgrade")
+        .header(header::UPGRADE, "websocket")
+        .header(header::SEC_WEBSOCKET_ACCEPT, accept);
+    if !protocol.is_empty() {
+        res = res.header(header::SEC_WEBSOCKET_PROTOCOL, protocol);
+    }
+    res.body(Full::new(Bytes::new())).unwrap_or_default()
+}
+
+fn session_span(session: &remotecommand::Session) -> tracing::Span {
+    match session {
+        remotecommand::Session::Exec(r) => {
+            tracing::info_span!("stream_exec", container = %r.container_id)
+        }
+        remotecommand::Session::Attach(r) => {
+            tracing::info_span!("attach", container = %r.container_id)
+        }
+    }
 }
 
 fn header_has(req: &Request<Incoming>, name: header::HeaderName, token: &str) -> bool {

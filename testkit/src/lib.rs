@@ -9,6 +9,7 @@ use std::path::PathBuf;
 
 pub mod bench;
 pub mod busybox;
+pub mod go;
 pub mod guest;
 pub mod registry;
 

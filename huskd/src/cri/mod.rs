@@ -237,6 +237,7 @@ impl Husk {
         let server = husk_streaming::Server::start(
             husk_streaming::ServerConfig {
                 addr,
+                tls: husk.config.streaming.tls(),
                 ..Default::default()
             },
             Arc::new(streaming::StreamRuntime::new(&husk)),

@@ -1,5 +1,6 @@
 //! Exec through huskd's streaming server into a real pod VM (issue 11): the URL `Exec` returns,
-//! SPDY with `v4.channel.k8s.io` (husk's own client here; crictl and critest are run by hand, see
+//! SPDY with `v4.channel.k8s.io` (husk's own client) and WebSocket with `v5.channel.k8s.io` (the
+//! Go client of `tests/go/stream-client`; crictl and critest are run by hand, see
 //! docs/conformance.md), stdin through the guest and back byte-exact, the exit code, a terminal,
 //! a missing binary, concurrent sessions, and tokens that cannot be replayed; port-forward to a
 //! server bound to the pod's own loopback (which Kata cannot reach), 64 MiB byte-exact, and a
@@ -9,6 +10,7 @@ use std::time::Instant;
 
 use anyhow::{ensure, Context, Result};
 use husk_streaming::client;
+use husk_testkit::go::run_stream_client;
 use husk_tests::huskd::{Huskd, HuskdDirs};
 use k8s_cri::v1 as cri;
 
@@ -28,6 +30,12 @@ async fn exec_url(rt: &mut Rt, ctr: &str, cmd: &[&str], tty: bool, stdin: bool) 
         .context("Exec")?
         .into_inner()
         .url)
+}
+
+/// An exec of `cat` with stdin that ends with code 7.
+async fn cat_url(rt: &mut Rt, ctr: &str) -> Result<String> {
+    let cmd = ["sh", "-c", "cat; echo done >&2; exit 7"];
+    exec_url(rt, ctr, &cmd, false, true).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -52,14 +60,7 @@ async fn cri_exec_streaming() -> Result<()> {
 
         // 4 MiB of stdin through the guest's cat and back.
         let data: Vec<u8> = (0..4u32 << 20).map(|i| (i * 7 + i / 4096) as u8).collect();
-        let url = exec_url(
-            &mut rt,
-            &ctr,
-            &["sh", "-c", "cat; echo done >&2; exit 7"],
-            false,
-            true,
-        )
-        .await?;
+        let url = cat_url(&mut rt, &ctr).await?;
         let t = Instant::now();
         let out = client::exec(&url, Some(&data), false).await?;
         eprintln!(
@@ -83,6 +84,23 @@ async fn cri_exec_streaming() -> Result<()> {
                 .as_ref()
                 .is_err_and(|e| e.to_string().contains("404")),
             "a used token must be refused: {replay:?}"
+        );
+
+        // The same over WebSocket with v5 (gorilla/websocket in Go, as
+        // crictl --transport websocket): stdin ends with the v5 close signal.
+        let url = cat_url(&mut rt, &ctr).await?;
+        let t = Instant::now();
+        let out = run_stream_client(&url, &["-i", "-ws", "v5.channel.k8s.io"], &data).await;
+        eprintln!(
+            "4 MiB through WebSocket exec stdin/stdout in {} ms",
+            t.elapsed().as_millis()
+        );
+        ensure!(
+            out.stdout == data && out.stderr == b"done\n" && out.status.code() == Some(7),
+            "WebSocket exec: {} bytes back, stderr {:?}, {}",
+            out.stdout.len(),
+            String::from_utf8_lossy(&out.stderr),
+            out.status
         );
 
         let url = exec_url(
@@ -195,6 +213,20 @@ async fn port_forward_to_pod_localhost(
         String::from_utf8_lossy(&err)
     );
     ensure!(text.contains("hello-from-pod"), "response: {text:?}");
+    // SPDY tunnelled in WebSocket, as crictl port-forward --transport websocket.
+    let url = port_forward_url(rt, pod).await?;
+    let out = run_stream_client(
+        &url,
+        &["-port", "8080", "-ws=tunnel"],
+        b"GET /index.html HTTP/1.0\r\n\r\n",
+    )
+    .await;
+    let text = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        out.status.success() && text.contains("hello-from-pod"),
+        "tunnelled port-forward: {text:?} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     let want = exec_ok(rt, &web, &["sha256sum", "/www/big"]).await?;
     let url = port_forward_url(rt, pod).await?;
