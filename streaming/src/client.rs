@@ -265,3 +265,61 @@ pub async fn exec(url: &str, stdin: Option<&[u8]>, tty: bool) -> Result<ExecOutp
         }
     }
 }
+
+/// Runs the exec session behind `url` over WebSocket with
+/// `v5.channel.k8s.io`: sends all of `stdin` and closes it with the v5
+/// signal, collects stdout, stderr and the status until the server closes.
+pub async fn exec_websocket(url: &str, stdin: Option<&[u8]>) -> Result<ExecOutput, ClientError> {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    use tokio_tungstenite::tungstenite::Message;
+    let ws_url = url
+        .strip_prefix("http://")
+        .map(|rest| format!("ws://{rest}"))
+        .ok_or_else(|| ClientError::Protocol(format!("not an http URL: {url}")))?;
+    let host = ws_url["ws://".len()..]
+        .split('/')
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    let mut req = ws_url
+        .as_str()
+        .into_client_request()
+        .map_err(|e| ClientError::Protocol(e.to_string()))?;
+    req.headers_mut().insert(
+        http::header::SEC_WEBSOCKET_PROTOCOL,
+        http::HeaderValue::from_static("v5.channel.k8s.io"),
+    );
+    let tcp = TcpStream::connect(host).await?;
+    let (ws, _) = tokio_tungstenite::client_async(req, tcp)
+        .await
+        .map_err(|e| ClientError::Refused(e.to_string()))?;
+    let (mut sink, mut stream) = ws.split();
+    let stdin = stdin.map(<[u8]>::to_vec);
+    let sender = tokio::spawn(async move {
+        if let Some(data) = stdin {
+            for chunk in data.chunks(32 * 1024) {
+                let mut m = vec![0u8];
+                m.extend_from_slice(chunk);
+                sink.send(Message::Binary(m.into())).await?;
+            }
+            sink.send(Message::Binary(vec![255u8, 0].into())).await?;
+        }
+        Ok::<_, tokio_tungstenite::tungstenite::Error>(sink)
+    });
+    let mut result = ExecOutput::default();
+    while let Some(msg) = stream.next().await {
+        match msg.map_err(|e| ClientError::Protocol(e.to_string()))? {
+            Message::Binary(b) if !b.is_empty() => match b[0] {
+                1 => result.stdout.extend_from_slice(&b[1..]),
+                2 => result.stderr.extend_from_slice(&b[1..]),
+                3 => result.status.extend_from_slice(&b[1..]),
+                _ => {}
+            },
+            Message::Close(_) => break,
+            _ => {}
+        }
+    }
+    drop(sender.await);
+    Ok(result)
+}

@@ -127,6 +127,21 @@ pub async fn run_pod(
         .pod_sandbox_id)
 }
 
+/// StopPodSandbox then RemovePodSandbox, as kubelet deletes a pod.
+pub async fn stop_remove_pod(rt: &mut RuntimeServiceClient<Channel>, pod: &str) -> Result<()> {
+    rt.stop_pod_sandbox(cri::StopPodSandboxRequest {
+        pod_sandbox_id: pod.into(),
+    })
+    .await
+    .context("StopPodSandbox")?;
+    rt.remove_pod_sandbox(cri::RemovePodSandboxRequest {
+        pod_sandbox_id: pod.into(),
+    })
+    .await
+    .context("RemovePodSandbox")?;
+    Ok(())
+}
+
 /// The verbose PodSandboxStatus: the pod's status and huskd's `info` JSON
 /// (start timings, pids).
 pub async fn verbose_status(

@@ -18,7 +18,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context, Result};
 use husk_testkit::bench::{median, rounds};
 use husk_tests::pods::{
-    container_config, create_container, pod_config, pull, run_pod, verbose_status, BenchHuskd,
+    container_config, create_container, pod_config, pull, run_pod, stop_remove_pod, verbose_status,
+    BenchHuskd,
 };
 use k8s_cri::v1 as cri;
 
@@ -195,16 +196,7 @@ async fn main() -> Result<()> {
                 }
             }
             let t = Instant::now();
-            rt.stop_pod_sandbox(cri::StopPodSandboxRequest {
-                pod_sandbox_id: pod.clone(),
-            })
-            .await
-            .context("StopPodSandbox")?;
-            rt.remove_pod_sandbox(cri::RemovePodSandboxRequest {
-                pod_sandbox_id: pod.clone(),
-            })
-            .await
-            .context("RemovePodSandbox")?;
+            stop_remove_pod(&mut rt, &pod).await?;
             stop_remove.push(t.elapsed().as_secs_f64() * 1000.0);
             eprintln!("round {i}: RunPodSandbox {run_ms:.1} ms (network {net_ms:.1} ms, guest boot {boot_ms:.1} ms)");
         }
