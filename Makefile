@@ -15,9 +15,12 @@ GUEST_CACHE ?= /var/cache/husk
 deps:
 	./scripts/install-deps
 
-# Host binaries: huskd, husk-vmm, husk-vsock, husk-guest-image.
+# Host binaries: huskd, husk-vmm, husk-vsock, husk-guest-image, and the
+# static husk-agent.
 build: deps agent
 	$(CARGO) build --release --workspace --exclude husk-agent --bins
+	# Next to huskd, which runs it on the host for host pods.
+	install -m 0755 $(AGENT_BIN) $(BIN_DIR)/husk-agent
 
 # Built with --target so crt-static applies to the agent only, not to the
 # build scripts and proc-macros of the host build.

@@ -44,6 +44,10 @@ qemu = ""
 # husk-vsock binary (vsock backend for QEMU); empty: next to huskd, then PATH.
 husk_vsock = ""
 
+# husk-agent binary run on the host for host pods (the static build the
+# guest image carries); empty: next to huskd, then PATH.
+husk_agent = ""
+
 # Seconds a pod VM may take from launch to its agent being ready.
 sandbox_ready_timeout_secs = 60
 
@@ -109,8 +113,15 @@ bin_dirs = ["/opt/cni/bin", "/usr/lib/cni"]
 # [handlers.NAME] tables with the same keys.
 [handlers.husk]
 # VM backend: "auto" (builtin VMM where hardware virtualization exists,
-# otherwise QEMU), "qemu" or "builtin".
+# otherwise QEMU), "qemu" or "builtin"; "none" runs every pod of this
+# handler as OS containers on the host kernel (like runc), no VM.
 hypervisor = "auto"
+
+# A pod that asks for the host's network, PID or IPC namespace (kube-proxy,
+# CNI agents, node exporters): "host" runs it as OS containers on the host
+# kernel (frakti's hybrid runtime), "refuse" rejects it (for nodes that
+# must run nothing outside a VM).
+host_namespaces = "host"
 
 # vCPUs of a pod VM before the pod's own resources raise it.
 vcpus = 1
@@ -144,6 +155,7 @@ pub struct HuskdConfig {
     pub virtiofsd: PathBuf,
     pub qemu: PathBuf,
     pub husk_vsock: PathBuf,
+    pub husk_agent: PathBuf,
     pub sandbox_ready_timeout_secs: u64,
     pub console_log_max_bytes: u64,
     pub registry: RegistryConfig,
@@ -231,6 +243,7 @@ impl RegistryConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct HandlerConfig {
     pub hypervisor: String,
+    pub host_namespaces: HostNamespacesPolicy,
     pub vcpus: u32,
     pub memory_mib: u32,
     pub kernel: PathBuf,
@@ -238,10 +251,28 @@ pub struct HandlerConfig {
     pub kernel_params: Vec<String>,
 }
 
+/// What a VM handler does with a pod that asks for a host namespace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HostNamespacesPolicy {
+    /// Run it as OS containers on the host (the default, as frakti).
+    Host,
+    /// Reject it with InvalidArgument.
+    Refuse,
+}
+
+impl HandlerConfig {
+    /// `hypervisor = "none"`: every pod on the host, no VM.
+    pub fn is_host_only(&self) -> bool {
+        self.hypervisor == "none"
+    }
+}
+
 impl Default for HandlerConfig {
     fn default() -> Self {
         Self {
             hypervisor: "auto".into(),
+            host_namespaces: HostNamespacesPolicy::Host,
             vcpus: 1,
             memory_mib: 256,
             kernel: "/var/lib/husk/guest/vmlinuz".into(),
@@ -276,6 +307,7 @@ impl Default for HuskdConfig {
             virtiofsd: PathBuf::new(),
             qemu: PathBuf::new(),
             husk_vsock: PathBuf::new(),
+            husk_agent: PathBuf::new(),
             sandbox_ready_timeout_secs: 60,
             console_log_max_bytes: husk_runtime::sandbox::DEFAULT_CONSOLE_LOG_MAX_BYTES,
             registry: RegistryConfig::default(),
@@ -367,6 +399,9 @@ impl HuskdConfig {
     pub fn husk_vsock_path(&self) -> Option<&Path> {
         Self::optional(&self.husk_vsock)
     }
+    pub fn husk_agent_path(&self) -> Option<&Path> {
+        Self::optional(&self.husk_agent)
+    }
 
     /// Checks every key; the error is (dotted key, what is wrong).
     pub fn validate(&self) -> Result<(), (String, String)> {
@@ -417,6 +452,7 @@ impl HuskdConfig {
             ("virtiofsd", &self.virtiofsd),
             ("qemu", &self.qemu),
             ("husk_vsock", &self.husk_vsock),
+            ("husk_agent", &self.husk_agent),
         ] {
             if !p.as_os_str().is_empty() && !p.is_absolute() {
                 return err(
@@ -511,8 +547,10 @@ impl HuskdConfig {
             if let Err(m) = check_handler_name(name) {
                 return err(&format!("handlers.{name}"), m);
             }
-            if let Err(e) = HypervisorChoice::from_str(&h.hypervisor) {
-                return err(&key("hypervisor"), e.to_string());
+            if !h.is_host_only() {
+                if let Err(e) = HypervisorChoice::from_str(&h.hypervisor) {
+                    return err(&key("hypervisor"), format!("{e}, or \"none\""));
+                }
             }
             if !(1..=255).contains(&h.vcpus) {
                 return err(

@@ -108,7 +108,7 @@ pub fn husk_binary_dirs() -> Vec<PathBuf> {
 }
 
 /// The guest kernel and initramfs.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct GuestImage {
     pub kernel: PathBuf,
     pub initrd: PathBuf,

@@ -112,6 +112,7 @@ impl Env {
             pod_namespace: "default".into(),
             pod_uid: format!("uid-{n}"),
             port_mappings: ports,
+            vm_nic: true,
         }
     }
 

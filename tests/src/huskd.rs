@@ -95,7 +95,8 @@ impl HuskdDirs {
              virtiofsd = {virtiofsd:?}\nqemu = {qemu:?}\nhusk_vsock = {vsock:?}\n\
              sandbox_ready_timeout_secs = 120\nconsole_log_max_bytes = {CONSOLE_LOG_MAX_BYTES}\n\
              [registry]\ninsecure = {insecure:?}\n\
-             [handlers.husk]\n{default}\n[handlers.big]\n{big}",
+             [handlers.husk]\n{default}\n[handlers.big]\n{big}host_namespaces = \"refuse\"\n\
+             [handlers.os]\nhypervisor = \"none\"\n",
             state = state.path(),
             virtiofsd = env.virtiofsd,
             qemu = env.qemu.qemu,

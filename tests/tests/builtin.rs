@@ -203,6 +203,7 @@ fn fixture(dir: &Path, virtiofsd: &Path) -> Result<Fixture> {
         console_log: dir.join("console.log"),
         console_log_max_bytes: 1 << 20,
         sandbox_dir: dir.to_path_buf(),
+        host: Default::default(),
     };
     Ok(Fixture {
         dir: dir.to_path_buf(),

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use husk_runtime::hypervisor::fake::{self, FakeHypervisor};
+use husk_runtime::hypervisor::host::{self as fake, HostBackend};
 use husk_runtime::Hypervisor;
 use k8s_cri::v1 as cri;
 use k8s_cri::v1::runtime_service_server::RuntimeService;
@@ -109,7 +109,7 @@ impl Env {
             h.kernel = guest.join("vmlinuz");
             h.initrd = guest.join("initrd.img");
         }
-        let backend: Arc<dyn Hypervisor> = Arc::new(FakeHypervisor::new(agent_binary()));
+        let backend: Arc<dyn Hypervisor> = Arc::new(HostBackend::new(agent_binary()));
         Self {
             base,
             state,

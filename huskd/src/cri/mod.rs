@@ -73,8 +73,11 @@ pub struct Handler {
     pub name: String,
     pub config: HandlerConfig,
     /// The backend, or why it cannot be used (reported by Status and by
-    /// RunPodSandbox).
+    /// RunPodSandbox). The host backend for `hypervisor = "none"`.
     pub hypervisor: Result<Arc<dyn Hypervisor>, String>,
+    /// The host backend, for this handler's pods that share a host
+    /// namespace (shared by all handlers).
+    pub host: Result<Arc<dyn Hypervisor>, String>,
 }
 
 /// Host-side state of a created container that is not persisted.
@@ -185,10 +188,26 @@ impl Husk {
             qemu: config.qemu_path().map(Into::into),
             husk_vsock: config.husk_vsock_path().map(Into::into),
         };
+        let host: Result<Arc<dyn Hypervisor>, String> = match &backend {
+            Some(b) => Ok(b.clone()),
+            None => husk_runtime::components::find_binary(
+                "husk-agent",
+                "husk-agent",
+                config.husk_agent_path(),
+                &husk_runtime::components::husk_binary_dirs(),
+                husk_runtime::components::HINT_MAKE_BUILD,
+            )
+            .map(|agent| Arc::new(hypervisor::host::HostBackend::new(agent)) as Arc<dyn Hypervisor>)
+            .map_err(|e| e.to_string()),
+        };
+        if let Err(e) = &host {
+            tracing::warn!(error = %e, "no host backend: pods sharing a host namespace cannot start");
+        }
         let mut handlers = BTreeMap::new();
         for (name, h) in &config.handlers {
             let hv = match &backend {
                 Some(b) => Ok(b.clone()),
+                None if h.is_host_only() => host.clone(),
                 None => h
                     .hypervisor
                     .parse::<HypervisorChoice>()
@@ -207,6 +226,7 @@ impl Husk {
                     name: name.clone(),
                     config: h.clone(),
                     hypervisor: hv,
+                    host: host.clone(),
                 },
             );
         }

@@ -17,23 +17,44 @@ use husk_runtime::sandbox::SandboxNetwork;
 /// The guest's name for its pod interface.
 const GUEST_IFNAME: &str = "eth0";
 
-/// A VM has its own kernel and network stack: it cannot join the host's.
-/// Kata refuses such pods too; failing here is clearer than a pod whose
-/// "host network" is in fact a private one.
-pub fn refuse_host_network(config: &cri::PodSandboxConfig) -> Result<(), Status> {
-    let mode = config
-        .linux
-        .as_ref()
-        .and_then(|l| l.security_context.as_ref())
-        .and_then(|s| s.namespace_options.as_ref())
-        .map(|n| n.network)
-        .unwrap_or_default();
-    if mode == cri::NamespaceMode::Node as i32 {
-        return Err(Status::invalid_argument(
-            "config.linux.security_context.namespace_options.network: NODE (hostNetwork) is not supported: a pod VM has its own kernel and cannot share the host's network stack",
-        ));
+/// The host namespaces a pod asks for (`NODE` in its namespace options):
+/// such a pod cannot be a VM, which has its own kernel.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HostNamespaces {
+    pub network: bool,
+    pub pid: bool,
+    pub ipc: bool,
+}
+
+impl HostNamespaces {
+    pub fn of(config: &cri::PodSandboxConfig) -> Self {
+        let n = config
+            .linux
+            .as_ref()
+            .and_then(|l| l.security_context.as_ref())
+            .and_then(|s| s.namespace_options.as_ref());
+        let node = |mode: Option<i32>| mode == Some(cri::NamespaceMode::Node as i32);
+        Self {
+            network: node(n.map(|n| n.network)),
+            pid: node(n.map(|n| n.pid)),
+            ipc: node(n.map(|n| n.ipc)),
+        }
     }
-    Ok(())
+
+    pub fn any(&self) -> bool {
+        self.network || self.pid || self.ipc
+    }
+
+    /// The request's field naming the first host namespace asked for.
+    pub fn field(&self) -> &'static str {
+        if self.network {
+            "config.linux.security_context.namespace_options.network: NODE (hostNetwork)"
+        } else if self.pid {
+            "config.linux.security_context.namespace_options.pid: NODE (hostPID)"
+        } else {
+            "config.linux.security_context.namespace_options.ipc: NODE (hostIPC)"
+        }
+    }
 }
 
 /// The CNI request for a pod: its identity and port mappings.
@@ -86,6 +107,7 @@ pub fn request(pod_id: &str, config: &cri::PodSandboxConfig) -> Result<PodNetwor
         pod_namespace: meta.namespace,
         pod_uid: meta.uid,
         port_mappings,
+        vm_nic: true,
     })
 }
 
@@ -179,12 +201,17 @@ mod tests {
     }
 
     #[test]
-    fn host_network_is_refused_with_the_field_named() {
-        let e = refuse_host_network(&pod(cri::NamespaceMode::Node, vec![])).unwrap_err();
-        assert_eq!(e.code(), tonic::Code::InvalidArgument);
-        assert!(e.message().contains("namespace_options.network"), "{e}");
-        refuse_host_network(&pod(cri::NamespaceMode::Pod, vec![])).unwrap();
-        refuse_host_network(&cri::PodSandboxConfig::default()).unwrap();
+    fn host_namespaces_are_read_and_named() {
+        let h = HostNamespaces::of(&pod(cri::NamespaceMode::Node, vec![]));
+        assert!(h.network && !h.pid && !h.ipc && h.any());
+        assert!(h.field().contains("namespace_options.network"));
+        assert!(!HostNamespaces::of(&pod(cri::NamespaceMode::Pod, vec![])).any());
+        assert!(!HostNamespaces::of(&cri::PodSandboxConfig::default()).any());
+        let pid = HostNamespaces {
+            pid: true,
+            ..Default::default()
+        };
+        assert!(pid.field().contains("namespace_options.pid"));
     }
 
     #[test]

@@ -137,6 +137,16 @@ pub fn runtime_status(h: &Husk, verbose: bool) -> cri::StatusResponse {
                     x.name.clone(),
                     serde_json::json!({
                         "hypervisor": match &x.hypervisor { Ok(hv) => hv.description().to_string(), Err(e) => format!("unavailable: {e}") },
+                        // Where its pods that share a host namespace go.
+                        "hostNamespaces": if x.config.is_host_only() {
+                            "host (all pods)".to_string()
+                        } else {
+                            match (x.config.host_namespaces, &x.host) {
+                                (crate::config::HostNamespacesPolicy::Refuse, _) => "refuse".to_string(),
+                                (_, Ok(_)) => "host".to_string(),
+                                (_, Err(e)) => format!("host, unavailable: {e}"),
+                            }
+                        },
                         "vcpus": x.config.vcpus,
                         "memoryMiB": x.config.memory_mib,
                         "kernel": x.config.kernel,

@@ -45,7 +45,9 @@ async fn remove(h: &Husk, p: PodRecord) -> Result<(), Status> {
             h.drop_live(&c.id);
         }
         reap_orphan_dir(&p.sandbox_dir).await;
-        release_network(h, &p.id, p.network.as_ref()).await;
+        if !super::pod_network::HostNamespaces::of(&p.config).network {
+            release_network(h, &p.id, p.network.as_ref()).await;
+        }
         h.state.remove_pod(&p.id).map_err(|e| state_error(&e))?;
     }
     h.forget_pod_lock(&p.id);

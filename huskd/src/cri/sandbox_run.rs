@@ -1,9 +1,13 @@
-//! RunPodSandbox: the pod's network, then its VM, then the pod record.
+//! RunPodSandbox: the pod's network, then its VM (or, for a pod sharing a
+//! host namespace or of a `hypervisor = "none"` handler, its supervisor on
+//! the host), then the pod record.
 
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use husk_runtime::components::GuestImage;
+use husk_runtime::hypervisor::HostPodConfig;
 use husk_runtime::network;
 use husk_runtime::sandbox::{share, Sandbox, SandboxConfig, SandboxPaths};
 use k8s_cri::v1 as cri;
@@ -13,6 +17,7 @@ use super::errors::{sandbox_error, state_error};
 use super::helpers::record_pod_field;
 use super::pod_network::{self, release_network};
 use super::{now_ns, validation, Husk};
+use crate::config::HostNamespacesPolicy;
 use crate::state::{PodRecord, PodState};
 
 /// The VM size of a pod: the handler's, raised to hold the pod's declared
@@ -156,7 +161,7 @@ pub(super) async fn run_pod_sandbox(
         .config
         .ok_or_else(|| Status::invalid_argument("config is missing"))?;
     let meta = check_pod_config(&config)?.clone();
-    pod_network::refuse_host_network(&config)?;
+    let host_ns = pod_network::HostNamespaces::of(&config);
     let Some((handler_name, handler_cfg)) = h.config.handler(&req.runtime_handler) else {
         return Err(Status::invalid_argument(format!(
             "runtime_handler {:?} is not configured; known handlers: {}",
@@ -183,13 +188,35 @@ pub(super) async fn run_pod_sandbox(
             meta.namespace, meta.name, meta.uid, meta.attempt, p.id
         )));
     }
-    let hypervisor = handler.hypervisor.clone().map_err(|e| {
-        Status::failed_precondition(format!(
-            "runtime handler {handler_name:?} cannot run VMs: {e}"
-        ))
-    })?;
-    let guest = Husk::guest_image(&handler.config)
-        .map_err(|e| Status::failed_precondition(e.to_string()))?;
+    // frakti's hybrid runtime: what a VM cannot hold runs on the host.
+    let on_host = handler_cfg.is_host_only()
+        || (host_ns.any() && handler_cfg.host_namespaces == HostNamespacesPolicy::Host);
+    if host_ns.any() && !on_host {
+        return Err(Status::invalid_argument(format!(
+            "{} is refused: runtime handler {handler_name:?} runs pods only in VMs (host_namespaces = \"refuse\")",
+            host_ns.field()
+        )));
+    }
+    let hypervisor = if on_host {
+        handler.host.clone().map_err(|e| {
+            Status::failed_precondition(format!(
+                "runtime handler {handler_name:?} cannot run pods on the host: {e}"
+            ))
+        })?
+    } else {
+        handler.hypervisor.clone().map_err(|e| {
+            Status::failed_precondition(format!(
+                "runtime handler {handler_name:?} cannot run VMs: {e}"
+            ))
+        })?
+    };
+    // A host pod has no guest kernel to boot.
+    let guest = if on_host {
+        GuestImage::default()
+    } else {
+        Husk::guest_image(&handler.config)
+            .map_err(|e| Status::failed_precondition(e.to_string()))?
+    };
     let virtiofsd = h
         .virtiofsd
         .clone()
@@ -198,16 +225,33 @@ pub(super) async fn run_pod_sandbox(
 
     let id = super::new_id();
     record_pod_field(&id);
-    let net_req = pod_network::request(&id, &config)?;
+    let mut net_req = pod_network::request(&id, &config)?;
+    // A host pod uses the CNI interface itself; a tap would take its
+    // traffic away.
+    net_req.vm_nic = !on_host;
     let lock = h.pod_lock(&id);
     let _g = lock.lock().await;
-    // The network comes first: the VMM starts inside the pod's namespace.
+    // The network comes first: the VMM (or a host pod's agent) starts
+    // inside the pod's namespace. A pod on the host's network has none.
     let t_net = std::time::Instant::now();
-    let net = network::setup(&h.cni, &net_req)
-        .await
-        .map_err(|e| pod_network::network_error(&id, &e))?;
+    let net = if host_ns.network {
+        None
+    } else {
+        Some(
+            network::setup(&h.cni, &net_req)
+                .await
+                .map_err(|e| pod_network::network_error(&id, &e))?,
+        )
+    };
     let mut sc = SandboxConfig::new(id.clone(), hypervisor.clone(), guest, virtiofsd);
-    sc.network = Some(pod_network::sandbox_network(&net, t_net.elapsed()));
+    sc.network = net
+        .as_ref()
+        .map(|n| pod_network::sandbox_network(n, t_net.elapsed()));
+    sc.host_namespaces = HostPodConfig {
+        network: host_ns.network,
+        ipc: host_ns.ipc,
+        hostname: String::new(),
+    };
     sc.hostname = hostname.clone();
     sc.vcpus = vcpus;
     sc.memory_mib = memory_mib;
@@ -220,7 +264,9 @@ pub(super) async fn run_pod_sandbox(
     let sandbox = match Sandbox::start(sc).await {
         Ok(sb) => Arc::new(sb),
         Err(e) => {
-            release_network(h, &id, Some(&net)).await;
+            if net.is_some() {
+                release_network(h, &id, net.as_ref()).await;
+            }
             return Err(sandbox_error(&e));
         }
     };
@@ -244,7 +290,7 @@ pub(super) async fn run_pod_sandbox(
                 .collect(),
             sandbox_dir: sandbox.dir().to_path_buf(),
             reason: String::new(),
-            network: Some(net.clone()),
+            network: net.clone(),
             sandbox: Some(sandbox.record().clone()),
         };
         h.state.put_pod(rec).map_err(|e| state_error(&e))
@@ -254,7 +300,9 @@ pub(super) async fn run_pod_sandbox(
         if let Err(e) = sandbox.stop().await {
             tracing::error!(error = %e, "stopping a sandbox whose creation failed");
         }
-        release_network(h, &id, Some(&net)).await;
+        if net.is_some() {
+            release_network(h, &id, net.as_ref()).await;
+        }
         return Err(s);
     }
     let t = sandbox.timings();
@@ -264,7 +312,8 @@ pub(super) async fn run_pod_sandbox(
         memory_mib,
         total_ms = t.total.as_millis() as u64,
         guest_boot_ms = t.guest_boot.as_millis() as u64,
-        ips = ?net.pod_ips(),
+        backend = sandbox.hypervisor(),
+        ips = ?net.as_ref().map(|n| n.pod_ips()),
         "pod sandbox ready"
     );
     h.insert_sandbox(sandbox);

@@ -67,6 +67,8 @@ fn pod_status_of(
         let v = serde_json::json!({
             "runtimeHandler": p.runtime_handler,
             "hypervisor": p.hypervisor,
+            // "host" for a pod run as OS containers on the host.
+            "backend": p.sandbox.as_ref().map(|s| s.vm.backend.as_str()),
             "vcpus": p.vcpus,
             "memoryMiB": p.memory_mib,
             "pids": p.pids,

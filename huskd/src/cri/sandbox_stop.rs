@@ -112,8 +112,12 @@ pub(super) async fn stop_pod_inner(h: &Husk, pod_id: &str, reason: &str) {
         }
     }
     // After the VM: its VMM holds the tap open until it exits.
-    let net = h.state.pod(pod_id).and_then(|p| p.network);
-    release_network(h, pod_id, net.as_ref()).await;
+    // A pod on the host's network has none of its own.
+    if let Some(p) = h.state.pod(pod_id) {
+        if !super::pod_network::HostNamespaces::of(&p.config).network {
+            release_network(h, pod_id, p.network.as_ref()).await;
+        }
+    }
     if let Err(e) = h.state.update_pod(pod_id, |p| {
         p.state = PodState::NotReady;
         if p.reason.is_empty() {

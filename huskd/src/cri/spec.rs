@@ -530,7 +530,17 @@ pub fn build(inp: &SpecInputs<'_>) -> Result<oci_spec::runtime::Spec, Status> {
     spec["mounts"] = Value::Array(mounts);
 
     let linux = &mut spec["linux"];
-    linux["namespaces"] = json!([{"type": "pid"}, {"type": "mount"}, {"type": "cgroup"}]);
+    // A container of a host pod with the host's PID namespace (hostPID)
+    // gets none of its own; the network, IPC and UTS namespaces are the
+    // pod's (the VM's, or those its supervisor runs in on the host).
+    let host_pid = sc
+        .and_then(|s| s.namespace_options.as_ref())
+        .is_some_and(|n| n.pid == k8s_cri::v1::NamespaceMode::Node as i32);
+    linux["namespaces"] = if host_pid {
+        json!([{"type": "mount"}, {"type": "cgroup"}])
+    } else {
+        json!([{"type": "pid"}, {"type": "mount"}, {"type": "cgroup"}])
+    };
     if privileged {
         linux["maskedPaths"] = json!([]);
         linux["readonlyPaths"] = json!([]);

@@ -9,8 +9,7 @@
 
 pub mod adopted;
 pub mod builtin;
-#[cfg(feature = "fake")]
-pub mod fake;
+pub mod host;
 pub mod probe;
 pub mod qemu;
 pub mod qmp;
@@ -56,6 +55,21 @@ pub struct VmConfig {
     pub console_log_max_bytes: u64,
     /// Private directory for the backend's sockets and logs.
     pub sandbox_dir: PathBuf,
+    /// What the host backend needs of the pod; VM backends ignore it.
+    pub host: HostPodConfig,
+}
+
+/// The host namespaces a pod shares, and its hostname, for the host
+/// backend (a VM has its own kernel and shares none).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HostPodConfig {
+    /// The host's network namespace (hostNetwork), and with it the host's
+    /// UTS namespace, as kubelet expects.
+    pub network: bool,
+    /// The host's IPC namespace (hostIPC).
+    pub ipc: bool,
+    /// The pod's hostname in its own UTS namespace (not with `network`).
+    pub hostname: String,
 }
 
 /// A vhost-user virtio-fs backend (virtiofsd) already listening.
@@ -180,6 +194,12 @@ pub trait Hypervisor: Send + Sync + std::fmt::Debug {
     fn description(&self) -> &str;
     /// Starts the VM. On error nothing the backend started is left running.
     async fn launch(&self, config: &VmConfig) -> Result<Box<dyn Vm>, HypervisorError>;
+
+    /// Whether it boots the guest kernel and initrd (the host backend
+    /// runs none).
+    fn boots_guest(&self) -> bool {
+        true
+    }
 }
 
 /// A running VM and the processes that serve it.
@@ -255,12 +275,7 @@ pub struct Backend {
 }
 
 /// Every backend. Adding one is its module plus one line here.
-pub static BACKENDS: &[&Backend] = &[
-    &qemu::BACKEND,
-    &builtin::BACKEND,
-    #[cfg(feature = "fake")]
-    &fake::BACKEND,
-];
+pub static BACKENDS: &[&Backend] = &[&qemu::BACKEND, &builtin::BACKEND, &host::BACKEND];
 
 /// Adopts the VM of `record` through the backend that launched it.
 pub async fn adopt(

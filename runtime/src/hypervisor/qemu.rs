@@ -520,6 +520,7 @@ mod tests {
             console_log: "/s/console.log".into(),
             console_log_max_bytes: 1 << 20,
             sandbox_dir: "/s".into(),
+            host: Default::default(),
         }
     }
 

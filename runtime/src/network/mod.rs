@@ -68,6 +68,9 @@ pub struct PodNetworkRequest {
     pub pod_namespace: String,
     pub pod_uid: String,
     pub port_mappings: Vec<PortMapping>,
+    /// Join a tap to the CNI interface for a VM's NIC; a host pod uses the
+    /// interface itself.
+    pub vm_nic: bool,
 }
 
 /// A route the guest should install.
@@ -89,7 +92,8 @@ pub struct PodNetwork {
     pub network_name: String,
     /// The CNI interface in the namespace ([`POD_IFNAME`]).
     pub ifname: String,
-    /// The tap in the namespace for the VM ([`TAP_NAME`]).
+    /// The tap in the namespace for the VM ([`TAP_NAME`]; not created for
+    /// a host pod, which uses the CNI interface itself).
     pub tap: String,
     /// The CNI interface's MAC, lower case "aa:bb:..": the guest NIC's MAC.
     pub mac: String,
@@ -362,7 +366,7 @@ pub async fn setup(cfg: &CniConfig, req: &PodNetworkRequest) -> Result<PodNetwor
         bin_dirs: &cfg.bin_dirs,
     };
     let mut last_result: Option<Value> = None;
-    let result = setup_in_netns(&list, &bins, &inv, &mut last_result).await;
+    let result = setup_in_netns(&list, &bins, &inv, req.vm_nic, &mut last_result).await;
     match result {
         Ok(net) => {
             tracing::info!(
@@ -406,6 +410,7 @@ async fn setup_in_netns(
     list: &cni::ConfList,
     bins: &[PathBuf],
     inv: &cni::Invocation<'_>,
+    vm_nic: bool,
     last_result: &mut Option<Value>,
 ) -> Result<PodNetwork, NetworkError> {
     let pod_id = inv.container_id;
@@ -458,10 +463,16 @@ async fn setup_in_netns(
         netns: inv.netns.to_path_buf(),
         reason,
     };
-    let plumbed = netns::run_in_netns(inv.netns, || tap::plumb(POD_IFNAME, TAP_NAME))
-        .await
-        .map_err(|e| tap_err(format!("enter namespace: {e}")))?
-        .map_err(tap_err)?;
+    let plumbed = netns::run_in_netns(inv.netns, move || {
+        if vm_nic {
+            tap::plumb(POD_IFNAME, TAP_NAME)
+        } else {
+            tap::describe(POD_IFNAME)
+        }
+    })
+    .await
+    .map_err(|e| tap_err(format!("enter namespace: {e}")))?
+    .map_err(tap_err)?;
     if let Some(m) = &parsed.mac {
         if *m != plumbed.mac {
             // The kernel is authoritative: it is what the bridge learned.

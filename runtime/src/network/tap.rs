@@ -154,6 +154,32 @@ fn format_mac(m: &[u8]) -> String {
         .join(":")
 }
 
+/// The CNI interface: its link, MAC and MTU.
+async fn cni_link(h: &Handle, ifname: &str) -> Result<(Link, Plumbed), String> {
+    let eth = get_link(h, ifname)
+        .await?
+        .ok_or_else(|| format!("the CNI plugins left no {ifname} in the namespace"))?;
+    let mac = eth
+        .mac
+        .as_deref()
+        .filter(|m| m.len() == 6)
+        .map(format_mac)
+        .ok_or_else(|| format!("{ifname} has no Ethernet MAC address"))?;
+    let mtu = eth.mtu.ok_or_else(|| format!("{ifname} reports no MTU"))?;
+    Ok((eth, Plumbed { mac, mtu }))
+}
+
+/// In the pod namespace: eth0's MAC and MTU, for a pod that uses eth0
+/// itself (a host pod: no VM, no tap).
+pub(crate) fn describe(ifname: &str) -> Result<Plumbed, String> {
+    let rt = rt().map_err(|e| nl_err("netlink runtime", e))?;
+    rt.block_on(async {
+        let (conn, h, _) = rtnetlink::new_connection().map_err(|e| nl_err("netlink socket", e))?;
+        tokio::spawn(conn);
+        Ok(cni_link(&h, ifname).await?.1)
+    })
+}
+
 /// In the pod namespace: creates the tap, gives it eth0's MTU, brings it
 /// up, and installs the two ingress redirects. Returns eth0's MAC and MTU.
 pub(crate) fn plumb(ifname: &str, tap: &str) -> Result<Plumbed, String> {
@@ -162,16 +188,7 @@ pub(crate) fn plumb(ifname: &str, tap: &str) -> Result<Plumbed, String> {
     rt.block_on(async {
         let (conn, h, _) = rtnetlink::new_connection().map_err(|e| nl_err("netlink socket", e))?;
         tokio::spawn(conn);
-        let eth = get_link(&h, ifname)
-            .await?
-            .ok_or_else(|| format!("the CNI plugins left no {ifname} in the namespace"))?;
-        let mac = eth
-            .mac
-            .as_deref()
-            .filter(|m| m.len() == 6)
-            .map(format_mac)
-            .ok_or_else(|| format!("{ifname} has no Ethernet MAC address"))?;
-        let mtu = eth.mtu.ok_or_else(|| format!("{ifname} reports no MTU"))?;
+        let (eth, Plumbed { mac, mtu }) = cni_link(&h, ifname).await?;
         let t = get_link(&h, tap)
             .await?
             .ok_or_else(|| format!("tap {tap} vanished after creation"))?;

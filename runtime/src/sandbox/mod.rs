@@ -48,7 +48,8 @@ use crate::components::{
     require_file, GuestImage, MissingComponent, HINT_GUEST_IMAGE, HINT_INSTALL_DEPS,
 };
 use crate::hypervisor::{
-    HybridVsockConfig, Hypervisor, HypervisorError, NetDeviceConfig, VirtioFsConfig, Vm, VmConfig,
+    HostPodConfig, HybridVsockConfig, Hypervisor, HypervisorError, NetDeviceConfig, VirtioFsConfig,
+    Vm, VmConfig,
 };
 use crate::mounts;
 use crate::process::{Helper, ManagedChild};
@@ -92,8 +93,10 @@ pub struct SandboxConfig {
     /// The most guest console output kept on disk (the newest is kept).
     pub console_log_max_bytes: u64,
     /// The pod network, already set up on the host; `None` gives the guest
-    /// loopback only.
+    /// loopback only (or, for a host pod, the host's network).
     pub network: Option<SandboxNetwork>,
+    /// The host namespaces the pod shares (host backend only).
+    pub host_namespaces: HostPodConfig,
 }
 
 /// A pod network as the sandbox needs it: the VM's virtio-net device and
@@ -132,6 +135,7 @@ impl SandboxConfig {
             guest_cid: 3,
             console_log_max_bytes: DEFAULT_CONSOLE_LOG_MAX_BYTES,
             network: None,
+            host_namespaces: HostPodConfig::default(),
         }
     }
 }
@@ -350,8 +354,10 @@ impl Sandbox {
     async fn start_inner(config: SandboxConfig) -> Result<Sandbox, SandboxError> {
         let t0 = Instant::now();
         // Name a missing part before anything is created.
-        require_file("guest kernel", &config.guest.kernel, HINT_GUEST_IMAGE)?;
-        require_file("guest initrd", &config.guest.initrd, HINT_GUEST_IMAGE)?;
+        if config.hypervisor.boots_guest() {
+            require_file("guest kernel", &config.guest.kernel, HINT_GUEST_IMAGE)?;
+            require_file("guest initrd", &config.guest.initrd, HINT_GUEST_IMAGE)?;
+        }
         require_file("virtiofsd", &config.virtiofsd, HINT_INSTALL_DEPS)?;
         let id = config.id.clone();
         let dir = config.state_dir.join(&id);
@@ -423,6 +429,10 @@ impl Sandbox {
             console_log: console.clone(),
             console_log_max_bytes: config.console_log_max_bytes,
             sandbox_dir: dir.to_path_buf(),
+            host: HostPodConfig {
+                hostname: config.hostname.clone(),
+                ..config.host_namespaces.clone()
+            },
         };
         vm_config
             .validate()

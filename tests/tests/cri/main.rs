@@ -16,6 +16,7 @@ use k8s_cri::v1 as cri;
 use tonic::Code;
 
 mod helpers;
+mod hybrid;
 mod streaming;
 mod tenant;
 

@@ -161,6 +161,30 @@ fn spec_fields() {
         .collect();
     assert!(!ns.contains(&json!("network")) && ns.contains(&json!("pid")));
 
+    // hostPID: no PID namespace of its own.
+    let mut host_pid = c.clone();
+    host_pid
+        .linux
+        .as_mut()
+        .unwrap()
+        .security_context
+        .as_mut()
+        .unwrap()
+        .namespace_options = Some(k8s_cri::v1::NamespaceOption {
+        pid: k8s_cri::v1::NamespaceMode::Node as i32,
+        ..Default::default()
+    });
+    let v = serde_json::to_value(
+        build(&SpecInputs {
+            config: &host_pid,
+            ..inp
+        })
+        .unwrap(),
+    )
+    .unwrap();
+    let ns = v["linux"]["namespaces"].as_array().unwrap();
+    assert!(!ns.iter().any(|n| n["type"] == "pid"), "{ns:?}");
+
     c.linux
         .as_mut()
         .unwrap()

@@ -21,6 +21,7 @@ fn cfg() -> VmConfig {
         console_log: "/s/console.log".into(),
         console_log_max_bytes: 65536,
         sandbox_dir: "/s".into(),
+        host: Default::default(),
     }
 }
 

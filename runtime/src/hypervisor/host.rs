@@ -1,14 +1,27 @@
-//! A backend without a VM, for fast tests of everything above the
-//! hypervisor (CRI lifecycle, locking, restart reconciliation): the real
-//! `husk-agent` runs on the host in its unix-socket mode
-//! (`--listen-unix`), and a small hybrid-vsock shim on the sandbox's vsock
-//! socket maps `CONNECT 1024` / `CONNECT 1025` to the agent's ttrpc and
-//! stream sockets, as a VMM's hybrid vsock maps them to guest ports. The
-//! agent's ready notice reaches the sandbox's ready listener through a
-//! symlink. Built only with the `fake` feature (tests).
+//! The host backend: pods as OS containers on the host kernel, no VM
+//! (frakti's hybrid runtime). It serves the pods a VM cannot hold (host
+//! network, PID or IPC namespace) and handlers with `hypervisor = "none"`,
+//! and it is what huskd's fast unit tests run on.
+//!
+//! The real `husk-agent` runs on the host in its unix-socket mode
+//! (`--listen-unix`) as the pod's supervisor, creating containers with
+//! libcontainer exactly as it does in a guest. A small hybrid-vsock shim on
+//! the sandbox's vsock socket maps `CONNECT 1024` / `CONNECT 1025` to the
+//! agent's ttrpc and stream sockets, as a VMM's hybrid vsock maps them to
+//! guest ports, so every code path above the backend is the VM pods' one.
+//! The agent's ready notice reaches the sandbox's ready listener through a
+//! symlink.
+//!
+//! The agent runs in its own mount namespace (a slave of the host's) with
+//! the share bind-mounted at the guest's path; in the pod's network
+//! namespace unless the pod uses the host's; in a private IPC namespace
+//! unless the pod uses the host's, and with a private UTS namespace named
+//! after the pod unless it uses the host's network. Containers get a PID
+//! namespace each unless the pod uses the host's (the container spec
+//! says which).
 //!
 //! The shim runs as a task of the process that launched or adopted the
-//! VM; the agent is the recorded process.
+//! pod; the agent is the recorded process.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
@@ -27,10 +40,10 @@ use crate::process::ManagedChild;
 use crate::sandbox::SandboxPaths;
 
 const ROLE_AGENT: &str = "husk-agent";
-/// Parent of every fake VM's container cgroups (`<root>/<sandbox id>`).
-pub const CGROUP_ROOT: &str = "husk-fake";
+/// Parent of every host pod's container cgroups (`<root>/<sandbox id>`).
+pub const CGROUP_ROOT: &str = "husk-host";
 
-/// Ends what a fake VM leaves on the host once its agent is gone: in a VM
+/// Ends what a host pod leaves once its agent is gone: in a VM
 /// the containers die with the guest, here they are host processes in
 /// the cgroups below `<CGROUP_ROOT>/<id>`. They are SIGKILLed, then the
 /// cgroups removed, in every hierarchy.
@@ -80,43 +93,47 @@ fn remove_cgroups(id: &str) {
     }
 }
 
-/// The fake backend's entry points for adoption and orphan cleanup.
+/// The host backend's entry points for adoption and orphan cleanup.
 pub static BACKEND: Backend = Backend {
-    name: "fake",
+    name: "host",
     adopt: |record, id, _timeout| Box::pin(adopt(record, id)),
     // The agent names the sandbox directory on its command line: the
     // caller's kill of what names the directory stops it.
     reap_orphan: |_dir, _timeout| Box::pin(async {}),
 };
 
-/// The fake backend's part of a [`VmRecord`].
+/// The host backend's part of a [`VmRecord`].
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
-struct FakeState {
+struct HostState {
     uds: PathBuf,
     agent_dir: PathBuf,
     log: PathBuf,
 }
 
-/// Runs `husk-agent` (this binary) on the host instead of booting a VM.
+/// Runs `husk-agent` on the host instead of booting a VM.
 #[derive(Debug)]
-pub struct FakeHypervisor {
+pub struct HostBackend {
     agent: PathBuf,
 }
 
-impl FakeHypervisor {
+impl HostBackend {
     pub fn new(agent: PathBuf) -> Self {
         Self { agent }
     }
 }
 
 #[async_trait::async_trait]
-impl Hypervisor for FakeHypervisor {
+impl Hypervisor for HostBackend {
     fn name(&self) -> &'static str {
         BACKEND.name
     }
 
     fn description(&self) -> &str {
-        "fake: husk-agent on the host, no VM (tests only)"
+        "host: OS containers on the host kernel, husk-agent as the pod's supervisor (no VM)"
+    }
+
+    fn boots_guest(&self) -> bool {
+        false
     }
 
     async fn launch(&self, config: &VmConfig) -> Result<Box<dyn Vm>, HypervisorError> {
@@ -141,18 +158,40 @@ impl Hypervisor for FakeHypervisor {
         // the share is a shared mount (sandbox::share::create), so overlays
         // huskd mounts in it later appear in the agent's view as they do
         // through virtio-fs.
-        let script = format!(
-            "mkdir -p {guest} && mount --bind \"$0\" {guest} && exec \"$@\"",
+        let mut script = format!(
+            "mkdir -p {guest} && mount --bind \"$0\" {guest}",
             guest = husk_proto::GUEST_SHARE_DIR
         );
+        let mut unshare = vec!["--mount", "--propagation", "slave"];
+        if !config.host.ipc {
+            unshare.push("--ipc");
+        }
+        if !config.host.network {
+            unshare.push("--uts");
+            // A hostname was checked by the CRI layer (RFC 1123 label
+            // characters only), so it needs no quoting beyond this.
+            if !config.host.hostname.is_empty() {
+                script.push_str(&format!(" && hostname '{}'", config.host.hostname));
+            }
+        }
+        script.push_str(" && exec \"$@\"");
         let cgroup_parent = format!("{CGROUP_ROOT}/{}", config.id);
-        let agent = ManagedChild::spawn(
-            ROLE_AGENT,
-            Path::new("/usr/bin/unshare"),
+        // The pod's network namespace, unless it has the host's: the agent
+        // and so its containers join it.
+        let (program, mut args): (&Path, Vec<std::ffi::OsString>) =
+            match config.net.as_ref().filter(|_| !config.host.network) {
+                Some(net) => (
+                    Path::new("/usr/bin/nsenter"),
+                    vec![
+                        format!("--net={}", net.netns.display()).into(),
+                        "/usr/bin/unshare".into(),
+                    ],
+                ),
+                None => (Path::new("/usr/bin/unshare"), Vec::new()),
+            };
+        args.extend(unshare.into_iter().map(Into::into));
+        args.extend(
             [
-                "--mount".as_ref(),
-                "--propagation".as_ref(),
-                "slave".as_ref(),
                 "sh".as_ref(),
                 "-c".as_ref(),
                 script.as_ref(),
@@ -162,19 +201,20 @@ impl Hypervisor for FakeHypervisor {
                 agent_dir.as_os_str(),
                 "--cgroup-parent".as_ref(),
                 std::ffi::OsStr::new(&cgroup_parent),
-            ],
-            &log,
-        )?;
+            ]
+            .map(Into::into),
+        );
+        let agent = ManagedChild::spawn(ROLE_AGENT, program, args, &log)?;
         let record = VmRecord {
             backend: BACKEND.name.into(),
             processes: agent.identity(ROLE_AGENT).into_iter().collect(),
-            state: serde_json::json!(FakeState {
+            state: serde_json::json!(HostState {
                 uds: config.vsock.uds.clone(),
                 agent_dir,
                 log: log.clone(),
             }),
         };
-        Ok(Box::new(FakeVm {
+        Ok(Box::new(HostVm {
             id: config.id.clone(),
             agent,
             shim,
@@ -240,9 +280,9 @@ impl Shim {
     }
 }
 
-/// A husk-agent on the host standing in for a VM.
+/// A pod's husk-agent on the host, where a VM would be.
 #[derive(Debug)]
-pub struct FakeVm {
+pub struct HostVm {
     id: String,
     agent: ManagedChild,
     shim: Shim,
@@ -252,7 +292,7 @@ pub struct FakeVm {
 }
 
 #[async_trait::async_trait]
-impl Vm for FakeVm {
+impl Vm for HostVm {
     fn pids(&self) -> Vec<(&'static str, u32)> {
         vec![(ROLE_AGENT, self.agent.pid())]
     }
@@ -311,14 +351,14 @@ impl Vm for FakeVm {
 }
 
 async fn adopt(record: &VmRecord, id: &str) -> Result<Box<dyn Vm>, HypervisorError> {
-    let st: FakeState = record.state()?;
+    let st: HostState = record.state()?;
     let shim = Shim::start(&st.uds, &st.agent_dir)?;
     let vm = AdoptedVm::adopt(
         id,
         record,
         ROLE_AGENT,
         &[],
-        Box::new(FakeControl {
+        Box::new(HostControl {
             shim: Mutex::new(Some(shim)),
             pid: record.processes.first().map_or(0, |p| p.pid),
             id: id.to_string(),
@@ -328,17 +368,17 @@ async fn adopt(record: &VmRecord, id: &str) -> Result<Box<dyn Vm>, HypervisorErr
     Ok(Box::new(vm))
 }
 
-/// An adopted fake VM: quitting is SIGTERM to the agent (checked to be
+/// An adopted host pod: quitting is SIGTERM to the agent (checked to be
 /// the recorded process when it was adopted); the shim goes with it.
 #[derive(Debug)]
-struct FakeControl {
+struct HostControl {
     shim: Mutex<Option<Shim>>,
     pid: u32,
     id: String,
 }
 
 #[async_trait::async_trait]
-impl AdoptedControl for FakeControl {
+impl AdoptedControl for HostControl {
     async fn quit(&self, _timeout: Duration) -> Result<(), HypervisorError> {
         if let Some(s) = self.shim.lock().unwrap_or_else(|e| e.into_inner()).take() {
             s.stop();
