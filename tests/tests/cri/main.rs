@@ -1959,7 +1959,9 @@ async fn cri_pod_network() -> Result<()> {
         ensure!(net_ready.status, "NetworkReady false: {net_ready:?}");
         pull(&mut img, &image).await?;
 
-        // hostNetwork cannot be honoured by a VM: refused, nothing created.
+        // hostNetwork under a VM-only handler (host_namespaces = "refuse"):
+        // refused, nothing created (the default handler runs it on the
+        // host: hybrid::cri_hybrid_host_pods).
         let mut host_net = pod_config("hostnet", &log_root.join("hostnet"));
         host_net.linux = Some(cri::LinuxPodSandboxConfig {
             security_context: Some(cri::LinuxSandboxSecurityContext {
@@ -1975,11 +1977,11 @@ async fn cri_pod_network() -> Result<()> {
             "RunPodSandbox with hostNetwork",
             rt.run_pod_sandbox(cri::RunPodSandboxRequest {
                 config: Some(host_net),
-                runtime_handler: String::new(),
+                runtime_handler: "big".into(),
             })
             .await,
             Code::InvalidArgument,
-            &["namespace_options.network"],
+            &["namespace_options.network", "refuse"],
         )?;
 
         let mut a_cfg = pod_config("web", &log_root.join("web"));
