@@ -166,15 +166,16 @@ impl Hypervisor for HostBackend {
         if !config.host.ipc {
             unshare.push("--ipc");
         }
-        if !config.host.network {
+        // The hostname travels as an argument, never inside the script:
+        // what the CRI layer checked is not re-trusted here. Empty (the
+        // host's UTS namespace): the host's name is left alone.
+        let hostname = if config.host.network {
+            ""
+        } else {
             unshare.push("--uts");
-            // A hostname was checked by the CRI layer (RFC 1123 label
-            // characters only), so it needs no quoting beyond this.
-            if !config.host.hostname.is_empty() {
-                script.push_str(&format!(" && hostname '{}'", config.host.hostname));
-            }
-        }
-        script.push_str(" && exec \"$@\"");
+            config.host.hostname.as_str()
+        };
+        script.push_str(" && { [ -z \"$1\" ] || hostname \"$1\"; } && shift && exec \"$@\"");
         let cgroup_parent = format!("{CGROUP_ROOT}/{}", config.id);
         // The pod's network namespace, unless it has the host's: the agent
         // and so its containers join it.
@@ -196,6 +197,7 @@ impl Hypervisor for HostBackend {
                 "-c".as_ref(),
                 script.as_ref(),
                 share.as_os_str(),
+                hostname.as_ref(),
                 self.agent.as_os_str(),
                 "--listen-unix".as_ref(),
                 agent_dir.as_os_str(),
